@@ -1,0 +1,188 @@
+"""Student artifacts: a directory with ``model.safetensors`` and ``manifest.json``.
+
+The safetensors file holds every tensor (student heads, input standardisation, PCA,
+calibration values); the manifest records what the student was trained for and the
+sha256 of the weights file. Loading verifies the hash, and :func:`check_compatible`
+refuses an artifact whose base model, hidden size or embedder differ from those it
+is used with. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load_file, save_file
+
+from ssd_guard._version import __version__
+from ssd_guard.errors import ArtifactError, ArtifactIntegrityError, ArtifactMismatchError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BaseModelInfo",
+    "EmbedderInfo",
+    "HeadInfo",
+    "Manifest",
+    "bundled_artifact_path",
+    "check_compatible",
+    "load_artifact",
+    "save_artifact",
+]
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class BaseModelInfo(_Model):
+    id: str
+    fingerprint: str
+    hidden_size: int
+    num_layers: int
+
+
+class EmbedderInfo(_Model):
+    id: str
+    dim: int
+
+
+class HeadInfo(_Model):
+    """One mixture head: ``risk`` (entropy, d=16) or ``answer`` (log-likelihood, d=32)."""
+
+    dim: int
+    n_components: int
+    hidden: int
+    depth: int
+    min_scale: float
+    val_nll: float
+
+
+class PromptFormat(_Model):
+    few_shot: str = ""
+    template: str = "Question: {question}\nAnswer:"
+
+
+class Manifest(_Model):
+    format_version: int = FORMAT_VERSION
+    library_version: str = __version__
+    created: str = ""
+    base_model: BaseModelInfo
+    layer: int
+    embedder: EmbedderInfo
+    pca_dim: int
+    heads: dict[str, HeadInfo]
+    prompt: PromptFormat = PromptFormat()
+    training: dict[str, Any] = {}
+    weights_sha256: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        return self.weights_sha256[:16]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_artifact(directory: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``model.safetensors`` then ``manifest.json`` (with the weights' sha256)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS
+    tmp = weights.with_name(WEIGHTS + ".tmp")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"format": "ssd-guard", "format_version": str(FORMAT_VERSION)},
+    )
+    os.replace(tmp, weights)
+    data = manifest.model_copy(
+        update={
+            "weights_sha256": _sha256_file(weights),
+            "created": manifest.created or datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+    tmp_m = out / (MANIFEST + ".tmp")
+    tmp_m.write_text(json.dumps(data.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_m, out / MANIFEST)
+    return out
+
+
+def bundled_artifact_path() -> Path:
+    """The default student that ships inside the package (SmolLM2-135M-Instruct + MiniLM)."""
+    return Path(__file__).parent / "bundled" / "smollm2-135m-instruct-minilm"
+
+
+def load_artifact(directory: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """Read and verify an artifact directory (``"bundled"`` names the shipped one)."""
+    path = bundled_artifact_path() if str(directory) == "bundled" else Path(directory)
+    mpath, wpath = path / MANIFEST, path / WEIGHTS
+    if not mpath.exists() or not wpath.exists():
+        raise ArtifactError(f"{path}: not a student artifact (needs {MANIFEST} and {WEIGHTS})")
+    try:
+        manifest = Manifest.model_validate_json(mpath.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise ArtifactError(f"{mpath}: invalid manifest: {exc}") from exc
+    if manifest.format_version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format {manifest.format_version} is newer than this ssd-guard "
+            f"({__version__}) understands ({FORMAT_VERSION}); upgrade ssd-guard"
+        )
+    actual = _sha256_file(wpath)
+    if actual != manifest.weights_sha256:
+        raise ArtifactIntegrityError(
+            f"{wpath}: sha256 {actual[:16]}… does not match the manifest's "
+            f"{manifest.weights_sha256[:16]}…; the weights were modified or corrupted"
+        )
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(f"{wpath}: unreadable safetensors file: {exc}") from exc
+    return manifest, tensors
+
+
+def check_compatible(
+    manifest: Manifest,
+    *,
+    model_id: str | None = None,
+    fingerprint: str | None = None,
+    hidden_size: int | None = None,
+    embedder_id: str | None = None,
+    embedder_dim: int | None = None,
+) -> None:
+    """Refuse an artifact used with another base model, hidden size or embedder."""
+    problems = []
+    bm = manifest.base_model
+    if hidden_size is not None and hidden_size != bm.hidden_size:
+        problems.append(f"hidden size: artifact expects {bm.hidden_size}, model has {hidden_size}")
+    if fingerprint is not None and fingerprint != bm.fingerprint:
+        problems.append(
+            f"base model: artifact was trained on {bm.id} (fingerprint {bm.fingerprint}), "
+            f"got {model_id or 'a model'} with fingerprint {fingerprint}"
+        )
+    elif model_id is not None and fingerprint is None and model_id != bm.id:
+        problems.append(f"base model: artifact was trained on {bm.id}, got {model_id}")
+    if embedder_dim is not None and embedder_dim != manifest.embedder.dim:
+        problems.append(f"embedder dim: artifact expects {manifest.embedder.dim}, embedder has {embedder_dim}")
+    if embedder_id is not None and _norm_id(embedder_id) != _norm_id(manifest.embedder.id):
+        problems.append(f"embedder: artifact expects {manifest.embedder.id}, got {embedder_id}")
+    if problems:
+        raise ArtifactMismatchError("student artifact does not match: " + "; ".join(problems))
+
+
+def _norm_id(s: str) -> str:
+    return s.lower().rsplit("/", 1)[-1]

@@ -1,0 +1,1 @@
+"""The distillation pipeline behind `ssd-guard distill`."""

@@ -1,0 +1,285 @@
+"""`ssd-guard distill`: the stages that turn prompts into a trained SSD student.
+
+Every stage writes into the work directory and records a ``<stage>.done.json`` marker
+holding a hash of the recipe parts it depends on. A stage whose marker matches is
+skipped, so a killed run resumes where it stopped; the teacher stage also resumes
+inside itself, shard by shard, with per-shard seeds so that a resumed run produces
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssd_guard.distill.data import is_correct, load_mc_jsonl, load_qa_jsonl, split_ids
+from ssd_guard.distill.recipe import Recipe
+from ssd_guard.errors import ConfigError
+
+__all__ = ["STAGES", "Workdir", "run_pipeline"]
+
+log = logging.getLogger("ssd_guard.distill")
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Workdir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def marker(self, stage: str) -> Path:
+        return self.path("stages", f"{stage}.done.json")
+
+    def is_done(self, stage: str, key: str) -> bool:
+        m = self.marker(stage)
+        if not m.exists():
+            return False
+        return bool(json.loads(m.read_text()).get("key") == key)
+
+    def mark_done(self, stage: str, key: str, info: dict[str, Any]) -> None:
+        _atomic_write_text(self.marker(stage), json.dumps({"key": key, **info}, indent=2))
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.path(*parts).read_text())
+
+
+class Context:
+    """Lazily loaded heavy objects shared by the stages of one run."""
+
+    def __init__(self, recipe: Recipe, device: str | None = None) -> None:
+        self.recipe = recipe
+        self.device = device or recipe.device
+        self._lm: Any = None
+        self._embedder: Any = None
+
+    @property
+    def lm(self) -> Any:
+        if self._lm is None:
+            from ssd_guard.models import load_causal_lm
+
+            self._lm = load_causal_lm(self.recipe.base_model, device=self.device, dtype=self.recipe.dtype)
+        return self._lm
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from ssd_guard.models import load_embedder
+
+            self._embedder = load_embedder(self.recipe.embedding.embedder, device=self.device)
+        return self._embedder
+
+
+# --------------------------------------------------------------------------- stages
+def stage_prompts(wd: Workdir, ctx: Context) -> dict[str, Any]:
+    r = ctx.recipe
+    path = r.resolve(r.data.path)
+    if r.data.format == "qa":
+        rows = [
+            {"id": e.id, "prompt": e.prompt, "answer": e.answer, "aliases": list(e.aliases)}
+            for e in load_qa_jsonl(path, r.data.limit)
+        ]
+    else:
+        rows = [
+            {"id": e.id, "prompt": e.prompt, "choices": list(e.choices), "gold": e.gold}
+            for e in load_mc_jsonl(path, r.data.limit)
+        ]
+    ids = [row["id"] for row in rows]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{path}: duplicate row ids")
+    splits = split_ids(ids, r.data.split, r.data.seed)
+    with wd.path("prompts.jsonl.tmp").open("w", encoding="utf-8") as fh:
+        for row in rows:
+            row["text"] = r.format_prompt(row["prompt"])
+            fh.write(json.dumps(row) + "\n")
+    os.replace(wd.path("prompts.jsonl.tmp"), wd.path("prompts.jsonl"))
+    _atomic_write_text(wd.path("split.json"), json.dumps(splits))
+    return {"n_prompts": len(rows), **{f"n_{k}": len(v) for k, v in splits.items()}}
+
+
+def load_prompts(wd: Workdir) -> list[dict[str, Any]]:
+    with wd.path("prompts.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def stage_teacher(
+    wd: Workdir, ctx: Context, progress: bool = True, stop_after_shards: int | None = None
+) -> dict[str, Any]:
+    """Sample the teacher answers shard by shard; completed shards are never redone."""
+    from ssd_guard.generation import sample_answers, stop_token_table
+
+    t = ctx.recipe.teacher
+    prompts = load_prompts(wd)
+    n_shards = (len(prompts) + t.shard_size - 1) // t.shard_size
+    todo = [s for s in range(n_shards) if not wd.path("teacher", f"shard-{s:05d}.jsonl").exists()]
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        remaining = sum(min(t.shard_size, len(prompts) - s * t.shard_size) for s in todo)
+        bar = tqdm(total=remaining, desc="teacher sampling", unit="prompt")
+    lm = ctx.lm if todo else None
+    table = stop_token_table(lm.tokenizer, lm.device) if lm is not None else None
+    done_now = 0
+    for s in todo:
+        chunk = prompts[s * t.shard_size : (s + 1) * t.shard_size]
+        # Per-shard seed: a resumed run draws exactly what an uninterrupted one would.
+        gen = torch.Generator(device=lm.device).manual_seed(t.seed * 1_000_003 + s)
+        records: list[dict[str, Any]] = []
+        hidden: list[torch.Tensor] = []
+        for b in range(0, len(chunk), t.batch_size):
+            batch = chunk[b : b + t.batch_size]
+            res = sample_answers(
+                lm.model,
+                lm.tokenizer,
+                [row["text"] for row in batch],
+                n_samples=t.n_samples,
+                temperature=t.temperature,
+                default_temperature=t.default_temperature,
+                max_new_tokens=t.max_new_tokens,
+                generator=gen,
+                stop_table=table,
+            )
+            for row, d, smp in zip(batch, res.default, res.samples):
+                records.append({"id": row["id"], "default": d, "samples": smp})
+            assert res.hidden is not None
+            hidden.append(res.hidden.to("cpu", torch.bfloat16))
+            if bar is not None:
+                bar.update(len(batch))
+        _atomic_save({"hidden": torch.cat(hidden)}, wd.path("teacher", f"shard-{s:05d}.safetensors"))
+        # The JSONL is written last: its presence marks the shard complete.
+        _atomic_write_text(
+            wd.path("teacher", f"shard-{s:05d}.jsonl"),
+            "".join(json.dumps(r) + "\n" for r in records),
+        )
+        done_now += 1
+        if stop_after_shards is not None and done_now >= stop_after_shards:
+            raise _Interrupted(f"stopped after {done_now} shard(s) as asked")
+    if bar is not None:
+        bar.close()
+    return {"n_shards": n_shards, "model_id": ctx.lm.model_id, "fingerprint": ctx.lm.fingerprint}
+
+
+class _Interrupted(RuntimeError):
+    """Raised in tests to simulate a crash in the middle of sampling."""
+
+
+def load_teacher(wd: Workdir) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    records: list[dict[str, Any]] = []
+    hidden: list[torch.Tensor] = []
+    for path in sorted(wd.path("teacher").glob("shard-*.jsonl")):
+        with path.open(encoding="utf-8") as fh:
+            records.extend(json.loads(line) for line in fh)
+        hidden.append(load_file(str(path.with_suffix(".safetensors")))["hidden"])
+    return records, torch.cat(hidden) if hidden else torch.empty(0)
+
+
+Stage = Callable[..., dict[str, Any]]
+
+
+def _stage_keys(r: Recipe) -> dict[str, Any]:
+    d = r.model_dump(mode="json")
+    prompts_key = _hash([d["data"], d["prompt"]])
+    teacher_key = _hash([prompts_key, d["base_model"], d["dtype"], d["teacher"]])
+    labels_key = _hash([teacher_key, d["labels"]])
+    embed_key = _hash([teacher_key, d["embedding"]])
+    features_key = teacher_key
+    layers_key = _hash([embed_key, d["layers"]])
+    student_key = _hash([layers_key, labels_key, d["student"], d["artifact"]])
+    return {
+        "prompts": prompts_key,
+        "teacher": teacher_key,
+        "labels": labels_key,
+        "embed": embed_key,
+        "features": features_key,
+        "layers": layers_key,
+        "student": student_key,
+    }
+
+
+def _stages() -> dict[str, Stage]:
+    from ssd_guard.distill import stages_late
+
+    return {
+        "prompts": stage_prompts,
+        "teacher": stage_teacher,
+        "labels": stages_late.stage_labels,
+        "embed": stages_late.stage_embed,
+        "features": stages_late.stage_features,
+        "layers": stages_late.stage_layers,
+        "student": stages_late.stage_student,
+    }
+
+
+STAGES = ("prompts", "teacher", "labels", "embed", "features", "layers", "student")
+
+
+def run_pipeline(
+    recipe: Recipe,
+    *,
+    workdir: str | Path | None = None,
+    until: str | None = None,
+    force: tuple[str, ...] = (),
+    device: str | None = None,
+    progress: bool = True,
+    on_stage: Callable[[str, str, float], None] | None = None,
+) -> Path:
+    """Run (or resume) every stage of the recipe; returns the work directory."""
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
+    wd = Workdir(Path(workdir) if workdir else recipe.resolve(recipe.workdir))
+    _atomic_write_text(wd.path("recipe.json"), recipe.model_dump_json(indent=2))
+    keys = _stage_keys(recipe)
+    ctx = Context(recipe, device)
+    stages = _stages()
+    timings: dict[str, float] = {}
+    if wd.path("timings.json").exists():
+        timings = wd.read_json("timings.json")
+    for name in STAGES:
+        if wd.is_done(name, keys[name]) and name not in force:
+            if on_stage:
+                on_stage(name, "skipped", 0.0)
+        else:
+            t0 = time.perf_counter()
+            kwargs: dict[str, Any] = {"progress": progress} if name in ("teacher", "student") else {}
+            info = stages[name](wd, ctx, **kwargs)
+            dt = time.perf_counter() - t0
+            timings[name] = timings.get(name, 0.0) + dt if name == "teacher" else dt
+            _atomic_write_text(wd.path("timings.json"), json.dumps(timings, indent=2))
+            wd.mark_done(name, keys[name], {**info, "seconds": round(dt, 2)})
+            if on_stage:
+                on_stage(name, "done", dt)
+        if name == until:
+            break
+    return wd.root

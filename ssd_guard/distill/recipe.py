@@ -1,0 +1,158 @@
+"""The distillation recipe: one YAML per base model + dataset, validated by pydantic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ssd_guard.errors import ConfigError
+
+__all__ = ["Recipe", "format_validation_error", "load_recipe"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    path: str
+    format: Literal["qa", "mc"] = "qa"
+    limit: int | None = Field(default=None, ge=1)
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    seed: int = 0
+
+
+class PromptConfig(_Strict):
+    few_shot: str = ""
+    #: Python format string; ``{prompt}`` is the dataset's prompt (``Question: ...\nAnswer:``).
+    template: str = "{prompt}"
+
+    @field_validator("template")
+    @classmethod
+    def _has_prompt(cls, v: str) -> str:
+        if "{prompt}" not in v:
+            raise ValueError("must contain the placeholder {prompt}")
+        return v
+
+
+class TeacherConfig(_Strict):
+    n_samples: int = Field(default=10, ge=1, le=256)
+    temperature: float = Field(default=1.0, gt=0)
+    default_temperature: float = Field(default=0.0, ge=0)
+    max_new_tokens: int = Field(default=16, ge=1, le=512)
+    batch_size: int = Field(default=16, ge=1)
+    shard_size: int = Field(default=64, ge=1)
+    seed: int = 0
+
+
+class LabelConfig(_Strict):
+    method: Literal["alias_match", "judge"] = "alias_match"
+    containment: bool = True
+    #: ``module:function`` called as ``f(question, answer, aliases) -> bool`` when method=judge.
+    judge: str | None = None
+
+    @model_validator(mode="after")
+    def _judge_named(self) -> LabelConfig:
+        if self.method == "judge" and not self.judge:
+            raise ValueError("method 'judge' needs 'judge: module:function'")
+        return self
+
+
+class EmbeddingConfig(_Strict):
+    embedder: str = "all-MiniLM-L6-v2"
+    pca_dim_risk: int = Field(default=16, ge=1, le=1024)
+    pca_dim_answer: int = Field(default=32, ge=1, le=1024)
+    whiten: bool = True
+    batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> EmbeddingConfig:
+        if self.pca_dim_risk > self.pca_dim_answer:
+            raise ValueError("pca_dim_risk must not exceed pca_dim_answer (they share one PCA)")
+        return self
+
+
+class LayerConfig(_Strict):
+    #: Layers (``output_hidden_states`` numbering, 0 = embeddings) to consider; null = all.
+    candidates: list[int] | None = None
+    #: Pin the layer instead of selecting it by probes.
+    fixed: int | None = None
+
+
+class StudentGrid(_Strict):
+    n_components: list[int] = [1, 2, 5, 10]
+    hidden: list[int] = [128, 256, 512]
+    depth: list[int] = [2, 3, 4]
+
+
+class StudentConfig(_Strict):
+    grid: StudentGrid = StudentGrid()
+    max_epochs: int = Field(default=300, ge=1)
+    patience: int = Field(default=20, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    batch_size: int = Field(default=128, ge=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    seed: int = 0
+
+
+class Recipe(_Strict):
+    name: str
+    base_model: str
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str | None = None
+    workdir: str
+    data: DataConfig
+    prompt: PromptConfig = PromptConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    labels: LabelConfig = LabelConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    layers: LayerConfig = LayerConfig()
+    student: StudentConfig = StudentConfig()
+    #: Where the final artifact goes (default ``<workdir>/artifact``).
+    artifact: str | None = None
+
+    #: Directory the recipe was loaded from (relative paths resolve against the cwd
+    #: first, then this directory).
+    source: str | None = Field(default=None, exclude=True)
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if p.is_absolute() or p.exists() or self.source is None:
+            return p
+        alt = Path(self.source).parent / p
+        return alt if alt.exists() else p
+
+    def format_prompt(self, prompt: str) -> str:
+        return self.prompt.few_shot + self.prompt.template.format(prompt=prompt)
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        lines.append(f"{source}: {loc or '<root>'}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: recipe not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(p), exc)) from exc
+    recipe.source = str(p)
+    return recipe

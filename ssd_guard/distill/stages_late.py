@@ -1,0 +1,360 @@
+"""Distillation stages after teacher sampling: labels, embeddings + PCA, features,
+layer selection and student training (which writes the artifact)."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ssd_guard.distill.data import is_correct
+from ssd_guard.distill.pipeline import _atomic_save, _atomic_write_text, load_prompts, load_teacher
+from ssd_guard.encoding import AnswerEmbedder, PCAProjection
+from ssd_guard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ssd_guard.distill.pipeline import Context, Workdir
+
+log = logging.getLogger("ssd_guard.distill")
+
+
+def _ordered_teacher(
+    wd: Workdir,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], torch.Tensor]:
+    prompts = load_prompts(wd)
+    records, hidden = load_teacher(wd)
+    if [r["id"] for r in records] != [p["id"] for p in prompts]:
+        raise ConfigError(
+            f"{wd.root}: teacher shards do not cover prompts.jsonl in order; rerun --force teacher"
+        )
+    return prompts, records, hidden
+
+
+def _split_index(wd: Workdir, prompts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    splits = wd.read_json("split.json")
+    pos = {p["id"]: i for i, p in enumerate(prompts)}
+    return {k: np.array([pos[i] for i in v], dtype=np.int64) for k, v in splits.items()}
+
+
+# --------------------------------------------------------------------------- labels
+def _judge(spec: str) -> Any:
+    mod, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"labels.judge: cannot import {spec!r}: {exc}") from exc
+
+
+def stage_labels(wd: Workdir, ctx: Context) -> dict[str, Any]:
+    cfg = ctx.recipe.labels
+    prompts, records, _ = _ordered_teacher(wd)
+    judge = _judge(cfg.judge) if cfg.method == "judge" and cfg.judge else None
+    rows = []
+    for p, r in zip(prompts, records):
+        aliases = p.get("aliases") or ([p["choices"][p["gold"]]] if "choices" in p else [])
+        if judge is not None:
+            ok = bool(judge(p["prompt"], r["default"], aliases))
+        else:
+            ok = is_correct(r["default"], aliases, containment=cfg.containment)
+        rows.append({"id": p["id"], "correct": ok, "default": r["default"]})
+    _atomic_write_text(wd.path("labels.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
+    idx = _split_index(wd, prompts)
+    correct = np.array([x["correct"] for x in rows])
+    acc = {k: float(correct[v].mean()) if len(v) else float("nan") for k, v in idx.items()}
+    empty = sum(1 for r in records for s in [r["default"], *r["samples"]] if not s)
+    return {
+        "greedy_accuracy": float(correct.mean()),
+        "accuracy_by_split": acc,
+        "empty_answers": empty,
+    }
+
+
+def load_labels(wd: Workdir) -> list[dict[str, Any]]:
+    with wd.path("labels.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+# --------------------------------------------------------------------------- embeddings + PCA
+def stage_embed(wd: Workdir, ctx: Context) -> dict[str, Any]:
+    cfg = ctx.recipe.embedding
+    prompts, records, _ = _ordered_teacher(wd)
+    emb = AnswerEmbedder(ctx.embedder, batch_size=cfg.batch_size)
+    n, s = len(records), len(records[0]["samples"])
+    texts = [t for r in records for t in (r["default"], *r["samples"])]
+    raw = emb.embed_raw(texts).view(n, s + 1, -1)
+    default, samples = raw[:, 0].contiguous(), raw[:, 1:].contiguous()
+    _atomic_save({"default": default, "samples": samples}, wd.path("embeddings.safetensors"))
+    train = _split_index(wd, prompts)["train"]
+    fit_on = torch.cat([samples[train].reshape(-1, raw.shape[-1]), default[train]])
+    pca = PCAProjection.fit(fit_on, cfg.pca_dim_answer, whiten=cfg.whiten)
+    _atomic_save(pca.tensors(prefix=""), wd.path("pca.safetensors"))
+    centred = fit_on.double() - fit_on.double().mean(0)
+    total_var = float(centred.pow(2).sum() / (fit_on.shape[0] - 1))
+    proj_var = float(pca.transform(fit_on).mul(pca.scale).double().var(0).sum())
+    return {
+        "n_answers": len(texts),
+        "embedding_dim": int(raw.shape[-1]),
+        "pca_dim": pca.dim,
+        "explained_variance": round(proj_var / total_var, 4),
+    }
+
+
+def load_pca(wd: Workdir) -> PCAProjection:
+    return PCAProjection.from_tensors(load_file(str(wd.path("pca.safetensors"))), prefix="")
+
+
+def teacher_dispersion(samples: torch.Tensor) -> torch.Tensor:
+    """TD: mean per-dimension standard deviation of each prompt's K answer embeddings."""
+    return samples.float().std(dim=1, unbiased=True).mean(dim=-1)
+
+
+# --------------------------------------------------------------------------- features
+def stage_features(wd: Workdir, ctx: Context) -> dict[str, Any]:
+    _, _, hidden = _ordered_teacher(wd)
+    cand = ctx.recipe.layers.candidates
+    n_layers = hidden.shape[1] - 1
+    if cand is not None:
+        bad = [c for c in cand if not 0 <= c <= n_layers]
+        if bad:
+            raise ConfigError(f"layers.candidates: {bad} out of range 0..{n_layers} for this model")
+    _atomic_save({"hidden": hidden}, wd.path("features.safetensors"))
+    return {
+        "n_prompts": int(hidden.shape[0]),
+        "n_layers": n_layers,
+        "hidden_size": int(hidden.shape[2]),
+    }
+
+
+def load_features(wd: Workdir) -> torch.Tensor:
+    return load_file(str(wd.path("features.safetensors")))["hidden"]
+
+
+# --------------------------------------------------------------------------- layer selection
+def best_binary_split(values: np.ndarray) -> float:
+    """Threshold minimising the within-group squared error of a 1-D split (as in SEP)."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if v.size < 2 or v[0] == v[-1]:
+        return float(v[0]) if v.size else 0.0
+    csum, csq = np.cumsum(v), np.cumsum(v * v)
+    n = v.size
+    best, thr = np.inf, float(v[0])
+    for i in range(1, n):
+        if v[i] == v[i - 1]:
+            continue
+        left = csq[i - 1] - csum[i - 1] ** 2 / i
+        right = (csq[-1] - csq[i - 1]) - (csum[-1] - csum[i - 1]) ** 2 / (n - i)
+        if left + right < best:
+            best, thr = left + right, float((v[i] + v[i - 1]) / 2)
+    return thr
+
+
+def probe_layers(
+    hidden: torch.Tensor,
+    target: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    layers: list[int],
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """A logistic-regression probe per layer: validation accuracy and AUROC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    table = []
+    for layer in layers:
+        x = hidden[:, layer].float().numpy()
+        scaler = StandardScaler().fit(x[train])
+        clf = LogisticRegression(C=0.05, max_iter=2000, random_state=seed)
+        clf.fit(scaler.transform(x[train]), target[train])
+        p = clf.predict_proba(scaler.transform(x[val]))[:, 1]
+        auroc = (
+            float(roc_auc_score(target[val], p))
+            if len(set(target[val].tolist())) > 1
+            else float("nan")
+        )
+        acc = float(((p > 0.5) == target[val]).mean())
+        table.append({"layer": layer, "val_accuracy": round(acc, 4), "val_auroc": round(auroc, 4)})
+    return table
+
+
+def stage_layers(wd: Workdir, ctx: Context) -> dict[str, Any]:
+    prompts = load_prompts(wd)
+    idx = _split_index(wd, prompts)
+    hidden = load_features(wd)
+    n_layers = hidden.shape[1] - 1
+    fixed = ctx.recipe.layers.fixed
+    if fixed is not None and not 0 <= fixed <= n_layers:
+        raise ConfigError(f"layers.fixed: {fixed} is out of range 0..{n_layers} for this model")
+    samples = load_file(str(wd.path("embeddings.safetensors")))["samples"]
+    td = teacher_dispersion(samples).numpy()
+    thr = best_binary_split(td[idx["train"]])
+    target = (td > thr).astype(np.int64)
+    cands = ctx.recipe.layers.candidates or list(range(1, n_layers + 1))
+    table: list[dict[str, float]] = []
+    if fixed is None:
+        if len(set(target[idx["train"]].tolist())) < 2:
+            raise ConfigError(
+                "teacher dispersion is constant on the training split; cannot select a layer"
+            )
+        table = probe_layers(
+            hidden, target, idx["train"], idx["validation"], cands, ctx.recipe.student.seed
+        )
+        key = [
+            (-(r["val_auroc"] if r["val_auroc"] == r["val_auroc"] else 0), r["layer"])
+            for r in table
+        ]
+        best = int(table[key.index(min(key))]["layer"])
+    else:
+        best = fixed
+    result = {
+        "best": best,
+        "td_threshold": thr,
+        "positive_rate": float(target.mean()),
+        "table": table,
+    }
+    _atomic_write_text(wd.path("layers.json"), json.dumps(result, indent=2))
+    return {"best": best, "td_threshold": round(thr, 5)}
+
+
+# --------------------------------------------------------------------------- student + artifact
+def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str, Any]:
+    from ssd_guard.artifact import (
+        BaseModelInfo,
+        EmbedderInfo,
+        HeadInfo,
+        Manifest,
+        PromptFormat,
+        save_artifact,
+    )
+    from ssd_guard.student import SSDStudent
+
+    r = ctx.recipe
+    sc = r.student
+    prompts = load_prompts(wd)
+    idx = _split_index(wd, prompts)
+    tr, va = idx["train"], idx["validation"]
+    layer = int(wd.read_json("layers.json")["best"])
+    x_all = load_features(wd)[:, layer].float()
+    emb = load_file(str(wd.path("embeddings.safetensors")))
+    pca = load_pca(wd)
+    z_all = pca.transform(emb["samples"])  # [N, S, D]
+    z_default = pca.transform(emb["default"])  # [N, D]
+    dims = {"risk": r.embedding.pca_dim_risk, "answer": r.embedding.pca_dim_answer}
+    grid = list(itertools.product(sc.grid.n_components, sc.grid.hidden, sc.grid.depth))
+    device = ctx.device
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid) * len(dims), desc="student grid", unit="fit")
+    heads: dict[str, SSDStudent] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
+    for head, d in dims.items():
+        z = z_all[..., :d]
+        rows = []
+        best: SSDStudent | None = None
+        for k, h, depth in grid:
+            st = SSDStudent(
+                k,
+                h,
+                depth,
+                dropout=sc.dropout,
+                lr=sc.lr,
+                weight_decay=sc.weight_decay,
+                max_epochs=sc.max_epochs,
+                patience=sc.patience,
+                batch_size=sc.batch_size,
+                seed=sc.seed,
+                device=device,
+            ).fit(x_all[tr], z[tr], x_all[va], z[va])
+            rows.append(
+                {
+                    "n_components": k,
+                    "hidden": h,
+                    "depth": depth,
+                    "val_nll": round(st.best_val_nll_, 5),
+                    "epochs": st.history_.best_epoch + 1,
+                }
+            )
+            if best is None or st.best_val_nll_ < best.best_val_nll_:
+                best = st
+            if bar is not None:
+                bar.update(1)
+        assert best is not None
+        heads[head] = best
+        results[head] = rows
+    if bar is not None:
+        bar.close()
+    _atomic_write_text(wd.path("student_grid.json"), json.dumps(results, indent=2))
+
+    # Calibration: validation entropies and validation default-answer log-likelihoods.
+    with torch.no_grad():
+        ent_val = heads["risk"].predict(x_all[va]).renyi2_entropy().cpu()
+        ll_val = heads["answer"].predict(x_all[va]).log_prob(z_default[va, : dims["answer"]]).cpu()
+    tensors: dict[str, torch.Tensor] = dict(pca.tensors())
+    for name, st in heads.items():
+        tensors.update({f"heads.{name}.{k}": v for k, v in st.state_tensors().items()})
+    tensors["calibration.entropy"] = ent_val.sort().values.float()
+    tensors["calibration.loglik"] = ll_val.sort().values.float()
+
+    teacher_info = wd.read_json("stages", "teacher.done.json")
+    labels_info = wd.read_json("stages", "labels.done.json")
+    manifest = Manifest(
+        base_model=BaseModelInfo(
+            id=teacher_info["model_id"],
+            fingerprint=teacher_info["fingerprint"],
+            hidden_size=int(x_all.shape[1]),
+            num_layers=int(load_features(wd).shape[1] - 1),
+        ),
+        layer=layer,
+        embedder=EmbedderInfo(id=r.embedding.embedder, dim=int(emb["default"].shape[1])),
+        pca_dim=pca.dim,
+        heads={
+            name: HeadInfo(
+                dim=dims[name],
+                n_components=st.n_components,
+                hidden=st.hidden,
+                depth=st.depth,
+                min_scale=st.min_scale,
+                val_nll=round(st.best_val_nll_, 5),
+            )
+            for name, st in heads.items()
+        },
+        prompt=PromptFormat(
+            few_shot=r.prompt.few_shot,
+            template=r.prompt.template.replace("{prompt}", "Question: {question}\nAnswer:"),
+        ),
+        training={
+            "recipe": r.name,
+            "data": r.data.path,
+            "n_train": len(tr),
+            "n_validation": len(va),
+            "n_test": len(idx["test"]),
+            "teacher": r.teacher.model_dump(),
+            "greedy_accuracy": labels_info.get("greedy_accuracy"),
+            "accuracy_by_split": labels_info.get("accuracy_by_split"),
+            "val_nll": {name: round(st.best_val_nll_, 5) for name, st in heads.items()},
+        },
+    )
+    out = r.resolve(r.artifact) if r.artifact else wd.path("artifact")
+    save_artifact(out, manifest, tensors)
+    return {
+        "artifact": str(out),
+        "layer": layer,
+        "heads": {
+            n: {
+                "n_components": s.n_components,
+                "hidden": s.hidden,
+                "depth": s.depth,
+                "val_nll": round(s.best_val_nll_, 5),
+            }
+            for n, s in heads.items()
+        },
+    }

@@ -1,0 +1,52 @@
+"""Every error ssd-guard raises derives from :class:`SSDGuardError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "ArtifactIntegrityError",
+    "ArtifactMismatchError",
+    "ConfigError",
+    "GuardBlockedError",
+    "ModelLoadError",
+    "PolicyError",
+    "SSDGuardError",
+]
+
+
+class SSDGuardError(Exception):
+    """Base class of all ssd-guard errors."""
+
+
+class ModelLoadError(SSDGuardError):
+    """A base model or embedder could not be loaded offline."""
+
+
+class ArtifactError(SSDGuardError):
+    """A student artifact is missing, malformed or unreadable."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """The artifact's weights do not match the sha256 recorded in its manifest."""
+
+
+class ArtifactMismatchError(ArtifactError):
+    """The artifact was trained for another base model, hidden size or embedder."""
+
+
+class ConfigError(SSDGuardError):
+    """A recipe or configuration file is invalid."""
+
+
+class PolicyError(ConfigError):
+    """A YAML policy is invalid; the message names the file, the key path and the reason."""
+
+
+class GuardBlockedError(SSDGuardError):
+    """Raised when a policy blocks a call (abstain / reject) and ``raise_error`` is set."""
+
+    def __init__(self, message: str, *, action: str, rule: str | None, scores: dict[str, float]):
+        super().__init__(message)
+        self.action = action
+        self.rule = rule
+        self.scores = scores

@@ -1,0 +1,151 @@
+"""Batched teacher sampling with one shared prefill.
+
+For every prompt the teacher needs one low-temperature *default* answer and ``n``
+stochastic answers. ``generate(num_return_sequences=...)`` would prefill every prompt
+``n + 1`` times; here the prompt batch is prefilled once, the KV cache is repeated for
+the ``n + 1`` rows of each prompt, and a short decode loop runs until every row has
+finished its first line. The prefill also yields the hidden states of the last prompt
+token at every layer, which the distillation stores as the student's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["SampledAnswers", "left_pad_positions", "sample_answers", "stop_token_table"]
+
+
+@dataclass
+class SampledAnswers:
+    """Answers for a batch of prompts.
+
+    ``default[i]`` is prompt ``i``'s low-temperature answer, ``samples[i]`` its ``n``
+    stochastic answers, and ``hidden`` (when requested) is ``[B, L+1, H]``: the
+    last-token hidden state at every layer (index 0 = embeddings), as
+    ``output_hidden_states`` numbers them.
+    """
+
+    default: list[str]
+    samples: list[list[str]]
+    hidden: torch.Tensor | None
+
+
+def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def stop_token_table(tokenizer: Any, device: torch.device) -> torch.Tensor:
+    """Boolean ``[vocab]`` table: tokens that end an answer (a newline, or end of text)."""
+    vocab = len(tokenizer)
+    table = torch.zeros(vocab, dtype=torch.bool)
+    for tok_id in range(vocab):
+        piece = tokenizer.decode([tok_id])
+        if "\n" in piece:
+            table[tok_id] = True
+    for special in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if isinstance(special, int) and 0 <= special < vocab:
+            table[special] = True
+    for tok in getattr(tokenizer, "all_special_ids", []):
+        if 0 <= tok < vocab and tok != getattr(tokenizer, "bos_token_id", None):
+            table[tok] = True
+    return table.to(device)
+
+
+def _clean(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+@torch.inference_mode()
+def sample_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    n_samples: int = 10,
+    temperature: float = 1.0,
+    default_temperature: float = 0.0,
+    max_new_tokens: int = 16,
+    generator: torch.Generator | None = None,
+    return_hidden: bool = True,
+    stop_table: torch.Tensor | None = None,
+) -> SampledAnswers:
+    """Sample ``n_samples`` answers at ``temperature`` and one default answer per prompt.
+
+    ``default_temperature=0`` means greedy. Sampling uses the full distribution (no
+    top-k / top-p), as the teacher of the SSD paper does. Answers stop at the first
+    newline or end-of-text token and are stripped.
+    """
+    if not prompts:
+        return SampledAnswers([], [], None)
+    device = next(model.parameters()).device
+    if stop_table is None:
+        stop_table = stop_token_table(tokenizer, device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    input_ids = enc["input_ids"].to(device)
+    attn = enc["attention_mask"].to(device)
+    if tokenizer.padding_side != "left":
+        raise ValueError("sample_answers needs a left-padding tokenizer")
+    pos = left_pad_positions(attn)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attn,
+        position_ids=pos,
+        use_cache=True,
+        output_hidden_states=return_hidden,
+    )
+    hidden = None
+    if return_hidden:
+        hidden = torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1)
+    rows = n_samples + 1
+    b = input_ids.shape[0]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(rows)
+    logits = out.logits[:, -1, :].float().repeat_interleave(rows, dim=0)  # [B*R, V]
+    attn = attn.repeat_interleave(rows, dim=0)
+    next_pos = pos[:, -1:].repeat_interleave(rows, dim=0) + 1
+    is_default = torch.zeros(b * rows, dtype=torch.bool, device=device)
+    is_default[::rows] = True
+    temps = torch.full((b * rows, 1), float(temperature), device=device)
+    temps[is_default] = max(default_temperature, 1e-6)
+    greedy_rows = is_default if default_temperature <= 0 else torch.zeros_like(is_default)
+
+    tokens = torch.zeros((b * rows, max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(b * rows, dtype=torch.bool, device=device)
+    lengths = torch.full((b * rows,), max_new_tokens, dtype=torch.long, device=device)
+    vocab = stop_table.shape[0]
+    for step in range(max_new_tokens):
+        logits = logits[:, :vocab]
+        probs = torch.softmax(logits / temps, dim=-1)
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        nxt = torch.where(greedy_rows, logits.argmax(-1), sampled)
+        nxt = torch.where(finished, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
+        tokens[:, step] = nxt
+        stop_now = stop_table[nxt] & ~finished
+        lengths = torch.where(stop_now, torch.full_like(lengths, step), lengths)
+        finished = finished | stop_now
+        # One host sync per step: stop as soon as every row has ended its answer.
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(
+            input_ids=nxt.unsqueeze(1),
+            attention_mask=attn,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+    texts = tokenizer.batch_decode(
+        [row[: int(n)].tolist() for row, n in zip(tokens.cpu(), lengths.cpu())],
+        skip_special_tokens=True,
+    )
+    texts = [_clean(t) for t in texts]
+    default = texts[::rows]
+    samples = [texts[i * rows + 1 : (i + 1) * rows] for i in range(b)]
+    return SampledAnswers(default, samples, hidden)

@@ -1,0 +1,1 @@
+"""Uncertainty scorers behind one interface (SSD, TD, SE, SEP, PCP)."""
