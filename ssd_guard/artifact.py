@@ -98,7 +98,9 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(directory: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Path:
+def save_artifact(
+    directory: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor]
+) -> Path:
     """Write ``model.safetensors`` then ``manifest.json`` (with the weights' sha256)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +179,9 @@ def check_compatible(
     elif model_id is not None and fingerprint is None and model_id != bm.id:
         problems.append(f"base model: artifact was trained on {bm.id}, got {model_id}")
     if embedder_dim is not None and embedder_dim != manifest.embedder.dim:
-        problems.append(f"embedder dim: artifact expects {manifest.embedder.dim}, embedder has {embedder_dim}")
+        problems.append(
+            f"embedder dim: artifact expects {manifest.embedder.dim}, embedder has {embedder_dim}"
+        )
     if embedder_id is not None and _norm_id(embedder_id) != _norm_id(manifest.embedder.id):
         problems.append(f"embedder: artifact expects {manifest.embedder.id}, got {embedder_id}")
     if problems:

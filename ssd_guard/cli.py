@@ -15,6 +15,7 @@ __all__ = ["main"]
 
 #: Modules that contribute sub-commands, in help order.
 _COMMAND_MODULES = (
+    "ssd_guard.cli_demo",
     "ssd_guard.cli_engine",
     "ssd_guard.cli_runtime",
     "ssd_guard.evaluation.cli",

@@ -20,12 +20,20 @@ from torch import nn
 
 from ssd_guard.generation import left_pad_positions
 
-__all__ = ["AnswerEmbedder", "HiddenStateCapture", "PCAProjection", "PromptEncoder", "decoder_layers"]
+__all__ = [
+    "AnswerEmbedder",
+    "HiddenStateCapture",
+    "PCAProjection",
+    "PromptEncoder",
+    "decoder_layers",
+]
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
     """The list of decoder blocks of a causal LM (Llama, Gemma, Qwen, Mistral, GPT-2, ...)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
     n = int(cfg.num_hidden_layers)
     for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
         obj = model
@@ -94,7 +102,9 @@ class PromptEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True)
-        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        return {
+            k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")
+        }
 
     @torch.inference_mode()
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -177,7 +187,11 @@ class PCAProjection:
     """
 
     def __init__(self, mean: torch.Tensor, components: torch.Tensor, scale: torch.Tensor) -> None:
-        if components.dim() != 2 or mean.shape[0] != components.shape[1] or scale.shape[0] != components.shape[0]:
+        if (
+            components.dim() != 2
+            or mean.shape[0] != components.shape[1]
+            or scale.shape[0] != components.shape[0]
+        ):
             raise ValueError("PCA shapes: mean [E], components [D, E], scale [D]")
         self.mean = mean.float()
         self.components = components.float()
@@ -216,24 +230,35 @@ class PCAProjection:
         return ((X.float() - self.mean.to(dev)) @ self.components.to(dev).T) / self.scale.to(dev)
 
     def tensors(self, prefix: str = "pca.") -> dict[str, torch.Tensor]:
-        return {f"{prefix}mean": self.mean, f"{prefix}components": self.components, f"{prefix}scale": self.scale}
+        return {
+            f"{prefix}mean": self.mean,
+            f"{prefix}components": self.components,
+            f"{prefix}scale": self.scale,
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "pca.") -> PCAProjection:
-        return cls(tensors[f"{prefix}mean"], tensors[f"{prefix}components"], tensors[f"{prefix}scale"])
+        return cls(
+            tensors[f"{prefix}mean"], tensors[f"{prefix}components"], tensors[f"{prefix}scale"]
+        )
 
 
 class AnswerEmbedder:
     """Sentence embeddings (L2-normalised) and their PCA projection, batched."""
 
-    def __init__(self, model: Any, pca: PCAProjection | None = None, *, batch_size: int = 256) -> None:
+    def __init__(
+        self, model: Any, pca: PCAProjection | None = None, *, batch_size: int = 256
+    ) -> None:
         self.model = model
         self.pca = pca
         self.batch_size = batch_size
 
     @property
     def dim(self) -> int:
-        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        get = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         return int(get())
 
     def embed_raw(self, texts: Sequence[str]) -> torch.Tensor:

@@ -6,6 +6,7 @@ __all__ = [
     "ArtifactError",
     "ArtifactIntegrityError",
     "ArtifactMismatchError",
+    "CacheUnavailableError",
     "ConfigError",
     "GuardBlockedError",
     "ModelLoadError",
@@ -40,6 +41,10 @@ class ConfigError(SSDGuardError):
 
 class PolicyError(ConfigError):
     """A YAML policy is invalid; the message names the file, the key path and the reason."""
+
+
+class CacheUnavailableError(SSDGuardError):
+    """The score cache (Redis) is unreachable and its ``fail_mode`` is ``closed``."""
 
 
 class GuardBlockedError(SSDGuardError):

@@ -149,7 +149,7 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` samples per mixture, ``[B, n, d]`` (not differentiable in the weights)."""
-        b, k, d = self.means.shape
+        b, _k, d = self.means.shape
         comp = torch.multinomial(self.weights.detach(), n, replacement=True, generator=generator)
         idx = comp.unsqueeze(-1).expand(b, n, d)
         mu = self.means.gather(1, idx)

@@ -81,7 +81,9 @@ class TrainingHistory:
     best_epoch: int = -1
 
 
-def _mean_nll(model: MixtureDensityNetwork, x: torch.Tensor, z: torch.Tensor, bs: int = 1024) -> float:
+def _mean_nll(
+    model: MixtureDensityNetwork, x: torch.Tensor, z: torch.Tensor, bs: int = 1024
+) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -130,10 +132,19 @@ class SSDStudent:
         self.device = device
 
     def get_params(self) -> dict[str, Any]:
-        keys = (
-            "n_components hidden depth dropout lr weight_decay max_epochs patience "
-            "batch_size min_scale seed"
-        ).split()
+        keys = [
+            "n_components",
+            "hidden",
+            "depth",
+            "dropout",
+            "lr",
+            "weight_decay",
+            "max_epochs",
+            "patience",
+            "batch_size",
+            "min_scale",
+            "seed",
+        ]
         return {k: getattr(self, k) for k in keys}
 
     def _device(self) -> torch.device:
@@ -151,14 +162,22 @@ class SSDStudent:
         if Z.dim() == 2:
             Z = Z.unsqueeze(1)
         if X.dim() != 2 or Z.dim() != 3 or X.shape[0] != Z.shape[0]:
-            raise ValueError(f"expected X [N, in] and Z [N, S, d]; got {tuple(X.shape)}, {tuple(Z.shape)}")
+            raise ValueError(
+                f"expected X [N, in] and Z [N, S, d]; got {tuple(X.shape)}, {tuple(Z.shape)}"
+            )
         dev = self._device()
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         X = X.float().to(dev)
         Z = Z.float().to(dev)
         model = MixtureDensityNetwork(
-            X.shape[1], Z.shape[2], self.n_components, self.hidden, self.depth, self.dropout, self.min_scale
+            X.shape[1],
+            Z.shape[2],
+            self.n_components,
+            self.hidden,
+            self.depth,
+            self.dropout,
+            self.min_scale,
         ).to(dev)
         model.set_standardisation(X.mean(0), X.std(0))
         has_val = X_val is not None and Z_val is not None
@@ -240,11 +259,16 @@ class SSDStudent:
         }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self._check_fitted().state_dict().items()}
+        return {
+            k: v.detach().cpu().contiguous() for k, v in self._check_fitted().state_dict().items()
+        }
 
     @classmethod
     def from_state(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], device: str | torch.device | None = None
+        cls,
+        config: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
     ) -> SSDStudent:
         obj = cls(
             n_components=int(config["n_components"]),

@@ -18,10 +18,10 @@ def _corpus() -> list[str]:
             obj = json.loads(row)
             lines.append(obj.get("context") or obj.get("query"))
             lines.extend(obj.get("aliases", [])[:3] + obj.get("choices", []))
-    return lines + ["Question: What is the capital of France?\nAnswer: Paris\n\n"]
+    return [*lines, "Question: What is the capital of France?\nAnswer: Paris\n\n"]
 
 
-def build_tokenizer(path: Path):  # noqa: ANN201
+def build_tokenizer(path: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -35,7 +35,11 @@ def build_tokenizer(path: Path):  # noqa: ANN201
     )
     tok.train_from_iterator(_corpus(), trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
     )
     fast.padding_side = "left"
     fast.save_pretrained(path)

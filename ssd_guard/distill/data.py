@@ -132,8 +132,8 @@ def split_ids(
     order = list(ids)
     random.Random(seed).shuffle(order)
     n = len(order)
-    n_train = int(round(fractions[0] * n))
-    n_val = int(round(fractions[1] * n))
+    n_train = round(fractions[0] * n)
+    n_val = round(fractions[1] * n)
     return {
         "train": order[:n_train],
         "validation": order[n_train : n_train + n_val],
@@ -152,7 +152,9 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def is_correct(prediction: str, aliases: tuple[str, ...] | list[str], containment: bool = True) -> bool:
+def is_correct(
+    prediction: str, aliases: tuple[str, ...] | list[str], containment: bool = True
+) -> bool:
     """Whether ``prediction`` matches an alias after normalisation.
 
     With ``containment`` an alias contained in the prediction, or the prediction in an
@@ -167,6 +169,8 @@ def is_correct(prediction: str, aliases: tuple[str, ...] | list[str], containmen
             continue
         if pred == ref:
             return True
-        if containment and (re.search(rf"\b{re.escape(ref)}\b", pred) or re.search(rf"\b{re.escape(pred)}\b", ref)):
+        if containment and (
+            re.search(rf"\b{re.escape(ref)}\b", pred) or re.search(rf"\b{re.escape(pred)}\b", ref)
+        ):
             return True
     return False

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssd_guard.distill.data import is_correct, load_mc_jsonl, load_qa_jsonl, split_ids
+from ssd_guard.distill.data import load_mc_jsonl, load_qa_jsonl, split_ids
 from ssd_guard.distill.recipe import Recipe
 from ssd_guard.errors import ConfigError
 
@@ -41,7 +41,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:
+def _atomic_save(
+    tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -89,7 +91,9 @@ class Context:
         if self._lm is None:
             from ssd_guard.models import load_causal_lm
 
-            self._lm = load_causal_lm(self.recipe.base_model, device=self.device, dtype=self.recipe.dtype)
+            self._lm = load_causal_lm(
+                self.recipe.base_model, device=self.device, dtype=self.recipe.dtype
+            )
         return self._lm
 
     @property
@@ -177,7 +181,9 @@ def stage_teacher(
             hidden.append(res.hidden.to("cpu", torch.bfloat16))
             if bar is not None:
                 bar.update(len(batch))
-        _atomic_save({"hidden": torch.cat(hidden)}, wd.path("teacher", f"shard-{s:05d}.safetensors"))
+        _atomic_save(
+            {"hidden": torch.cat(hidden)}, wd.path("teacher", f"shard-{s:05d}.safetensors")
+        )
         # The JSONL is written last: its presence marks the shard complete.
         _atomic_write_text(
             wd.path("teacher", f"shard-{s:05d}.jsonl"),
@@ -272,7 +278,9 @@ def run_pipeline(
                 on_stage(name, "skipped", 0.0)
         else:
             t0 = time.perf_counter()
-            kwargs: dict[str, Any] = {"progress": progress} if name in ("teacher", "student") else {}
+            kwargs: dict[str, Any] = (
+                {"progress": progress} if name in ("teacher", "student") else {}
+            )
             info = stages[name](wd, ctx, **kwargs)
             dt = time.perf_counter() - t0
             timings[name] = timings.get(name, 0.0) + dt if name == "teacher" else dt

@@ -74,9 +74,16 @@ class SSDScorer:
         verify: bool = True,
     ) -> None:
         hidden_size = int(
-            (model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config).hidden_size
+            (
+                model.config.get_text_config()
+                if hasattr(model.config, "get_text_config")
+                else model.config
+            ).hidden_size
         )
-        get_dim = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(embedder, "get_embedding_dimension", None)
+            or embedder.get_sentence_embedding_dimension
+        )
         if verify:
             check_compatible(
                 manifest,
@@ -91,7 +98,9 @@ class SSDScorer:
         self.embedder = AnswerEmbedder(embedder, PCAProjection.from_tensors(tensors))
         self.heads = build_heads(manifest, tensors, device=self.device)
         self.calibration: dict[str, list[float]] = {
-            key.split(".", 1)[1]: sorted(v.tolist()) for key, v in tensors.items() if key.startswith("calibration.")
+            key.split(".", 1)[1]: sorted(v.tolist())
+            for key, v in tensors.items()
+            if key.startswith("calibration.")
         }
         self.model_id = model_id or manifest.base_model.id
         self.fingerprint = manifest.fingerprint
@@ -221,5 +230,6 @@ class SSDScorer:
     def __repr__(self) -> str:
         return (
             f"SSDScorer(model={self.model_id!r}, layer={self.layer}, "
-            f"heads={ {k: v.dim_ for k, v in self.heads.items()} }, fingerprint={self.fingerprint!r})"
+            f"heads={ {k: v.dim_ for k, v in self.heads.items()} }, "
+            f"fingerprint={self.fingerprint!r})"
         )

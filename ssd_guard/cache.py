@@ -1,0 +1,627 @@
+"""Score cache: one protocol, an in-process LRU and a Redis implementation.
+
+Keys come from :func:`make_key` (``namespace:sha256``), values are small JSON-able dicts
+(e.g. ``{"entropy": 2.31}``) stored in an envelope ``{"v": 1, "value": {...}}``; an entry
+with another schema version, or one that cannot be decoded, is a miss (and is logged).
+
+Redis failures never crash the guard and never produce a wrong score: with
+``fail_mode="open"`` a down / slow Redis is a miss and writes are skipped; with
+``fail_mode="closed"`` :class:`~ssd_guard.errors.CacheUnavailableError` is raised. A state
+change is logged once (``cache.redis.unavailable`` / ``cache.redis.recovered``), and a
+circuit breaker skips Redis for ``cooldown_s`` after a failure, then lets one probe through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+import unicodedata
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+import redis
+import redis.asyncio as aredis
+import structlog
+from redis.backoff import NoBackoff
+from tenacity import (
+    AsyncRetrying,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from ssd_guard.errors import CacheUnavailableError
+
+if TYPE_CHECKING:
+    from ssd_guard.policy import CacheConfig
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "MemoryCache",
+    "RedisCache",
+    "ScoreCache",
+    "cache_from_config",
+    "make_key",
+    "normalise_text",
+]
+
+#: Version of the stored value envelope; entries with another version are misses.
+SCHEMA_VERSION = 1
+_KEY_FORMAT = "ssd-guard/score-key/v1"
+
+_log = structlog.get_logger("ssd_guard.cache")
+
+Items = Mapping[str, Mapping[str, Any]] | Iterable[tuple[str, Mapping[str, Any]]]
+
+
+# --------------------------------------------------------------------------------------
+# Keys and values
+# --------------------------------------------------------------------------------------
+def normalise_text(text: str) -> str:
+    """Unicode NFC, strip, collapse runs of whitespace to one space; case is kept."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def make_key(
+    namespace: str,
+    *,
+    student_fingerprint: str,
+    model_id: str,
+    layer: int,
+    prompt: str,
+    answer: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """``f"{namespace}:" + sha256`` of a canonical JSON encoding of everything a score
+    depends on. The prompt (and answer) are normalised with :func:`normalise_text`;
+    ``answer=None`` (a prompt-level entry) and ``answer=""`` give different keys. *extra*
+    (JSON-able) separates entries that differ in anything else (e.g. a scorer option)."""
+    payload = [
+        _KEY_FORMAT,
+        str(student_fingerprint),
+        str(model_id),
+        int(layer),
+        normalise_text(prompt),
+        None if answer is None else normalise_text(answer),
+        None if extra is None else dict(extra),
+    ]
+    encoded = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return f"{namespace}:{hashlib.sha256(encoded.encode('utf-8')).hexdigest()}"
+
+
+def _encode(value: Mapping[str, Any]) -> str:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"cache values must be mappings, got {type(value).__name__}")
+    return json.dumps(
+        {"v": SCHEMA_VERSION, "value": dict(value)}, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def _decode(raw: str | bytes | None, key: str, backend: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        envelope = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        _log.warning("cache.value.invalid", backend=backend, key=key, reason=f"undecodable: {exc}")
+        return None
+    if not isinstance(envelope, dict) or envelope.get("v") != SCHEMA_VERSION:
+        version = envelope.get("v") if isinstance(envelope, dict) else None
+        _log.warning(
+            "cache.value.invalid",
+            backend=backend,
+            key=key,
+            reason=f"schema version {version!r}, expected {SCHEMA_VERSION}",
+        )
+        return None
+    value = envelope.get("value")
+    if not isinstance(value, dict):
+        _log.warning("cache.value.invalid", backend=backend, key=key, reason="value not a mapping")
+        return None
+    return value
+
+
+def _items(items: Items) -> list[tuple[str, str]]:
+    pairs = items.items() if isinstance(items, Mapping) else items
+    return [(k, _encode(v)) for k, v in pairs]
+
+
+def _check_ttl(ttl_s: float | None) -> None:
+    if ttl_s is not None and not ttl_s > 0:
+        raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+
+
+# --------------------------------------------------------------------------------------
+# Protocol
+# --------------------------------------------------------------------------------------
+@runtime_checkable
+class ScoreCache(Protocol):
+    """What the guard needs of a score cache; sync and async twins."""
+
+    namespace: str
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def set(self, key: str, value: Mapping[str, Any], ttl_s: int | None = None) -> None: ...
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]: ...
+
+    def set_many(self, items: Items, ttl_s: int | None = None) -> None: ...
+
+    async def aget(self, key: str) -> dict[str, Any] | None: ...
+
+    async def aset(self, key: str, value: Mapping[str, Any], ttl_s: int | None = None) -> None: ...
+
+    async def aget_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]: ...
+
+    async def aset_many(self, items: Items, ttl_s: int | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------
+class MemoryCache:
+    """Thread-safe in-process LRU with optional TTL (monotonic clock, injectable)."""
+
+    backend = "memory"
+
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        ttl_s: float | None = None,
+        *,
+        namespace: str = "ssd-guard",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries <= 0:
+            raise ValueError(f"max_entries must be > 0, got {max_entries}")
+        _check_ttl(ttl_s)
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self.namespace = namespace
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._data: OrderedDict[str, tuple[float | None, str]] = OrderedDict()
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def key(self, **parts: Any) -> str:
+        """:func:`make_key` with this cache's namespace."""
+        return make_key(self.namespace, **parts)
+
+    def __len__(self) -> int:
+        with self._lock:
+            now = self._clock()
+            return sum(1 for exp, _ in self._data.values() if exp is None or exp > now)
+
+    def _get_raw(self, key: str, now: float) -> str | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        expires, raw = entry
+        if expires is not None and expires <= now:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return raw
+
+    def _set_raw(self, key: str, raw: str, ttl_s: float | None = None) -> None:
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        with self._lock:
+            expires = None if ttl is None else self._clock() + ttl
+            self._data[key] = (expires, raw)
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            raw = self._get_raw(key, self._clock())
+        return _decode(raw, key, self.backend)
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        with self._lock:
+            now = self._clock()
+            raws = [self._get_raw(k, now) for k in keys]
+        return [_decode(r, k, self.backend) for k, r in zip(keys, raws, strict=True)]
+
+    def set(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
+        _check_ttl(ttl_s)
+        self._set_raw(key, _encode(value), ttl_s)
+
+    def set_many(self, items: Items, ttl_s: float | None = None) -> None:
+        _check_ttl(ttl_s)
+        for key, raw in _items(items):
+            self._set_raw(key, raw, ttl_s)
+
+    async def aget(self, key: str) -> dict[str, Any] | None:
+        return self.get(key)
+
+    async def aget_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        return self.get_many(keys)
+
+    async def aset(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
+        self.set(key, value, ttl_s)
+
+    async def aset_many(self, items: Items, ttl_s: float | None = None) -> None:
+        self.set_many(items, ttl_s)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def close(self) -> None:
+        """Nothing to release; the entries stay usable."""
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+    def __repr__(self) -> str:
+        return f"MemoryCache(max_entries={self.max_entries}, ttl_s={self.ttl_s})"
+
+
+# --------------------------------------------------------------------------------------
+# Redis
+# --------------------------------------------------------------------------------------
+#: Errors that mean "Redis is unreachable or too slow" and are worth a retry.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+)
+#: Every error that counts as "the cache is unavailable".
+_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *_TRANSIENT)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+    return url
+
+
+class RedisCache:
+    """Score cache in Redis (plain string commands: ``SET key json EX ttl``, ``MGET``,
+    pipelined ``SET`` for batches), with sync (``redis.Redis``) and async
+    (``redis.asyncio.Redis``, one client per event loop) connection pools.
+
+    Each command gets *timeout_s* socket / connect timeouts and up to *retries* extra
+    attempts (tenacity) on connection errors and timeouts. See the module docstring for
+    what happens when Redis is down.
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: float = 86_400,
+        fail_mode: Literal["open", "closed"] = "open",
+        namespace: str = "ssd-guard",
+        timeout_s: float = 0.05,
+        retries: int = 2,
+        cooldown_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if fail_mode not in ("open", "closed"):
+            raise ValueError(f"fail_mode must be 'open' or 'closed', got {fail_mode!r}")
+        _check_ttl(ttl_s)
+        if ttl_s is None:
+            raise ValueError("RedisCache needs a ttl_s")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.url = url
+        self.ttl_s = ttl_s
+        self.fail_mode = fail_mode
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._client_kwargs: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "health_check_interval": 0,
+            "decode_responses": False,
+        }
+        self._client = redis.Redis.from_url(
+            url, retry=redis.retry.Retry(NoBackoff(), 0), **self._client_kwargs
+        )
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aredis.Redis] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._state_lock = threading.Lock()
+        self._down = False
+        self._down_since = 0.0
+        self._probe_at = 0.0
+        self._closed = False
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """False from a failed command until a later one succeeds."""
+        return not self._down
+
+    def key(self, **parts: Any) -> str:
+        """:func:`make_key` with this cache's namespace."""
+        return make_key(self.namespace, **parts)
+
+    def _admit(self) -> Literal["go", "probe", "skip"]:
+        if not self._down:
+            return "go"
+        with self._state_lock:
+            if not self._down:
+                return "go"
+            now = self._clock()
+            if now >= self._probe_at:
+                self._probe_at = now + self.cooldown_s
+                return "probe"
+            return "skip"
+
+    def _unavailable(self, op: str, cause: BaseException | None) -> CacheUnavailableError:
+        since = self._clock() - self._down_since if self._down else 0.0
+        why = f": {cause}" if cause is not None else f" (down for {since:.1f} s)"
+        return CacheUnavailableError(
+            f"redis cache at {_redact(self.url)} is unavailable during {op}{why}"
+        )
+
+    def _on_failure(self, op: str, exc: BaseException) -> None:
+        with self._state_lock:
+            now = self._clock()
+            self._probe_at = now + self.cooldown_s
+            if self._down:
+                return
+            self._down = True
+            self._down_since = now
+        _log.warning(
+            "cache.redis.unavailable",
+            url=_redact(self.url),
+            op=op,
+            error=f"{type(exc).__name__}: {exc}",
+            fail_mode=self.fail_mode,
+            cooldown_s=self.cooldown_s,
+        )
+
+    def _on_success(self) -> None:
+        if not self._down:
+            return
+        with self._state_lock:
+            if not self._down:
+                return
+            self._down = False
+            downtime = self._clock() - self._down_since
+        _log.warning("cache.redis.recovered", url=_redact(self.url), downtime_s=round(downtime, 3))
+
+    def _retrying(self, attempts: int) -> dict[str, Any]:
+        return {
+            "stop": stop_after_attempt(attempts),
+            "wait": wait_exponential(multiplier=0.005, max=0.05),
+            "retry": retry_if_exception_type(_TRANSIENT),
+            "reraise": True,
+        }
+
+    def _run(self, op: str, fn: Callable[[], Any], fallback: Any) -> Any:
+        admit = self._admit()
+        if admit == "skip":
+            if self.fail_mode == "closed":
+                raise self._unavailable(op, None)
+            return fallback
+        attempts = 1 if admit == "probe" else self.retries + 1
+        try:
+            result: Any = None
+            for attempt in Retrying(**self._retrying(attempts)):
+                with attempt:
+                    result = fn()
+        except redis.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                _log.warning("cache.value.invalid", backend=self.backend, reason=str(exc))
+                self._on_success()
+                return fallback
+            return self._fail(op, exc, fallback)
+        except _ERRORS as exc:
+            return self._fail(op, exc, fallback)
+        self._on_success()
+        return result
+
+    async def _arun(self, op: str, fn: Callable[[aredis.Redis], Any], fallback: Any) -> Any:
+        admit = self._admit()
+        if admit == "skip":
+            if self.fail_mode == "closed":
+                raise self._unavailable(op, None)
+            return fallback
+        attempts = 1 if admit == "probe" else self.retries + 1
+        try:
+            client = self._aclient()
+            result: Any = None
+            async for attempt in AsyncRetrying(**self._retrying(attempts)):
+                with attempt:
+                    result = await asyncio.wait_for(fn(client), self._async_deadline(attempts))
+        except redis.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                _log.warning("cache.value.invalid", backend=self.backend, reason=str(exc))
+                self._on_success()
+                return fallback
+            return self._fail(op, exc, fallback)
+        except _ERRORS as exc:
+            return self._fail(op, exc, fallback)
+        self._on_success()
+        return result
+
+    def _async_deadline(self, attempts: int) -> float:
+        # connect + write + read, each bounded by the socket timeout; a hard upper bound so
+        # a wedged connection can never stall the event loop's caller for long.
+        return 3 * self.timeout_s + 0.05
+
+    def _fail(self, op: str, exc: BaseException, fallback: Any) -> Any:
+        self._on_failure(op, exc)
+        if self.fail_mode == "closed":
+            raise self._unavailable(op, exc) from exc
+        return fallback
+
+    def _aclient(self) -> aredis.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            client = aredis.Redis.from_url(
+                self.url, retry=aredis.retry.Retry(NoBackoff(), 0), **self._client_kwargs
+            )
+            self._aclients[loop] = client
+        return client
+
+    def _ttl_args(self, ttl_s: float | None) -> tuple[int | None, int | None]:
+        """``(ex, px)`` for SET: whole seconds as EX, fractional ones as PX milliseconds."""
+        _check_ttl(ttl_s)
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        if float(ttl).is_integer():
+            return int(ttl), None
+        return None, max(1, round(ttl * 1000))
+
+    # -- sync ----------------------------------------------------------------------------
+    def get(self, key: str) -> dict[str, Any] | None:
+        raw = self._run("get", lambda: self._client.get(key), None)
+        return _decode(raw, key, self.backend)  # type: ignore[arg-type]
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        keys = list(keys)
+        if not keys:
+            return []
+        raws = self._run("get_many", lambda: self._client.mget(keys), [None] * len(keys))
+        return [_decode(r, k, self.backend) for k, r in zip(keys, raws, strict=True)]  # type: ignore[arg-type]
+
+    def set(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
+        raw, ttl = _encode(value), self._ttl_args(ttl_s)
+        self._run("set", lambda: self._client.set(key, raw, ex=ttl[0], px=ttl[1]), None)
+
+    def _set_raw(self, key: str, raw: str | bytes, ttl_s: float | None = None) -> None:
+        ttl = self._ttl_args(ttl_s)
+        self._run("set", lambda: self._client.set(key, raw, ex=ttl[0], px=ttl[1]), None)
+
+    def set_many(self, items: Items, ttl_s: float | None = None) -> None:
+        pairs, ttl = _items(items), self._ttl_args(ttl_s)
+        if not pairs:
+            return
+
+        def write() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for key, raw in pairs:
+                pipe.set(key, raw, ex=ttl[0], px=ttl[1])
+            pipe.execute()
+
+        self._run("set_many", write, None)
+
+    def delete(self, key: str) -> None:
+        self._run("delete", lambda: self._client.delete(key), None)
+
+    def clear(self) -> None:
+        """Delete every key of this cache's namespace (SCAN + DEL)."""
+
+        def wipe() -> None:
+            batch: list[bytes] = []
+            for k in self._client.scan_iter(match=f"{self.namespace}:*", count=500):
+                batch.append(k)
+                if len(batch) >= 500:
+                    self._client.delete(*batch)
+                    batch = []
+            if batch:
+                self._client.delete(*batch)
+
+        self._run("clear", wipe, None)
+
+    def ping(self) -> bool:
+        """Probe Redis now (bypassing the circuit breaker); updates :attr:`healthy`."""
+        try:
+            self._client.ping()
+        except _ERRORS as exc:
+            self._on_failure("ping", exc)
+            return False
+        self._on_success()
+        return True
+
+    # -- async ---------------------------------------------------------------------------
+    async def aget(self, key: str) -> dict[str, Any] | None:
+        raw = await self._arun("get", lambda c: c.get(key), None)
+        return _decode(raw, key, self.backend)
+
+    async def aget_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        keys = list(keys)
+        if not keys:
+            return []
+        raws: list[Any] = await self._arun("get_many", lambda c: c.mget(keys), [None] * len(keys))
+        return [_decode(r, k, self.backend) for k, r in zip(keys, raws, strict=True)]
+
+    async def aset(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
+        raw, ttl = _encode(value), self._ttl_args(ttl_s)
+        await self._arun("set", lambda c: c.set(key, raw, ex=ttl[0], px=ttl[1]), None)
+
+    async def aset_many(self, items: Items, ttl_s: float | None = None) -> None:
+        pairs, ttl = _items(items), self._ttl_args(ttl_s)
+        if not pairs:
+            return
+
+        async def write(client: aredis.Redis) -> None:
+            pipe = client.pipeline(transaction=False)
+            for key, raw in pairs:
+                pipe.set(key, raw, ex=ttl[0], px=ttl[1])
+            await pipe.execute()
+
+        await self._arun("set_many", write, None)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the sync connection pool (async clients: :meth:`aclose`)."""
+        self._client.close()
+
+    async def aclose(self) -> None:
+        """Release the async client of the running loop (and forget the others)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - called outside a loop
+            loop = None
+        client = self._aclients.pop(loop, None) if loop is not None else None
+        self._aclients.clear()
+        if client is not None:
+            await client.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisCache({_redact(self.url)!r}, ttl_s={self.ttl_s}, fail_mode={self.fail_mode!r}, "
+            f"timeout_s={self.timeout_s}, retries={self.retries})"
+        )
+
+
+def cache_from_config(cfg: CacheConfig) -> MemoryCache | RedisCache:
+    """The cache a policy's ``cache:`` section describes."""
+    if cfg.url == "memory":
+        return MemoryCache(cfg.max_entries, cfg.ttl_s, namespace=cfg.namespace)
+    return RedisCache(
+        cfg.url,
+        ttl_s=cfg.ttl_s,
+        fail_mode=cfg.fail_mode,
+        namespace=cfg.namespace,
+        timeout_s=cfg.timeout_s,
+        retries=cfg.retries,
+        cooldown_s=cfg.cooldown_s,
+    )

@@ -1,0 +1,90 @@
+"""`ssd-guard evaluate`: the report of every scorer on a work directory's test split."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_commands"]
+
+
+def _workdir(path: str | None, config: str | None, what: str) -> Path | None:
+    if path:
+        return Path(path)
+    if config:
+        from ssd_guard.distill.recipe import load_recipe
+
+        recipe = load_recipe(config)
+        return recipe.resolve(recipe.workdir)
+    return None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ssd_guard.errors import ConfigError
+    from ssd_guard.evaluation.runner import run_evaluation
+
+    workdir = _workdir(args.workdir, args.config, "work dir")
+    if workdir is None:
+        raise ConfigError("give the work directory: --workdir DIR or --config RECIPE.yaml")
+    arc = _workdir(args.arc_workdir, args.arc_config, "ARC work dir")
+    command = args.command_line or "ssd-guard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    results: dict[str, Any] = run_evaluation(
+        workdir,
+        args.out,
+        arc_workdir=arc,
+        artifact=args.artifact,
+        arc_artifact=args.arc_artifact,
+        cost_prompts=args.cost_prompts,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        se_threshold=args.se_threshold,
+        nli_model=args.nli_model,
+        device=args.device,
+        dtype=args.dtype,
+        command=command,
+        log=log,
+    )
+    pre = results["hallucination"]["pre_generation"]
+    print(f"report: {Path(args.out) / 'report.md'}")
+    for name, r in pre.items():
+        print(f"  {name:<10} AUROC {r['auroc']['value']:.3f}")
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate SSD and the baselines (TD, SE, SEP, PCP) on a work dir's test split",
+        description=(
+            "Score the test split of a distillation work directory with every scorer and "
+            "write report.md, results.json, roc.png and risk_coverage.png."
+        ),
+    )
+    src = p.add_argument_group("inputs")
+    src.add_argument("--workdir", help="work directory of `ssd-guard distill` (open QA)")
+    src.add_argument("--config", help="the recipe instead of --workdir (its workdir is used)")
+    src.add_argument("--artifact", help="student artifact (default: <workdir>/artifact)")
+    src.add_argument("--arc-workdir", help="multiple-choice work directory (e.g. ARC-Easy)")
+    src.add_argument("--arc-config", help="the MC recipe instead of --arc-workdir")
+    src.add_argument("--arc-artifact", help="MC student artifact (default: <arc-workdir>/artifact)")
+    p.add_argument("--out", required=True, help="output directory (e.g. benchmarks/results/NAME)")
+    p.add_argument(
+        "--cost-prompts", type=int, default=20, help="prompts timed per scorer (0: skip)"
+    )
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--se-threshold", type=float, default=0.8, help="cosine threshold of SE-cos")
+    p.add_argument("--nli-model", help="local NLI model directory: adds SE-NLI (SEP targets it)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=_cmd_evaluate)

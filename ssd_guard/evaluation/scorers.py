@@ -1,0 +1,75 @@
+"""SSD behind the stats-based scorer interface, so it is evaluated like TD, SE, SEP, PCP.
+
+:class:`SSDStatsScorer` reads the hidden state of the artifact's layer from a
+:class:`~ssd_guard.scoring.stats.Stats` (no LM pass when the stats came from the work
+directory) and the raw sentence embeddings of answers (projected by the artifact's
+PCA). Its live path is the :class:`~ssd_guard.scoring.ssd.SSDScorer` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssd_guard.scoring.stats import Scorer, Stats
+
+__all__ = ["SSDStatsScorer"]
+
+
+class SSDStatsScorer(Scorer):
+    """Rényi-2 entropy (pre-generation) and default-answer log-likelihood (post-generation)
+    of a trained SSD student.
+
+    Args:
+        ssd: an :class:`~ssd_guard.scoring.ssd.SSDScorer` (anything with ``layer``,
+            ``entropy_from_hidden``, ``loglik_from_hidden``, ``embedder.pca`` and
+            ``heads["answer"].dim_``).
+        name: reported name.
+    """
+
+    needs = frozenset({"hidden"})
+    answer_needs = frozenset({"default_embeddings"})
+
+    def __init__(self, ssd: Any, *, name: str = "SSD") -> None:
+        self.ssd = ssd
+        self.name = name
+
+    @property
+    def layers(self) -> set[int] | None:
+        return {int(self.ssd.layer)}
+
+    def _hidden(self, stats: Stats) -> torch.Tensor:
+        stats.require(self.needs, self.name)
+        return torch.from_numpy(stats.layer(int(self.ssd.layer)))
+
+    def project(self, embeddings: np.ndarray) -> torch.Tensor:
+        """Raw L2-normalised embeddings ``[..., E]`` -> the answer head's PCA space."""
+        pca = self.ssd.embedder.pca
+        dim = int(self.ssd.heads["answer"].dim_)
+        if dim < pca.dim:
+            pca = pca.truncate(dim)
+        x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        return pca.transform(x)
+
+    @torch.no_grad()
+    def score(self, stats: Stats) -> np.ndarray:
+        ent = self.ssd.entropy_from_hidden(self._hidden(stats))
+        return ent.detach().double().cpu().numpy()
+
+    @torch.no_grad()
+    def loglik(self, stats: Stats, answer_embeddings: np.ndarray) -> np.ndarray:
+        """Log-likelihood of answers given by their raw embeddings ``[N, E]`` or ``[N, C, E]``."""
+        ll = self.ssd.loglik_from_hidden(self._hidden(stats), self.project(answer_embeddings))
+        return ll.detach().double().cpu().numpy()
+
+    def score_answers(self, stats: Stats) -> np.ndarray:
+        """Risk of the default answer: its negative log-likelihood."""
+        stats.require(self.answer_needs, self.name)
+        assert stats.default_embeddings is not None
+        return -self.loglik(stats, stats.default_embeddings)
+
+    def score_prompts(self, prompts: Sequence[str]) -> list[float]:
+        return list(self.ssd.score_prompts(list(prompts), formatted=True))

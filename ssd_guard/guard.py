@@ -1,0 +1,1089 @@
+"""The framework-free guard: score -> decide -> act -> audit.
+
+:class:`Guard` ties a :class:`~ssd_guard.scoring.base.RiskScorer`, a
+:class:`~ssd_guard.policy.Policy` and a :class:`~ssd_guard.cache.ScoreCache` together:
+
+* ``check_prompt`` / ``check_answer`` / ``check_documents`` score one scope (through the
+  cache), let the policy decide, and emit exactly one ``guard.decision`` audit event per
+  decision (one per document for document lists);
+* ``run(prompt, generate)`` performs the actions around a generation callable:
+
+  ``abstain``
+      the policy's abstention message is returned and ``generate`` is never called;
+  ``retrieve``
+      the retriever is called with the question, its documents are checked (document
+      scope: poisoned ones are flagged), the kept ones are put in the prompt with
+      :data:`DEFAULT_CONTEXT_TEMPLATE`, and the augmented prompt is scored again (an
+      ``abstain`` there abstains; anything else proceeds);
+  ``reject_answer``
+      the answer is discarded and ``generate`` is called again, at most
+      ``max_regenerations`` times; if the last answer is still rejected the guard abstains;
+  ``flag_poisoned``
+      the document is left out of the prompt: dropped (``mode: drop``) or kept aside in
+      :attr:`GuardResult.quarantined` (``mode: quarantine``);
+  ``allow`` / ``log_only``
+      pass through (both are audited).
+
+Every method has an ``async`` twin (``acheck_prompt``, ..., ``arun``); scoring runs in a
+worker thread there so the event loop is never blocked by the model.
+
+Nothing here imports LangChain; :mod:`ssd_guard.integrations.langchain` builds on this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import inspect
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from ssd_guard.audit import bind_run, emit_decision
+from ssd_guard.cache import ScoreCache, cache_from_config, make_key
+from ssd_guard.errors import CacheUnavailableError, ConfigError
+from ssd_guard.policy import Decision, Policy, Scope, load_policy
+from ssd_guard.scoring.base import RiskScorer
+
+__all__ = [
+    "CACHE_BLOCK_RULE",
+    "DEFAULT_CONTEXT_TEMPLATE",
+    "Guard",
+    "GuardResult",
+    "RetrievedContext",
+    "format_context",
+]
+
+#: How retrieved documents are put in the prompt (``{documents}`` is one ``[i] text`` line
+#: per kept document, ``{question}`` the user's text). The question stays last so a
+#: ``Question: ... Answer:`` template around the whole text still ends on the question.
+DEFAULT_CONTEXT_TEMPLATE = (
+    "Use the following context to answer the question.\n\n"
+    "Context:\n{documents}\n\n"
+    "Question: {question}"
+)
+
+#: The ``rule`` recorded when a call is blocked because the cache is down in closed mode.
+CACHE_BLOCK_RULE = "cache-unavailable"
+
+Retriever = Callable[[str], Sequence[str]]
+AsyncRetriever = Callable[[str], Awaitable[Sequence[str]]]
+
+_log = structlog.get_logger("ssd_guard.guard")
+_MAX_TRACKED_RUNS = 4096
+
+
+def format_context(
+    question: str, documents: Sequence[str], template: str = DEFAULT_CONTEXT_TEMPLATE
+) -> str:
+    """Put *documents* in front of *question* with *template* (no documents: the question)."""
+    if not documents:
+        return question
+    lines = "\n".join(f"[{i}] {' '.join(doc.split())}" for i, doc in enumerate(documents, 1))
+    return template.format(documents=lines, question=question)
+
+
+# --------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------
+@dataclass
+class RetrievedContext:
+    """Documents checked at document scope, and what became of them."""
+
+    documents: list[str] = field(default_factory=list)
+    """Kept: these go into the prompt."""
+    quarantined: list[str] = field(default_factory=list)
+    """Flagged with ``mode: quarantine``: kept aside, out of the prompt."""
+    dropped: list[str] = field(default_factory=list)
+    """Flagged with ``mode: drop`` (or an ``abstain`` rule): out of the prompt."""
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def abstain(self) -> Decision | None:
+        return next((d for d in self.decisions if d.action == "abstain"), None)
+
+    def extend(self, other: RetrievedContext) -> None:
+        self.documents += other.documents
+        self.quarantined += other.quarantined
+        self.dropped += other.dropped
+        self.decisions += other.decisions
+
+
+@dataclass
+class GuardResult:
+    """What :meth:`Guard.run` did and what the agent gets (:attr:`output`)."""
+
+    output: str
+    """The accepted answer, or the abstention message."""
+    abstained: bool
+    prompt: str
+    """The prompt as given."""
+    final_prompt: str
+    """The prompt passed to ``generate`` (with retrieved context, if any)."""
+    run_id: str
+    parent_run_id: str | None = None
+    answer: str | None = None
+    """The accepted answer text (``None`` when abstaining or not a text answer)."""
+    decisions: list[Decision] = field(default_factory=list)
+    """Every decision, in order (each one was audited)."""
+    documents: list[str] = field(default_factory=list)
+    """Documents put in the prompt."""
+    quarantined: list[str] = field(default_factory=list)
+    """Documents flagged as poisoned and kept aside (``mode: quarantine``)."""
+    dropped: int = 0
+    """How many documents were flagged and dropped."""
+    rejected: list[str] = field(default_factory=list)
+    """Answers discarded by ``reject_answer``."""
+    generations: int = 0
+    """How many times ``generate`` was called."""
+    raw: Any = None
+    """What ``generate`` returned for the accepted answer (e.g. an ``AIMessage``)."""
+    entropy: float | None = None
+    """Entropy of :attr:`final_prompt` (reused by the answer checks)."""
+
+    @property
+    def decision(self) -> Decision | None:
+        """The last decision: the one that settled the outcome."""
+        return self.decisions[-1] if self.decisions else None
+
+    @property
+    def action(self) -> str:
+        """``abstain`` when abstaining, else the last decision's action (``allow`` if none)."""
+        if self.abstained:
+            return "abstain"
+        return self.decisions[-1].action if self.decisions else "allow"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (used as ``response_metadata["ssd_guard"]`` by integrations)."""
+        last = self.decision
+        return {
+            "action": self.action,
+            "abstained": self.abstained,
+            "rule": last.rule if last else None,
+            "scores": dict(last.scores) if last else {},
+            "run_id": self.run_id,
+            "generations": self.generations,
+            "documents": len(self.documents),
+            "quarantined": list(self.quarantined),
+            "dropped": self.dropped,
+            "rejected": list(self.rejected),
+            "decisions": [d.to_dict() for d in self.decisions],
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Internals
+# --------------------------------------------------------------------------------------
+class _CacheBlocked(Exception):
+    def __init__(self, cause: CacheUnavailableError, cache_ms: float) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.cache_ms = cache_ms
+
+
+class _StepCounter:
+    """Step numbers per run id (bounded LRU; shared by copies of a guard)."""
+
+    def __init__(self, max_runs: int = _MAX_TRACKED_RUNS) -> None:
+        self._steps: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max = max_runs
+
+    def next(self, run_id: str) -> int:
+        with self._lock:
+            step = self._steps.pop(run_id, 0) + 1
+            self._steps[run_id] = step
+            while len(self._steps) > self._max:
+                self._steps.popitem(last=False)
+            return step
+
+
+@dataclass
+class _Lookup:
+    """One scope check's cache lookup plan and results."""
+
+    prompt: str
+    items: list[str | None]
+    """``None``: the prompt itself (entropy); a string: an answer / document (loglik)."""
+    want_entropy: bool
+    entropy: float | None = None
+    entropy_hit: bool | None = None
+    logliks: list[float] = field(default_factory=list)
+    loglik_hits: list[bool] = field(default_factory=list)
+    cache_ms: float = 0.0
+    scoring_ms: float = 0.0
+    cache_error: str | None = None
+    keys: list[str] = field(default_factory=list)
+    entropy_key: str | None = None
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _valid_source(label: str) -> str:
+    if label in ("guarded-model", "scorer") or (label.startswith("proxy:") and len(label) > 6):
+        return label
+    raise ConfigError(
+        f"hidden_state_source must be 'guarded-model', 'scorer' or 'proxy:<model id>', "
+        f"got {label!r}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Guard
+# --------------------------------------------------------------------------------------
+class Guard:
+    """Score every LLM call with SSD signals and apply a policy (framework-free).
+
+    Parameters
+    ----------
+    scorer:
+        any :class:`~ssd_guard.scoring.base.RiskScorer` (e.g. ``SSDScorer.load("bundled")``).
+    policy:
+        a :class:`~ssd_guard.policy.Policy` or the path of a YAML policy.
+    cache:
+        a :class:`~ssd_guard.cache.ScoreCache`; default: the one ``policy.cache`` describes.
+    retriever / aretriever:
+        ``question -> documents`` (sync / async) used by the ``retrieve`` action.
+    hidden_state_source:
+        recorded in every audit event: ``"guarded-model"`` (the hidden state is the guarded
+        model's own), ``"proxy:<model id>"`` (a local model stands in for an API-only one)
+        or ``"scorer"`` (default: the scorer's base model, no guarded model known).
+    context_template:
+        how retrieved documents are put in the prompt (see :func:`format_context`).
+    """
+
+    def __init__(
+        self,
+        scorer: RiskScorer,
+        policy: Policy | str | Path,
+        *,
+        cache: ScoreCache | None = None,
+        retriever: Retriever | None = None,
+        aretriever: AsyncRetriever | None = None,
+        hidden_state_source: str | None = None,
+        context_template: str = DEFAULT_CONTEXT_TEMPLATE,
+    ) -> None:
+        self.scorer = scorer
+        self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        self.cache: ScoreCache = (
+            cache if cache is not None else cache_from_config(self.policy.cache)
+        )
+        self.retriever = retriever
+        self.aretriever = aretriever
+        self.hidden_state_source = _valid_source(hidden_state_source or "scorer")
+        self.context_template = context_template
+        self.guarded_model: str | None = None
+        self._steps = _StepCounter()
+        self._entropy_scopes = {
+            rule.scope
+            for rule in self.policy.rules
+            if rule.when is not None and "entropy" in rule.when.metrics()
+        }
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def has_blocking_rules(self) -> bool:
+        """True when some decision can stop a call (an abstain / reject rule, an
+        ``abstain`` default, or a cache configured to fail closed)."""
+        return (
+            any(rule.action in ("abstain", "reject_answer") for rule in self.policy.rules)
+            or self.policy.default_action == "abstain"
+            or self._fail_mode == "closed"
+        )
+
+    @property
+    def abstain_message(self) -> str:
+        return self.policy.abstain_message
+
+    @property
+    def _fail_mode(self) -> str:
+        mode = getattr(self.cache, "fail_mode", None)
+        return str(mode) if mode in ("open", "closed") else self.policy.cache.fail_mode
+
+    def with_hidden_state_source(self, label: str, *, guarded_model: str | None = None) -> Guard:
+        """A view of this guard recording another ``hidden_state_source`` (and the guarded
+        model's id); scorer, cache and step counters are shared."""
+        other = copy.copy(self)
+        other.hidden_state_source = _valid_source(label)
+        other.guarded_model = guarded_model if guarded_model is not None else self.guarded_model
+        return other
+
+    def __repr__(self) -> str:
+        return (
+            f"Guard(scorer={getattr(self.scorer, 'name', type(self.scorer).__name__)!r}, "
+            f"policy={self.policy.name!r}, cache={self.cache!r}, "
+            f"hidden_state_source={self.hidden_state_source!r})"
+        )
+
+    # ------------------------------------------------------------------ run context
+    @contextlib.contextmanager
+    def bind(self, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+        """Bind a run (audit ``run_id`` / ``parent_run_id``) for the calls inside.
+
+        Without *run_id*, the run already bound (by an outer ``bind`` or
+        :func:`ssd_guard.audit.bind_run`) is reused, else a new uuid4 is made. Yields the
+        run id.
+        """
+        bound = structlog.contextvars.get_contextvars().get("run_id")
+        if bound is not None and (
+            run_id is None or (str(run_id) == str(bound) and parent_run_id is None)
+        ):
+            yield str(bound)
+            return
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+        with bind_run(str(run_id), None if parent_run_id is None else str(parent_run_id)):
+            yield str(run_id)
+
+    @staticmethod
+    def _current_run() -> tuple[str, str | None]:
+        ctx = structlog.contextvars.get_contextvars()
+        parent = ctx.get("parent_run_id")
+        return str(ctx["run_id"]), None if parent is None else str(parent)
+
+    # ------------------------------------------------------------------ cache plan
+    def _key(self, prompt: str, answer: str | None) -> str:
+        return make_key(
+            getattr(self.cache, "namespace", self.policy.cache.namespace),
+            student_fingerprint=self.scorer.fingerprint,
+            model_id=self.scorer.model_id,
+            layer=int(self.scorer.layer),
+            prompt=prompt,
+            answer=answer,
+        )
+
+    def _plan(
+        self, scope: Scope, prompt: str, items: Sequence[str | None], entropy: float | None
+    ) -> _Lookup:
+        want_entropy = scope == "prompt" or (entropy is None and scope in self._entropy_scopes)
+        plan = _Lookup(prompt=prompt, items=list(items), want_entropy=want_entropy)
+        if entropy is not None and scope != "prompt":
+            plan.entropy, plan.entropy_hit = float(entropy), True
+        if want_entropy:
+            plan.entropy_key = self._key(prompt, None)
+        plan.keys = [self._key(prompt, a) for a in plan.items if a is not None]
+        return plan
+
+    def _all_keys(self, plan: _Lookup) -> list[str]:
+        return ([plan.entropy_key] if plan.entropy_key else []) + plan.keys
+
+    def _cache_failed(self, exc: CacheUnavailableError, t0: float, plan: _Lookup) -> None:
+        if self._fail_mode == "closed":
+            raise _CacheBlocked(exc, _ms(t0)) from exc
+        plan.cache_error = str(exc)
+        _log.warning("guard.cache.degraded", error=str(exc), fail_mode="open")
+
+    def _apply_cached(self, plan: _Lookup, cached: Sequence[Mapping[str, Any] | None]) -> None:
+        values = list(cached)
+        if plan.entropy_key:
+            hit = values.pop(0)
+            if hit is not None and isinstance(hit.get("entropy"), int | float):
+                plan.entropy, plan.entropy_hit = float(hit["entropy"]), True
+        plan.logliks = [float("nan")] * len(plan.keys)
+        plan.loglik_hits = [False] * len(plan.keys)
+        for i, hit in enumerate(values):
+            if hit is not None and isinstance(hit.get("loglik"), int | float):
+                plan.logliks[i], plan.loglik_hits[i] = float(hit["loglik"]), True
+
+    def _misses(self, plan: _Lookup) -> tuple[bool, list[int]]:
+        need_entropy = plan.want_entropy and plan.entropy_hit is not True
+        answers = [a for a in plan.items if a is not None]
+        missing = [i for i in range(len(answers)) if not plan.loglik_hits[i]]
+        return need_entropy, missing
+
+    def _compute(self, plan: _Lookup) -> dict[str, dict[str, float]]:
+        """Score the misses (one scorer call per signal); returns the new cache entries."""
+        need_entropy, missing = self._misses(plan)
+        answers = [a for a in plan.items if a is not None]
+        new: dict[str, dict[str, float]] = {}
+        t0 = time.perf_counter()
+        if need_entropy:
+            plan.entropy = float(self.scorer.score_prompts([plan.prompt])[0])
+            plan.entropy_hit = False
+            assert plan.entropy_key is not None
+            new[plan.entropy_key] = {"entropy": plan.entropy}
+        if missing:
+            out = self.scorer.score_answers([plan.prompt], [[answers[i] for i in missing]])
+            for i, value in zip(missing, _first_row(out), strict=True):
+                plan.logliks[i] = float(value)
+                new[plan.keys[i]] = {"loglik": plan.logliks[i]}
+        plan.scoring_ms += _ms(t0)
+        return new
+
+    def _lookup(self, plan: _Lookup) -> _Lookup:
+        keys = self._all_keys(plan)
+        t0 = time.perf_counter()
+        try:
+            cached: Sequence[Mapping[str, Any] | None] = self.cache.get_many(keys)
+        except CacheUnavailableError as exc:
+            self._cache_failed(exc, t0, plan)
+            cached = [None] * len(keys)
+        plan.cache_ms += _ms(t0)
+        self._apply_cached(plan, cached)
+        new = self._compute(plan)
+        if new and plan.cache_error is None:
+            t1 = time.perf_counter()
+            try:
+                self.cache.set_many(new)
+            except CacheUnavailableError as exc:
+                self._cache_failed(exc, t1, plan)
+            plan.cache_ms += _ms(t1)
+        return plan
+
+    async def _alookup(self, plan: _Lookup) -> _Lookup:
+        keys = self._all_keys(plan)
+        t0 = time.perf_counter()
+        try:
+            cached: Sequence[Mapping[str, Any] | None] = await self.cache.aget_many(keys)
+        except CacheUnavailableError as exc:
+            self._cache_failed(exc, t0, plan)
+            cached = [None] * len(keys)
+        plan.cache_ms += _ms(t0)
+        self._apply_cached(plan, cached)
+        need_entropy, missing = self._misses(plan)
+        new = await asyncio.to_thread(self._compute, plan) if need_entropy or missing else {}
+        if new and plan.cache_error is None:
+            t1 = time.perf_counter()
+            try:
+                await self.cache.aset_many(new)
+            except CacheUnavailableError as exc:
+                self._cache_failed(exc, t1, plan)
+            plan.cache_ms += _ms(t1)
+        return plan
+
+    # ------------------------------------------------------------------ decide + audit
+    def _emit(
+        self,
+        decision: Decision,
+        *,
+        cache_hit: bool | None,
+        latency_ms: Mapping[str, float],
+        tags: Sequence[str],
+        run_name: str | None,
+        **extra: Any,
+    ) -> None:
+        run_id, parent = self._current_run()
+        fields: dict[str, Any] = {}
+        if tags:
+            fields["tags"] = list(tags)
+        if run_name is not None:
+            fields["run_name"] = run_name
+        if decision.missing_scores:
+            fields["missing_scores"] = list(decision.missing_scores)
+        if decision.params:
+            fields["params"] = dict(decision.params)
+        if self.guarded_model is not None:
+            fields["guarded_model"] = self.guarded_model
+        fields.update({k: v for k, v in extra.items() if v is not None})
+        emit_decision(
+            run_id=run_id,
+            parent_run_id=parent,
+            step=self._steps.next(run_id),
+            scope=decision.scope,
+            model_id=self.scorer.model_id,
+            hidden_state_source=self.hidden_state_source,
+            student_fingerprint=self.scorer.fingerprint,
+            policy_name=self.policy.name,
+            policy_sha256=self.policy.sha256,
+            scores=decision.scores,
+            thresholds=decision.thresholds,
+            rule=decision.rule,
+            action=decision.action,
+            cache_hit=cache_hit,
+            latency_ms=latency_ms,
+            **fields,
+        )
+
+    def _decide(
+        self,
+        scope: Scope,
+        plan: _Lookup,
+        t0: float,
+        *,
+        source: str | None,
+        tags: Sequence[str],
+        run_name: str | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[Decision]:
+        """One decision (and one audit event) per item of *plan*."""
+        calibration = getattr(self.scorer, "calibration", None) or None
+        n = max(1, len(plan.keys)) if scope != "prompt" else 1
+        share = 1.0 / n  # a batch's cache / scoring time is shared by its documents
+        before_ms = _ms(t0) * share
+        decisions: list[Decision] = []
+        for i in range(n):
+            scores: dict[str, float | None] = {}
+            hits: list[bool] = []
+            if plan.entropy is not None:
+                scores["entropy"] = plan.entropy
+                if plan.want_entropy:
+                    hits.append(bool(plan.entropy_hit))
+            if scope != "prompt":
+                scores["loglik"] = plan.logliks[i]
+                hits.append(plan.loglik_hits[i])
+            d0 = time.perf_counter()
+            decision = self.policy.decide(
+                scope, scores, calibration=calibration, tags=tags, run_name=run_name, source=source
+            )
+            decide_ms = _ms(d0)
+            per_doc: dict[str, Any] = {}
+            if scope == "document":
+                per_doc = {"source": source, "doc_index": i, "batch_size": n}
+            self._emit(
+                decision,
+                cache_hit=bool(hits) and all(hits),
+                latency_ms={
+                    "scoring": plan.scoring_ms * share,
+                    "cache": plan.cache_ms * share,
+                    "decide": decide_ms,
+                    "total": before_ms + decide_ms,
+                },
+                tags=tags,
+                run_name=run_name,
+                cache_error=plan.cache_error,
+                **per_doc,
+                **(extra or {}),
+            )
+            decisions.append(decision)
+        return decisions
+
+    def _blocked(
+        self,
+        scope: Scope,
+        exc: _CacheBlocked,
+        t0: float,
+        *,
+        tags: Sequence[str],
+        run_name: str | None,
+        source: str | None,
+    ) -> CacheUnavailableError:
+        decision = Decision(
+            action="abstain",
+            rule=CACHE_BLOCK_RULE,
+            scope=scope,
+            scores={},
+            message=self.policy.abstain_message,
+            policy_name=self.policy.name,
+        )
+        self._emit(
+            decision,
+            cache_hit=False,
+            latency_ms={"scoring": 0.0, "cache": exc.cache_ms, "total": _ms(t0)},
+            tags=tags,
+            run_name=run_name,
+            source=source,
+            error=str(exc.cause),
+            fail_mode="closed",
+        )
+        err = CacheUnavailableError(
+            f"call blocked: the score cache is unavailable and the policy's cache.fail_mode "
+            f"is 'closed' ({exc.cause})"
+        )
+        err.decision = decision  # type: ignore[attr-defined]
+        return err
+
+    # ------------------------------------------------------------------ checks (sync)
+    def _check(
+        self,
+        scope: Scope,
+        prompt: str,
+        items: Sequence[str | None],
+        *,
+        entropy: float | None = None,
+        source: str | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[Decision]:
+        t0 = time.perf_counter()
+        with self.bind():
+            plan = self._plan(scope, prompt, items, entropy)
+            try:
+                self._lookup(plan)
+            except _CacheBlocked as exc:
+                raise self._blocked(
+                    scope, exc, t0, tags=tags, run_name=run_name, source=source
+                ) from exc.cause
+            return self._decide(
+                scope, plan, t0, source=source, tags=tags, run_name=run_name, extra=extra
+            )
+
+    async def _acheck(
+        self,
+        scope: Scope,
+        prompt: str,
+        items: Sequence[str | None],
+        *,
+        entropy: float | None = None,
+        source: str | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[Decision]:
+        t0 = time.perf_counter()
+        with self.bind():
+            plan = self._plan(scope, prompt, items, entropy)
+            try:
+                await self._alookup(plan)
+            except _CacheBlocked as exc:
+                raise self._blocked(
+                    scope, exc, t0, tags=tags, run_name=run_name, source=source
+                ) from exc.cause
+            return self._decide(
+                scope, plan, t0, source=source, tags=tags, run_name=run_name, extra=extra
+            )
+
+    def check_prompt(
+        self, prompt: str, *, tags: Sequence[str] = (), run_name: str | None = None
+    ) -> Decision:
+        """Pre-generation check: the prompt's entropy -> a prompt-scope decision."""
+        return self._check("prompt", prompt, [None], tags=tags, run_name=run_name)[0]
+
+    def check_answer(
+        self,
+        prompt: str,
+        answer: str,
+        *,
+        entropy: float | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> Decision:
+        """Post-generation check: the answer's loglik (plus the prompt's entropy when a
+        rule needs it, or when given as *entropy*) -> an answer-scope decision."""
+        return self._check(
+            "answer", prompt, [answer], entropy=entropy, tags=tags, run_name=run_name
+        )[0]
+
+    def check_documents(
+        self,
+        prompt: str,
+        docs: Sequence[str],
+        *,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        entropy: float | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> tuple[list[str], list[str], list[Decision]]:
+        """Document-scope check of *docs* (one batched cache lookup and scorer call).
+
+        Returns ``(kept, flagged, decisions)``: flagged documents are those a
+        ``flag_poisoned`` (or ``abstain``) rule matched; one decision per document.
+        """
+        if not docs:
+            return [], [], []
+        decisions = self._check(
+            "document",
+            prompt,
+            list(docs),
+            entropy=entropy,
+            source=source,
+            tags=tags,
+            run_name=run_name,
+        )
+        return _split(docs, decisions)
+
+    # ------------------------------------------------------------------ checks (async)
+    async def acheck_prompt(
+        self, prompt: str, *, tags: Sequence[str] = (), run_name: str | None = None
+    ) -> Decision:
+        """Async :meth:`check_prompt`."""
+        return (await self._acheck("prompt", prompt, [None], tags=tags, run_name=run_name))[0]
+
+    async def acheck_answer(
+        self,
+        prompt: str,
+        answer: str,
+        *,
+        entropy: float | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> Decision:
+        """Async :meth:`check_answer`."""
+        decisions = await self._acheck(
+            "answer", prompt, [answer], entropy=entropy, tags=tags, run_name=run_name
+        )
+        return decisions[0]
+
+    async def acheck_documents(
+        self,
+        prompt: str,
+        docs: Sequence[str],
+        *,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        entropy: float | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> tuple[list[str], list[str], list[Decision]]:
+        """Async :meth:`check_documents`."""
+        if not docs:
+            return [], [], []
+        decisions = await self._acheck(
+            "document",
+            prompt,
+            list(docs),
+            entropy=entropy,
+            source=source,
+            tags=tags,
+            run_name=run_name,
+        )
+        return _split(docs, decisions)
+
+    # ------------------------------------------------------------------ retrieval
+    def _sort_context(self, docs: Sequence[str], decisions: Sequence[Decision]) -> RetrievedContext:
+        ctx = RetrievedContext(decisions=list(decisions))
+        for doc, d in zip(docs, decisions, strict=True):
+            if d.action == "flag_poisoned":
+                if d.params.get("mode") == "quarantine":
+                    ctx.quarantined.append(doc)
+                else:
+                    ctx.dropped.append(doc)
+            elif d.action == "abstain":
+                ctx.dropped.append(doc)
+            else:
+                ctx.documents.append(doc)
+        return ctx
+
+    def screen_documents(
+        self,
+        prompt: str,
+        docs: Sequence[str],
+        *,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> RetrievedContext:
+        """:meth:`check_documents`, applying each ``flag_poisoned`` rule's ``mode``."""
+        _, _, decisions = self.check_documents(
+            prompt, docs, source=source, tags=tags, run_name=run_name
+        )
+        return self._sort_context(docs, decisions)
+
+    async def ascreen_documents(
+        self,
+        prompt: str,
+        docs: Sequence[str],
+        *,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> RetrievedContext:
+        """Async :meth:`screen_documents`."""
+        _, _, decisions = await self.acheck_documents(
+            prompt, docs, source=source, tags=tags, run_name=run_name
+        )
+        return self._sort_context(docs, decisions)
+
+    def retrieve(self, question: str, k: int | None = None) -> list[str]:
+        """Call the retriever (no check); ``[]`` and a warning when there is none."""
+        if self.retriever is None:
+            if self.aretriever is not None:
+                raise ConfigError("only an async retriever is configured; use arun()")
+            _log.warning("guard.retrieve.no_retriever", question=question[:200])
+            return []
+        docs = self.retriever(question)
+        if inspect.isawaitable(docs):
+            raise ConfigError("the retriever is async; pass it as aretriever= and use arun()")
+        return [str(d) for d in docs][:k] if k else [str(d) for d in docs]
+
+    async def aretrieve(self, question: str, k: int | None = None) -> list[str]:
+        """Async :meth:`retrieve` (a sync retriever runs in a worker thread)."""
+        if self.aretriever is not None:
+            docs: Any = await self.aretriever(question)
+        elif self.retriever is not None:
+            docs = await asyncio.to_thread(self.retriever, question)
+            if inspect.isawaitable(docs):
+                docs = await docs
+        else:
+            _log.warning("guard.retrieve.no_retriever", question=question[:200])
+            return []
+        return [str(d) for d in docs][:k] if k else [str(d) for d in docs]
+
+    # ------------------------------------------------------------------ run
+    def _abstained(
+        self, res: GuardResult, decision: Decision | None, message: str | None = None
+    ) -> GuardResult:
+        res.abstained = True
+        res.answer = None
+        res.raw = None
+        res.output = message or (decision.message if decision else None) or self.abstain_message
+        return res
+
+    def prepare(
+        self,
+        prompt: str,
+        *,
+        documents: Sequence[str] | None = None,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        check_prompt: bool = True,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> GuardResult:
+        """The pre-generation half of :meth:`run`: check *documents*, the prompt, and act
+        on ``abstain`` / ``retrieve``. The result is either abstained or carries the
+        :attr:`~GuardResult.final_prompt` to generate from (pass it to :meth:`complete`)."""
+        with self.bind(run_id, parent_run_id) as rid:
+            res = self._new_result(prompt, rid)
+            kw: dict[str, Any] = {"tags": tags, "run_name": run_name}
+            ctx = RetrievedContext()
+            if documents:
+                ctx.extend(self.screen_documents(prompt, documents, source=source, **kw))
+                if ctx.abstain:
+                    return self._finish(res, ctx, abstain=ctx.abstain)
+            final_prompt = format_context(prompt, ctx.documents, self.context_template)
+            if not check_prompt:
+                return self._finish(res, ctx, final_prompt=final_prompt)
+            d = self.check_prompt(final_prompt, **kw)
+            ctx.decisions.append(d)
+            res.entropy = d.scores.get("entropy")
+            if d.action == "retrieve":
+                docs = self.retrieve(prompt, d.params.get("k"))
+                if docs:
+                    ctx.extend(self.screen_documents(prompt, docs, **kw))
+                    if ctx.abstain:
+                        return self._finish(res, ctx, abstain=ctx.abstain)
+                    if ctx.documents:
+                        final_prompt = format_context(prompt, ctx.documents, self.context_template)
+                        d = self.check_prompt(final_prompt, **kw)
+                        ctx.decisions.append(d)
+                        res.entropy = d.scores.get("entropy")
+            return self._finish(
+                res, ctx, final_prompt=final_prompt, abstain=d if d.action == "abstain" else None
+            )
+
+    async def aprepare(
+        self,
+        prompt: str,
+        *,
+        documents: Sequence[str] | None = None,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        check_prompt: bool = True,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> GuardResult:
+        """Async :meth:`prepare`."""
+        with self.bind(run_id, parent_run_id) as rid:
+            res = self._new_result(prompt, rid)
+            kw: dict[str, Any] = {"tags": tags, "run_name": run_name}
+            ctx = RetrievedContext()
+            if documents:
+                ctx.extend(await self.ascreen_documents(prompt, documents, source=source, **kw))
+                if ctx.abstain:
+                    return self._finish(res, ctx, abstain=ctx.abstain)
+            final_prompt = format_context(prompt, ctx.documents, self.context_template)
+            if not check_prompt:
+                return self._finish(res, ctx, final_prompt=final_prompt)
+            d = await self.acheck_prompt(final_prompt, **kw)
+            ctx.decisions.append(d)
+            res.entropy = d.scores.get("entropy")
+            if d.action == "retrieve":
+                docs = await self.aretrieve(prompt, d.params.get("k"))
+                if docs:
+                    ctx.extend(await self.ascreen_documents(prompt, docs, **kw))
+                    if ctx.abstain:
+                        return self._finish(res, ctx, abstain=ctx.abstain)
+                    if ctx.documents:
+                        final_prompt = format_context(prompt, ctx.documents, self.context_template)
+                        d = await self.acheck_prompt(final_prompt, **kw)
+                        ctx.decisions.append(d)
+                        res.entropy = d.scores.get("entropy")
+            return self._finish(
+                res, ctx, final_prompt=final_prompt, abstain=d if d.action == "abstain" else None
+            )
+
+    def complete(
+        self,
+        res: GuardResult,
+        generate: Callable[[str], Any],
+        *,
+        extract: Callable[[Any], str | None] | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> GuardResult:
+        """The generation half of :meth:`run`: ``generate(res.final_prompt)``, check the
+        answer, regenerate on ``reject_answer`` (at most ``max_regenerations`` times), then
+        accept or abstain. *res* (from :meth:`prepare`) is updated and returned."""
+        if res.abstained:
+            return res
+        with self.bind(res.run_id, res.parent_run_id):
+            attempt = 0
+            while True:
+                raw = generate(res.final_prompt)
+                res.generations += 1
+                text = extract(raw) if extract is not None else raw
+                if text is None:
+                    res.output, res.answer, res.raw = "", None, raw
+                    return res
+                d = self.check_answer(
+                    res.final_prompt, str(text), entropy=res.entropy, tags=tags, run_name=run_name
+                )
+                res.decisions.append(d)
+                if self._verdict(res, d, str(text), raw, attempt):
+                    return res
+                attempt += 1
+
+    async def acomplete(
+        self,
+        res: GuardResult,
+        generate: Callable[[str], Any],
+        *,
+        extract: Callable[[Any], str | None] | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> GuardResult:
+        """Async :meth:`complete`; *generate* may be sync or return an awaitable."""
+        if res.abstained:
+            return res
+        with self.bind(res.run_id, res.parent_run_id):
+            attempt = 0
+            while True:
+                raw = generate(res.final_prompt)
+                if inspect.isawaitable(raw):
+                    raw = await raw
+                res.generations += 1
+                text = extract(raw) if extract is not None else raw
+                if text is None:
+                    res.output, res.answer, res.raw = "", None, raw
+                    return res
+                d = await self.acheck_answer(
+                    res.final_prompt, str(text), entropy=res.entropy, tags=tags, run_name=run_name
+                )
+                res.decisions.append(d)
+                if self._verdict(res, d, str(text), raw, attempt):
+                    return res
+                attempt += 1
+
+    def run(
+        self,
+        prompt: str,
+        generate: Callable[[str], Any],
+        *,
+        extract: Callable[[Any], str | None] | None = None,
+        documents: Sequence[str] | None = None,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        check_prompt: bool = True,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> GuardResult:
+        """Guard one generation: check, act, generate, check, act (see the module doc).
+
+        ``generate(prompt) -> str`` produces the answer; for another return type give
+        ``extract(raw) -> str | None`` (``None`` = nothing to check, e.g. a tool call: it is
+        accepted as is). *documents* (from a RAG chain, a tool...) are checked at document
+        scope and put in the prompt. ``check_prompt=False`` skips the prompt check (e.g.
+        a later step of the same turn). *run_id* defaults to the bound run, else a uuid.
+        """
+        with self.bind(run_id, parent_run_id) as rid:
+            res = self.prepare(
+                prompt,
+                documents=documents,
+                source=source,
+                check_prompt=check_prompt,
+                tags=tags,
+                run_name=run_name,
+                run_id=rid,
+            )
+            return self.complete(res, generate, extract=extract, tags=tags, run_name=run_name)
+
+    async def arun(
+        self,
+        prompt: str,
+        generate: Callable[[str], Any],
+        *,
+        extract: Callable[[Any], str | None] | None = None,
+        documents: Sequence[str] | None = None,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        check_prompt: bool = True,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> GuardResult:
+        """Async :meth:`run`; *generate* may be sync or return an awaitable."""
+        with self.bind(run_id, parent_run_id) as rid:
+            res = await self.aprepare(
+                prompt,
+                documents=documents,
+                source=source,
+                check_prompt=check_prompt,
+                tags=tags,
+                run_name=run_name,
+                run_id=rid,
+            )
+            return await self.acomplete(
+                res, generate, extract=extract, tags=tags, run_name=run_name
+            )
+
+    def _new_result(self, prompt: str, run_id: str) -> GuardResult:
+        parent = structlog.contextvars.get_contextvars().get("parent_run_id")
+        return GuardResult(
+            output="",
+            abstained=False,
+            prompt=prompt,
+            final_prompt=prompt,
+            run_id=run_id,
+            parent_run_id=None if parent is None else str(parent),
+        )
+
+    def _finish(
+        self,
+        res: GuardResult,
+        ctx: RetrievedContext,
+        *,
+        abstain: Decision | None = None,
+        final_prompt: str | None = None,
+    ) -> GuardResult:
+        res.decisions = list(ctx.decisions)
+        res.documents = list(ctx.documents)
+        res.quarantined = list(ctx.quarantined)
+        res.dropped = len(ctx.dropped)
+        if final_prompt is not None:
+            res.final_prompt = final_prompt
+        if abstain is not None:
+            return self._abstained(res, abstain)
+        return res
+
+    def _verdict(self, res: GuardResult, d: Decision, text: str, raw: Any, attempt: int) -> bool:
+        """After an answer check: accept or abstain (``True``: done), or regenerate."""
+        if d.action == "abstain":
+            res.rejected.append(text)
+            self._abstained(res, d)
+            return True
+        if d.action == "reject_answer":
+            res.rejected.append(text)
+            if attempt < int(d.params.get("max_regenerations", 1)):
+                return False
+            self._abstained(res, d)
+            return True
+        res.output, res.answer, res.raw = text, text, raw
+        return True
+
+
+def _first_row(out: Sequence[Any]) -> list[float]:
+    row = out[0]
+    return [float(v) for v in (row if isinstance(row, Sequence) else [row])]
+
+
+def _split(
+    docs: Sequence[str], decisions: Sequence[Decision]
+) -> tuple[list[str], list[str], list[Decision]]:
+    kept: list[str] = []
+    flagged: list[str] = []
+    for doc, d in zip(docs, decisions, strict=True):
+        (flagged if d.action in ("flag_poisoned", "abstain") else kept).append(doc)
+    return kept, flagged, list(decisions)

@@ -1,0 +1,21 @@
+"""Framework integrations. Only this package imports LangChain, and only when asked:
+``from ssd_guard.integrations import SSDGuard`` loads :mod:`.langchain` on first use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AsyncSSDGuard",
+    "GuardedChatModel",
+    "SSDGuard",
+    "SSDGuardMiddleware",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from ssd_guard.integrations import langchain
+
+        return getattr(langchain, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

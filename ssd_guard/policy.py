@@ -1,0 +1,1106 @@
+"""Declarative YAML policies: the schema, loading with precise errors, and rule evaluation.
+
+A policy is a list of rules evaluated in order for one *scope* of an LLM call:
+
+``prompt``
+    before generation, on the prompt (only ``entropy`` exists yet);
+``answer``
+    after generation, on the answer (``loglik`` of the answer, plus the prompt's ``entropy``);
+``document``
+    on a retrieved document, a tool output or a cache hit (``loglik`` of the text under the
+    prompt's predicted answer distribution, plus the prompt's ``entropy``).
+
+The first rule whose scope, filters and condition all match decides the action; when none
+matches, ``default_action`` applies. Every key is checked (unknown keys are errors), and
+:func:`load_policy` reports problems as ``FILE: KEY.PATH[i]: reason``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import threading
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+from ssd_guard.errors import PolicyError
+
+__all__ = [
+    "BLOCKING_ACTIONS",
+    "METRICS",
+    "SCOPE_ACTIONS",
+    "SCOPE_METRICS",
+    "ActionName",
+    "CacheConfig",
+    "Condition",
+    "Decision",
+    "Policy",
+    "Rule",
+    "Scope",
+    "Source",
+    "Threshold",
+    "default_policy_path",
+    "describe_policy",
+    "load_default_policy",
+    "load_policy",
+]
+
+Scope = Literal["prompt", "answer", "document"]
+ActionName = Literal["allow", "abstain", "retrieve", "reject_answer", "flag_poisoned", "log_only"]
+Source = Literal["retrieval", "tool", "cache"]
+Metric = Literal["entropy", "loglik"]
+
+#: The scores a condition can test. ``entropy``: pre-generation risk of the prompt (higher is
+#: riskier). ``loglik``: log-likelihood of an answer / document under the prompt's predicted
+#: answer distribution (lower is more suspicious).
+METRICS: tuple[str, ...] = ("entropy", "loglik")
+
+#: Which scores exist at each scope.
+SCOPE_METRICS: Mapping[str, frozenset[str]] = {
+    "prompt": frozenset({"entropy"}),
+    "answer": frozenset({"entropy", "loglik"}),
+    "document": frozenset({"entropy", "loglik"}),
+}
+
+#: Which actions make sense at each scope.
+SCOPE_ACTIONS: Mapping[str, frozenset[str]] = {
+    "prompt": frozenset({"allow", "abstain", "retrieve", "log_only"}),
+    "answer": frozenset({"allow", "abstain", "reject_answer", "log_only"}),
+    "document": frozenset({"allow", "abstain", "flag_poisoned", "log_only"}),
+}
+
+#: Actions that stop the call from going through as is.
+BLOCKING_ACTIONS: frozenset[str] = frozenset({"abstain", "reject_answer"})
+
+#: Actions allowed as ``default_action`` (it applies to every scope).
+DEFAULT_ACTIONS: frozenset[str] = frozenset({"allow", "log_only", "abstain"})
+
+#: The parameter each action takes, with its default.
+ACTION_PARAMS: Mapping[str, Mapping[str, Any]] = {
+    "reject_answer": {"max_regenerations": 1},
+    "flag_poisoned": {"mode": "drop"},
+    "retrieve": {"k": 4},
+}
+
+SUPPORTED_VERSIONS = (1,)
+_ROOT = "<root>"
+_BOUNDS = ("gt", "ge", "lt", "le")
+_OP_SYMBOL = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_SCOPE_WORDS = {
+    "prompt": "before generation",
+    "answer": "after generation",
+    "document": "on retrieved documents / tool outputs / cache hits",
+}
+
+
+# --------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------
+class _PathError(ValueError):
+    """A validation error that knows the key path below the model that raised it."""
+
+    def __init__(self, subpath: Sequence[str | int], message: str) -> None:
+        super().__init__(message)
+        self.subpath = tuple(subpath)
+        self.message = message
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
+    return float(value)
+
+
+def _quantile_range(value: float) -> float:
+    if not (0.0 <= value <= 1.0):  # also catches NaN
+        raise ValueError(f"expected a quantile between 0 and 1, got {value}")
+    return float(value)
+
+
+def _slug(value: str) -> str:
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("expected a non-empty name")
+    if stripped != value or any(c.isspace() for c in value):
+        raise ValueError(f"names may not contain whitespace, got {value!r}")
+    return value
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _cache_url(value: str) -> str:
+    if value == "memory":
+        return value
+    reason = (
+        "expected 'memory' or a redis://HOST[:PORT][/DB], rediss://HOST[:PORT][/DB] "
+        f"or unix:///PATH URL, got {value!r}"
+    )
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError when out of range / not a number
+    except ValueError as exc:
+        raise ValueError(f"{reason} ({exc})") from None
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise ValueError(f"{reason} (no host)")
+        if port == 0:
+            raise ValueError(f"{reason} (port 0)")
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"{reason} (database {db!r} is not a number)")
+        return value
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{reason} (no socket path)")
+        return value
+    raise ValueError(reason)
+
+
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+QuantileFloat = Annotated[float, AfterValidator(_quantile_range)]
+Name = Annotated[str, AfterValidator(_slug)]
+NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, validate_by_name=True, validate_by_alias=True
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------
+class CacheConfig(_Model):
+    """Where scores are cached, keyed by student fingerprint, model, layer and text."""
+
+    url: Annotated[str, AfterValidator(_cache_url)] = "memory"
+    """``memory`` (in-process LRU) or ``redis://``, ``rediss://``, ``unix://`` URL."""
+    ttl_s: int = Field(default=86_400, gt=0)
+    """Time-to-live of an entry, seconds."""
+    fail_mode: Literal["open", "closed"] = "open"
+    """Redis down: ``open`` = a miss, go on; ``closed`` = raise CacheUnavailableError."""
+    namespace: Name = "ssd-guard"
+    """Prefix of every key (``namespace:sha256``)."""
+    timeout_s: float = Field(default=0.05, gt=0, le=60)
+    """Socket connect / read timeout of one Redis command."""
+    retries: int = Field(default=2, ge=0, le=10)
+    """Extra attempts of one Redis command on a connection error / timeout."""
+    cooldown_s: float = Field(default=1.0, ge=0, le=3600)
+    """After Redis is found down, skip it this long before probing again (circuit breaker)."""
+    max_entries: int = Field(default=10_000, gt=0)
+    """Capacity of the memory cache (least recently used entries go first)."""
+
+
+class Threshold(_Model):
+    """Bounds on one score: raw values (``gt``, ``ge``, ``lt``, ``le``) or quantiles of the
+    calibration set stored with the student (``gt_quantile``...). At most one lower and one
+    upper bound; both together mean a band."""
+
+    gt: FiniteFloat | None = None
+    ge: FiniteFloat | None = None
+    lt: FiniteFloat | None = None
+    le: FiniteFloat | None = None
+    gt_quantile: QuantileFloat | None = None
+    ge_quantile: QuantileFloat | None = None
+    lt_quantile: QuantileFloat | None = None
+    le_quantile: QuantileFloat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Threshold:
+        bounds = self.bounds()
+        if not bounds:
+            raise ValueError(
+                "expected at least one bound: gt, ge, lt, le, gt_quantile, ge_quantile, "
+                "lt_quantile or le_quantile"
+            )
+        lower = [(op, q, v) for op, q, v in bounds if op in ("gt", "ge")]
+        upper = [(op, q, v) for op, q, v in bounds if op in ("lt", "le")]
+        for side, found in (("lower", lower), ("upper", upper)):
+            if len(found) > 1:
+                keys = ", ".join(_key(op, q) for op, q, _ in found)
+                raise ValueError(
+                    f"more than one {side} bound ({keys}); give one, or combine conditions "
+                    "with 'all'"
+                )
+        if lower and upper and lower[0][1] == upper[0][1]:
+            (lop, q, lv), (uop, _, uv) = lower[0], upper[0]
+            empty = lv > uv or (lv == uv and (lop == "gt" or uop == "lt"))
+            if empty:
+                raise ValueError(
+                    f"empty range: {_key(lop, q)} {lv} and {_key(uop, q)} {uv} can never both hold"
+                )
+        return self
+
+    def bounds(self) -> list[tuple[str, bool, float]]:
+        """``(op, is_quantile, value)`` for every bound that is set."""
+        out: list[tuple[str, bool, float]] = []
+        for op in _BOUNDS:
+            raw = getattr(self, op)
+            if raw is not None:
+                out.append((op, False, raw))
+            q = getattr(self, f"{op}_quantile")
+            if q is not None:
+                out.append((op, True, q))
+        return out
+
+    @property
+    def uses_quantiles(self) -> bool:
+        return any(q for _, q, _ in self.bounds())
+
+
+def _key(op: str, quantile: bool) -> str:
+    return f"{op}_quantile" if quantile else op
+
+
+class Condition(_Model):
+    """A test on the scores. ``entropy`` / ``loglik`` bounds and ``all`` / ``any`` lists of
+    sub-conditions; everything given in one mapping must hold together (AND).
+
+    A comparison on a score that is missing or NaN is false, so a rule that needs that
+    score does not match (under ``any`` another branch may still match); the decision lists
+    the missing score in ``missing_scores``.
+    """
+
+    entropy: Threshold | None = None
+    loglik: Threshold | None = None
+    all_: list[Condition] | None = Field(default=None, alias="all", min_length=1)
+    any_: list[Condition] | None = Field(default=None, alias="any", min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Condition:
+        if self.entropy is None and self.loglik is None and not self.all_ and not self.any_:
+            raise ValueError("expected at least one of entropy, loglik, all, any")
+        return self
+
+    def leaves(self, prefix: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple, str, Threshold]]:
+        """``(key path, metric, threshold)`` of every bound, depth first."""
+        for metric in METRICS:
+            threshold = getattr(self, metric)
+            if threshold is not None:
+                yield (*prefix, metric), metric, threshold
+        for alias, subs in (("all", self.all_), ("any", self.any_)):
+            for i, sub in enumerate(subs or ()):
+                yield from sub.leaves((*prefix, alias, i))
+
+    def metrics(self) -> set[str]:
+        return {metric for _, metric, _ in self.leaves()}
+
+
+class Rule(_Model):
+    """One rule: *scope* + optional filters + condition -> action (+ its parameters).
+
+    Filters: ``tags`` matches a call carrying ANY of the listed tags (``tags_match: all``
+    requires every one); ``run_names`` holds glob patterns (``fnmatch``, case-sensitive)
+    matched against the run name; ``sources`` (document scope only) restricts to documents
+    coming from ``retrieval``, ``tool`` or ``cache``. A filter that is given but for which the
+    call carries nothing (no tags, no run name, no source) does not match.
+    """
+
+    name: Name
+    scope: Scope
+    when: Condition | None = None
+    """Omitted: the rule matches every call its filters let through."""
+    action: ActionName
+    description: str | None = None
+    tags: list[NonEmptyStr] | None = Field(default=None, min_length=1)
+    tags_match: Literal["any", "all"] = "any"
+    run_names: list[NonEmptyStr] | None = Field(default=None, min_length=1)
+    sources: list[Source] | None = Field(default=None, min_length=1)
+    max_regenerations: int | None = Field(default=None, ge=0, le=10)
+    """reject_answer: how many times to regenerate before abstaining (default 1)."""
+    mode: Literal["drop", "quarantine"] | None = None
+    """flag_poisoned: drop the document, or keep it aside in quarantine (default drop)."""
+    k: int | None = Field(default=None, ge=1, le=100)
+    """retrieve: how many documents to fetch (default 4)."""
+    message: str | None = None
+    """abstain / reject_answer: the message shown instead of an answer."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Rule:
+        allowed_metrics = SCOPE_METRICS[self.scope]
+        if self.when is not None:
+            for path, metric, _ in self.when.leaves(("when",)):
+                if metric not in allowed_metrics:
+                    raise _PathError(
+                        path,
+                        f"{metric} is not available on scope '{self.scope}' (before generation "
+                        "there is no answer to score); use it on scope 'answer' or 'document'",
+                    )
+        if self.action not in SCOPE_ACTIONS[self.scope]:
+            ok = sorted(s for s, acts in SCOPE_ACTIONS.items() if self.action in acts)
+            raise _PathError(
+                ("action",),
+                f"action '{self.action}' does not apply to scope '{self.scope}' "
+                f"(it needs scope {' or '.join(repr(s) for s in ok)})",
+            )
+        for param, owners in (
+            ("max_regenerations", {"reject_answer"}),
+            ("mode", {"flag_poisoned"}),
+            ("k", {"retrieve"}),
+            ("message", {"abstain", "reject_answer"}),
+        ):
+            if getattr(self, param) is not None and self.action not in owners:
+                raise _PathError(
+                    (param,),
+                    f"only applies to action {' / '.join(sorted(owners))} "
+                    f"(this rule's action is '{self.action}')",
+                )
+        if self.sources is not None and self.scope != "document":
+            raise _PathError(("sources",), "only applies to scope 'document'")
+        return self
+
+    @property
+    def needs_calibration(self) -> set[str]:
+        """Metrics whose calibration values this rule's quantile bounds need."""
+        if self.when is None:
+            return set()
+        return {metric for _, metric, t in self.when.leaves() if t.uses_quantiles}
+
+    def params(self) -> dict[str, Any]:
+        """The action's parameters with defaults filled in."""
+        out = dict(ACTION_PARAMS.get(self.action, {}))
+        for key in out:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def filters_match(self, tags: Sequence[str], run_name: str | None, source: str | None) -> bool:
+        if self.tags is not None:
+            have = set(tags)
+            if self.tags_match == "all":
+                if not all(t in have for t in self.tags):
+                    return False
+            elif not any(t in have for t in self.tags):
+                return False
+        if self.run_names is not None and (
+            run_name is None or not any(fnmatchcase(run_name, pat) for pat in self.run_names)
+        ):
+            return False
+        return self.sources is None or (source is not None and source in self.sources)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy decided for one call at one scope."""
+
+    action: ActionName
+    rule: str | None
+    """The matching rule's name; ``None`` when ``default_action`` applied."""
+    scope: Scope
+    scores: dict[str, float]
+    """The scores the decision was made on (missing / NaN ones are left out)."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Resolved raw bounds of the matching rule, e.g. ``{"entropy.gt": 2.31}``; bounds inside
+    ``all`` / ``any`` are prefixed with their path (``any[1].loglik.lt``)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    message: str | None = None
+    missing_scores: tuple[str, ...] = ()
+    """Scores some evaluated rule needed but that were missing or NaN."""
+    policy_name: str | None = None
+
+    @property
+    def blocking(self) -> bool:
+        """True for abstain / reject_answer: the call's output must not go through as is."""
+        return self.action in BLOCKING_ACTIONS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "rule": self.rule,
+            "scope": self.scope,
+            "scores": dict(self.scores),
+            "thresholds": dict(self.thresholds),
+            "params": dict(self.params),
+            "message": self.message,
+            "missing_scores": list(self.missing_scores),
+            "policy_name": self.policy_name,
+            "blocking": self.blocking,
+        }
+
+
+class Policy(_Model):
+    """A whole policy file. Build it with :func:`load_policy`, :meth:`from_yaml_text` or in
+    code (``Policy(name=..., rules=[Rule(...)])``)."""
+
+    version: int = 1
+    name: Name
+    description: str = ""
+    student: NonEmptyStr = "bundled"
+    """Student artifact directory, or ``bundled`` for the one that ships with ssd-guard."""
+    proxy_model: NonEmptyStr | None = None
+    """Local HF model read for hidden states when the agent's model is API-only."""
+    cache: CacheConfig = CacheConfig()
+    abstain_message: NonEmptyStr = "I'm not confident I can answer that reliably."
+    default_action: ActionName = "allow"
+    rules: list[Rule]
+
+    _sha256: str | None = PrivateAttr(default=None)
+    _source: str = PrivateAttr(default="<code>")
+
+    SUPPORTED_VERSIONS: ClassVar[tuple[int, ...]] = SUPPORTED_VERSIONS
+
+    @model_validator(mode="after")
+    def _check(self) -> Policy:
+        if self.version not in SUPPORTED_VERSIONS:
+            raise _PathError(
+                ("version",),
+                f"unsupported policy version {self.version} (this ssd-guard reads "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
+            )
+        if self.default_action not in DEFAULT_ACTIONS:
+            raise _PathError(
+                ("default_action",),
+                f"applies to every scope; expected one of "
+                f"{', '.join(sorted(DEFAULT_ACTIONS))}, got '{self.default_action}'",
+            )
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(self.rules):
+            if rule.name in seen:
+                raise _PathError(
+                    ("rules", i, "name"),
+                    f"duplicate rule name '{rule.name}' (already used by rules[{seen[rule.name]}])",
+                )
+            seen[rule.name] = i
+        return self
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_yaml_text(cls, text: str | bytes, source: str = "<string>") -> Policy:
+        """Parse and validate a policy from YAML text; errors name *source*."""
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        return _policy_from_bytes(data, source)
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str = "<mapping>") -> Policy:
+        """Validate an already-parsed mapping; errors name *source* like :func:`load_policy`."""
+        if not isinstance(data, Mapping):
+            raise _policy_error(source, _ROOT, _top_level_reason(data))
+        try:
+            policy = cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise _convert(exc, source) from None
+        policy._source = source
+        return policy
+
+    # -- identity ----------------------------------------------------------------------
+    @property
+    def sha256(self) -> str:
+        """sha256 of the policy file's bytes, or of canonical JSON when built in code."""
+        if self._sha256 is None:
+            canonical = json.dumps(
+                self.model_dump(mode="json", by_alias=True),
+                sort_keys=True,
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+            self._sha256 = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return self._sha256
+
+    @property
+    def source(self) -> str:
+        """The file the policy was read from (``<string>`` / ``<code>`` otherwise)."""
+        return self._source
+
+    @property
+    def requires_calibration(self) -> set[str]:
+        """Metrics for which some rule uses a quantile bound."""
+        out: set[str] = set()
+        for rule in self.rules:
+            out |= rule.needs_calibration
+        return out
+
+    def check_calibration(
+        self, calibration: Mapping[str, Sequence[float]] | None, scope: str | None = None
+    ) -> None:
+        """Raise :class:`PolicyError` if a quantile rule (of *scope*, or any) lacks values."""
+        for rule in self.rules:
+            if scope is not None and rule.scope != scope:
+                continue
+            for metric in sorted(rule.needs_calibration):
+                values = None if calibration is None else calibration.get(metric)
+                if values is None or len(_sorted_finite(values)) == 0:
+                    have = (
+                        "no calibration was given"
+                        if calibration is None
+                        else (f"the calibration has no {metric!r} values")
+                    )
+                    raise PolicyError(
+                        f"{self._source}: rule '{rule.name}' uses a {metric} quantile threshold "
+                        f"and needs calibration values for {metric!r}, but {have} (pass the "
+                        "student's calibration, or use raw thresholds such as gt / lt)"
+                    )
+
+    # -- evaluation --------------------------------------------------------------------
+    def decide(
+        self,
+        scope: Scope,
+        scores: Mapping[str, float | None],
+        *,
+        calibration: Mapping[str, Sequence[float]] | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        source: str | None = None,
+    ) -> Decision:
+        """Evaluate the rules of *scope* in order; the first match decides.
+
+        *scores* maps metric names to values (``None`` / NaN = missing). Quantile bounds are
+        resolved against *calibration* (values per metric, treated as immutable); a rule of
+        this scope that needs calibration which is not there raises :class:`PolicyError`.
+        """
+        if scope not in SCOPE_METRICS:
+            raise ValueError(f"unknown scope {scope!r}; expected prompt, answer or document")
+        self.check_calibration(calibration, scope)
+        values: dict[str, float] = {}
+        for metric, value in scores.items():
+            if value is None:
+                continue
+            number = float(value)
+            if not math.isnan(number):
+                values[metric] = number
+        missing: set[str] = set()
+        tags = tuple(tags)
+        for rule in self.rules:
+            if rule.scope != scope or not rule.filters_match(tags, run_name, source):
+                continue
+            thresholds: dict[str, float] = {}
+            matched = True
+            if rule.when is not None:
+                matched = _evaluate(rule.when, (), values, calibration, thresholds, missing)
+            if matched:
+                message = None
+                if rule.action in BLOCKING_ACTIONS:
+                    message = rule.message or self.abstain_message
+                return Decision(
+                    action=rule.action,
+                    rule=rule.name,
+                    scope=scope,
+                    scores=values,
+                    thresholds=thresholds,
+                    params=rule.params(),
+                    message=message,
+                    missing_scores=tuple(sorted(missing)),
+                    policy_name=self.name,
+                )
+        return Decision(
+            action=self.default_action,
+            rule=None,
+            scope=scope,
+            scores=values,
+            thresholds={},
+            params={},
+            message=self.abstain_message if self.default_action in BLOCKING_ACTIONS else None,
+            missing_scores=tuple(sorted(missing)),
+            policy_name=self.name,
+        )
+
+    def resolve_thresholds(
+        self, rule: Rule | str, calibration: Mapping[str, Sequence[float]] | None = None
+    ) -> dict[str, float | None]:
+        """The raw bounds of *rule* (quantiles resolved when *calibration* has the metric,
+        ``None`` where it does not)."""
+        if isinstance(rule, str):
+            by_name = {r.name: r for r in self.rules}
+            if rule not in by_name:
+                raise KeyError(rule)
+            rule = by_name[rule]
+        out: dict[str, float | None] = {}
+        if rule.when is None:
+            return out
+        for path, metric, threshold in rule.when.leaves():
+            prefix = _format_path(path[:-1])
+            prefix = f"{prefix}." if prefix else ""
+            for op, is_q, v in threshold.bounds():
+                key = f"{prefix}{metric}.{op}"
+                if not is_q:
+                    out[key] = v
+                else:
+                    vals = None if calibration is None else calibration.get(metric)
+                    out[key] = _quantile(_sorted_finite(vals), v) if vals else None
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation helpers
+# --------------------------------------------------------------------------------------
+_SORTED_CACHE: dict[int, tuple[Sequence[float], int, tuple[float, ...]]] = {}
+_SORTED_CACHE_MAX = 32
+_SORTED_LOCK = threading.Lock()
+
+
+def _sorted_finite(values: Sequence[float] | None) -> tuple[float, ...]:
+    """Finite values sorted ascending; memoised per sequence object (kept alive while cached)."""
+    if values is None:
+        return ()
+    hit = _SORTED_CACHE.get(id(values))
+    if hit is not None and hit[0] is values and hit[1] == len(values):
+        return hit[2]
+    result = tuple(sorted(float(v) for v in values if v is not None and math.isfinite(float(v))))
+    with _SORTED_LOCK:
+        while len(_SORTED_CACHE) >= _SORTED_CACHE_MAX:
+            _SORTED_CACHE.pop(next(iter(_SORTED_CACHE)))
+        _SORTED_CACHE[id(values)] = (values, len(values), result)
+    return result
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of ascending values."""
+    n = len(sorted_values)
+    if n == 1:
+        return float(sorted_values[0])
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def _compare(value: float, op: str, bound: float) -> bool:
+    if op == "gt":
+        return value > bound
+    if op == "ge":
+        return value >= bound
+    if op == "lt":
+        return value < bound
+    return value <= bound
+
+
+def _evaluate(
+    cond: Condition,
+    path: tuple[str | int, ...],
+    values: Mapping[str, float],
+    calibration: Mapping[str, Sequence[float]] | None,
+    thresholds: dict[str, float],
+    missing: set[str],
+) -> bool:
+    """Evaluate without short-circuit so thresholds and missing scores are complete."""
+    ok = True
+    prefix = _format_path(path)
+    prefix = f"{prefix}." if prefix else ""
+    for metric in METRICS:
+        threshold: Threshold | None = getattr(cond, metric)
+        if threshold is None:
+            continue
+        value = values.get(metric)
+        if value is None:
+            missing.add(metric)
+        for op, is_q, v in threshold.bounds():
+            if is_q:
+                assert calibration is not None  # checked by Policy.check_calibration
+                bound = _quantile(_sorted_finite(calibration[metric]), v)
+            else:
+                bound = v
+            thresholds[f"{prefix}{metric}.{op}"] = bound
+            if value is None or not _compare(value, op, bound):
+                ok = False
+    if cond.all_:
+        results = [
+            _evaluate(sub, (*path, "all", i), values, calibration, thresholds, missing)
+            for i, sub in enumerate(cond.all_)
+        ]
+        ok = ok and all(results)
+    if cond.any_:
+        results = [
+            _evaluate(sub, (*path, "any", i), values, calibration, thresholds, missing)
+            for i, sub in enumerate(cond.any_)
+        ]
+        ok = ok and any(results)
+    return ok
+
+
+# --------------------------------------------------------------------------------------
+# Loading and error reporting
+# --------------------------------------------------------------------------------------
+def _format_path(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _policy_error(source: str, path: str, reason: str) -> PolicyError:
+    err = PolicyError(f"{source}: {path}: {reason}")
+    err.source = source  # type: ignore[attr-defined]
+    err.key_path = path  # type: ignore[attr-defined]
+    err.reason = reason  # type: ignore[attr-defined]
+    err.problems = [(path, reason)]  # type: ignore[attr-defined]
+    return err
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _top_level_reason(data: Any) -> str:
+    return f"expected a mapping of policy keys at the top level, got {_type_name(data)}"
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model class that validates the mapping at *loc* (below Policy)."""
+    cls: type[BaseModel] = Policy
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fld = None
+        for fname, info in cls.model_fields.items():
+            if part in (fname, info.alias):
+                fld = info
+                break
+        if fld is None:
+            return None
+        inner = _inner_model(fld.annotation)
+        if inner is None:
+            return None
+        cls = inner
+    return cls
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return typing.cast(type[BaseModel], annotation)
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType, list, Annotated) or origin is not None:
+        for arg in get_args(annotation):
+            found = _inner_model(arg)
+            if found is not None:
+                return found
+    if isinstance(annotation, typing.ForwardRef | str):
+        name = (
+            annotation.__forward_arg__ if isinstance(annotation, typing.ForwardRef) else annotation
+        )
+        known: dict[str, type[BaseModel]] = {
+            "Condition": Condition,
+            "Threshold": Threshold,
+            "Rule": Rule,
+        }
+        return known.get(name)
+    return None
+
+
+def _reason(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str]:
+    """A short human reason for one pydantic error, and extra path parts."""
+    etype = err["type"]
+    loc = tuple(err["loc"])
+    value = err.get("input")
+    ctx = err.get("ctx") or {}
+    if etype == "value_error":
+        exc = ctx.get("error")
+        if isinstance(exc, _PathError):
+            return exc.subpath, exc.message
+        return (), str(exc) if exc is not None else err["msg"]
+    if etype == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        key = str(loc[-1]) if loc else "?"
+        if model is None:
+            return (), f"unknown key '{key}'"
+        allowed = sorted(info.alias or name for name, info in model.model_fields.items())
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
+        return (), f"unknown key '{key}'{hint}"
+    if etype == "missing":
+        return (), "required key missing"
+    if etype in ("float_type", "float_parsing", "finite_number"):
+        return (), f"expected a number, got {_type_name(value)}"
+    if etype in ("int_type", "int_parsing", "int_from_float"):
+        return (), f"expected an integer, got {_type_name(value)}"
+    if etype == "string_type":
+        return (), f"expected a string, got {_type_name(value)}"
+    if etype == "bool_type":
+        return (), f"expected true or false, got {_type_name(value)}"
+    if etype == "list_type":
+        return (), f"expected a list, got {_type_name(value)}"
+    if etype in ("model_type", "dict_type", "model_attributes_type"):
+        return (), f"expected a mapping, got {_type_name(value)}"
+    if etype == "literal_error":
+        return (), f"expected one of {ctx.get('expected', '?')}, got {value!r}"
+    if etype == "too_short":
+        return (), "expected a non-empty list"
+    if etype in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sym = {
+            "greater_than": ">",
+            "greater_than_equal": ">=",
+            "less_than": "<",
+            "less_than_equal": "<=",
+        }[etype]
+        limit = next(iter(ctx.values()), "?")
+        return (), f"must be {sym} {limit}, got {value!r}"
+    return (), err["msg"]
+
+
+def _convert(exc: ValidationError, source: str) -> PolicyError:
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors():
+        extra, reason = _reason(err)
+        path = _format_path((*err["loc"], *extra)) or _ROOT
+        if (path, reason) not in problems:
+            problems.append((path, reason))
+    first_path, first_reason = problems[0]
+    error = _policy_error(source, first_path, first_reason)
+    if len(problems) > 1:
+        error.args = ("\n".join(f"{source}: {p}: {r}" for p, r in problems),)
+    error.problems = problems  # type: ignore[attr-defined]
+    return error
+
+
+def _duplicate_keys(node: yaml.Node, path: tuple[str | int, ...] = ()) -> tuple[str, str] | None:
+    """First duplicate mapping key in the composed YAML tree: (key path, reason)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                return (
+                    _format_path((*path, key)),
+                    f"duplicate key '{key}' (line {line}; first on line {seen[key]})",
+                )
+            seen[key] = line
+            found = _duplicate_keys(value_node, (*path, key))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_keys(item, (*path, i))
+            if found:
+                return found
+    return None
+
+
+def _policy_from_bytes(data: bytes, source: str) -> Policy:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        reason = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise _policy_error(source, _ROOT, reason) from None
+    if not text.strip() or all(
+        not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
+    ):
+        raise _policy_error(
+            source, _ROOT, "the file is empty; a policy needs at least 'name' and 'rules'"
+        )
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        duplicate = _duplicate_keys(node) if node is not None else None
+        if duplicate is not None:
+            raise _policy_error(source, *duplicate)
+        parsed = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else _ROOT
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise _policy_error(source, where, f"invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise _policy_error(source, _ROOT, f"invalid YAML: {exc}") from None
+    if parsed is None:
+        raise _policy_error(
+            source, _ROOT, "the file is empty; a policy needs at least 'name' and 'rules'"
+        )
+    policy = Policy.from_mapping(parsed, source)
+    policy._sha256 = hashlib.sha256(data).hexdigest()
+    policy._source = source
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a YAML policy file.
+
+    Raises :class:`PolicyError` as ``FILE: KEY.PATH: reason`` (one line per problem, the
+    first being the most relevant), also for YAML syntax errors (``FILE: line L, column C:``),
+    empty files, a non-mapping top level, duplicate keys / rule names and unknown keys.
+    """
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise _policy_error(source, _ROOT, "file not found") from None
+    except IsADirectoryError:
+        raise _policy_error(source, _ROOT, "is a directory, not a policy file") from None
+    except OSError as exc:
+        raise _policy_error(source, _ROOT, f"cannot read: {exc.strerror or exc}") from None
+    return _policy_from_bytes(data, source)
+
+
+def default_policy_path() -> Path:
+    """``policies/default.yaml`` of a source checkout, else the copy shipped in the package."""
+    repo_copy = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
+    if repo_copy.is_file():
+        return repo_copy
+    with resources.as_file(resources.files("ssd_guard.policies") / "default.yaml") as p:
+        return Path(p)
+
+
+def load_default_policy() -> Policy:
+    """The policy that ships with ssd-guard (see ``policies/default.yaml``)."""
+    return load_policy(default_policy_path())
+
+
+# --------------------------------------------------------------------------------------
+# Plain-words description
+# --------------------------------------------------------------------------------------
+def _ordinal(x: float) -> str:
+    text = f"{x:g}"
+    if "." in text or "e" in text:
+        return f"{text}th"
+    n = int(text)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _describe_bound(
+    metric: str, op: str, is_q: bool, v: float, calibration: Mapping[str, Sequence[float]] | None
+) -> str:
+    sym = _OP_SYMBOL[op]
+    if not is_q:
+        return f"{metric} {sym} {v:g}"
+    pct = v * 100
+    if op in ("gt", "ge"):
+        share = f"the top {100 - pct:g} %"
+        if metric == "entropy":
+            share = f"the riskiest {100 - pct:g} %"
+    else:
+        share = f"the bottom {pct:g} %"
+        if metric == "loglik":
+            share = f"the least likely {pct:g} %"
+    text = f"{metric} {sym} its {_ordinal(pct)} percentile on the calibration set ({share}"
+    values = None if calibration is None else calibration.get(metric)
+    sorted_values = _sorted_finite(values)
+    if sorted_values:
+        text += f"; = {_quantile(sorted_values, v):.4g}"
+    return text + ")"
+
+
+def _describe_condition(cond: Condition, calibration: Mapping[str, Sequence[float]] | None) -> str:
+    parts: list[str] = []
+    for metric in METRICS:
+        threshold: Threshold | None = getattr(cond, metric)
+        if threshold is not None:
+            parts.extend(
+                _describe_bound(metric, op, q, v, calibration) for op, q, v in threshold.bounds()
+            )
+    if cond.all_:
+        subs = [_describe_condition(c, calibration) for c in cond.all_]
+        parts.append("all of (" + "; ".join(subs) + ")")
+    if cond.any_:
+        subs = [_describe_condition(c, calibration) for c in cond.any_]
+        parts.append("any of (" + "; ".join(subs) + ")")
+    return " and ".join(parts)
+
+
+def _describe_action(action: str, params: Mapping[str, Any], message: str | None) -> str:
+    if action == "allow":
+        return "allow the call"
+    if action == "log_only":
+        return "let the call through and log it (shadow mode)"
+    if action == "abstain":
+        return f'abstain with message "{message}"'
+    if action == "retrieve":
+        return f"retrieve {params['k']} documents and answer with them"
+    if action == "reject_answer":
+        n = params["max_regenerations"]
+        times = "time" if n == 1 else "times"
+        return (
+            f"reject the answer and regenerate (at most {n} {times}), then abstain with "
+            f'message "{message}"'
+        )
+    if action == "flag_poisoned":
+        verb = "drop it" if params["mode"] == "drop" else "move it to quarantine"
+        return f"flag the document as poisoned and {verb}"
+    return action
+
+
+def describe_policy(
+    policy: Policy, calibration: Mapping[str, Sequence[float]] | None = None
+) -> str:
+    """Each rule in plain words; with *calibration*, quantile bounds show their raw value."""
+    cache = policy.cache
+    cache_text = (
+        f"memory (max {cache.max_entries} entries"
+        if cache.url == "memory"
+        else f"{_redact(cache.url)} (fail {cache.fail_mode}, timeout {cache.timeout_s:g} s"
+    )
+    lines = [
+        f"policy '{policy.name}' (version {policy.version}, sha256 {policy.sha256[:12]})",
+    ]
+    if policy.description:
+        lines.append(f"  {policy.description.strip()}")
+    lines.append(
+        f"student: {policy.student}"
+        + (f", proxy model: {policy.proxy_model}" if policy.proxy_model else "")
+        + f"; cache: {cache_text}, ttl {cache.ttl_s} s)"
+    )
+    if policy.requires_calibration:
+        lines.append(
+            "needs the student's calibration for: " + ", ".join(sorted(policy.requires_calibration))
+        )
+    for rule in policy.rules:
+        where = _SCOPE_WORDS[rule.scope]
+        filters = []
+        if rule.sources:
+            where = "on documents from " + " / ".join(rule.sources)
+        if rule.tags:
+            joiner = " and " if rule.tags_match == "all" else " or "
+            filters.append("tagged " + joiner.join(repr(t) for t in rule.tags))
+        if rule.run_names:
+            filters.append("in runs matching " + " or ".join(repr(r) for r in rule.run_names))
+        if filters:
+            where += " (" + ", ".join(filters) + ")"
+        when = (
+            "always" if rule.when is None else "when " + _describe_condition(rule.when, calibration)
+        )
+        message = rule.message or policy.abstain_message
+        action = _describe_action(rule.action, rule.params(), message)
+        text = f"rule '{rule.name}': {where}, {when}, {action}."
+        if rule.description:
+            text += f" ({rule.description.strip()})"
+        lines.append(text)
+    lines.append(
+        "otherwise: " + _describe_action(policy.default_action, {}, policy.abstain_message) + "."
+    )
+    return "\n".join(lines)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url

@@ -1,0 +1,394 @@
+"""`ssd-guard evaluate` end to end on tiny synthetic work directories, plus live stats.
+
+The work directories are written file by file in the format ``ssd-guard distill``
+produces (prompts, split, teacher shards, labels, embeddings, PCA, features, layers,
+artifact), with answers and hidden states built so that the scorers have signal. The
+base model is the tiny random Llama of ``conftest.py``; the embedder is a deterministic
+character-trigram hasher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ssd_guard.scoring.stats import LiveStats, Stats, compute_stats
+
+DATA = Path(__file__).parent / "data"
+FEW_SHOT = "Question: What is the capital of France?\nAnswer: Paris\n\n"
+LAYER = 2
+K = 5
+E = 16
+
+
+class TrigramEmbedder:
+    """A deterministic stand-in for a sentence-transformers model (hashed trigrams)."""
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return E
+
+    def encode(
+        self,
+        texts: list[str],
+        batch_size: int = 32,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool = True,
+        show_progress_bar: bool = False,
+    ) -> Any:
+        out = np.full((len(texts), E), 1e-3, dtype=np.float32)
+        for i, t in enumerate(texts):
+            s = f"  {t.lower()}  "
+            for j in range(len(s) - 2):
+                out[i, zlib.crc32(s[j : j + 3].encode()) % E] += 1.0
+        out /= np.linalg.norm(out, axis=1, keepdims=True)
+        return torch.from_numpy(out) if convert_to_tensor else out
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def build_workdir(root: Path, lm: Any, *, mc: bool = False, seed: int = 0) -> Path:
+    """Write a complete work directory; even rows are 'known' (right, consistent answers)."""
+    from ssd_guard.artifact import (
+        BaseModelInfo,
+        EmbedderInfo,
+        HeadInfo,
+        Manifest,
+        PromptFormat,
+        save_artifact,
+    )
+    from ssd_guard.encoding import PCAProjection
+    from ssd_guard.student import SSDStudent
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    src = [
+        json.loads(x)
+        for x in (DATA / ("arc_20.jsonl" if mc else "triviaqa_40.jsonl")).read_text().splitlines()
+    ]
+    prompts, teacher, labels = [], [], []
+    for i, r in enumerate(src):
+        known = i % 2 == 0
+        if mc:
+            prompt = r["query"] + "\nAnswer:"
+            right = r["choices"][r["gold"]]
+            row = {"id": str(i), "prompt": prompt, "choices": r["choices"], "gold": r["gold"]}
+        else:
+            prompt, right = r["context"], r["answer"]
+            row = {
+                "id": str(i),
+                "prompt": prompt,
+                "answer": right,
+                "aliases": [right, *r["aliases"]],
+            }
+        row["text"] = FEW_SHOT + prompt
+        prompts.append(row)
+        if known:
+            default, samples = right, [right] * (K - 1) + [right.lower()]
+        else:
+            words = [
+                "zebra",
+                "quartz",
+                "violin",
+                "nebula",
+                "saffron",
+                "glacier",
+                "tundra",
+                "cobalt",
+            ]
+            picks = rng.choice(len(words), size=K + 1, replace=False)
+            default, samples = f"{words[picks[0]]} {i}", [words[p] for p in picks[1:]]
+        teacher.append({"id": str(i), "default": default, "samples": samples})
+        labels.append({"id": str(i), "correct": known, "default": default})
+    n = len(prompts)
+    order = rng.permutation(n)
+    n_tr, n_va = n // 2, n // 5
+    split = {
+        "train": [str(i) for i in order[:n_tr]],
+        "validation": [str(i) for i in order[n_tr : n_tr + n_va]],
+        "test": [str(i) for i in order[n_tr + n_va :]],
+    }
+    known = np.array([i % 2 == 0 for i in range(n)])
+    _jsonl(root / "prompts.jsonl", prompts)
+    (root / "split.json").write_text(json.dumps(split))
+    _jsonl(root / "labels.jsonl", labels)
+    (root / "recipe.json").write_text(
+        json.dumps(
+            {
+                "name": "tiny-mc" if mc else "tiny-qa",
+                "teacher": {
+                    "n_samples": K,
+                    "temperature": 1.0,
+                    "default_temperature": 0.0,
+                    "max_new_tokens": 4,
+                },
+            }
+        )
+    )
+    hidden = torch.from_numpy(
+        rng.normal(size=(n, lm.num_layers + 1, lm.hidden_size)).astype(np.float32)
+    )
+    hidden[:, LAYER, :4] += torch.from_numpy(np.where(known, 2.0, -2.0)[:, None].astype(np.float32))
+    hidden = hidden.to(torch.bfloat16)
+    (root / "teacher").mkdir()
+    half = n // 2
+    for s, (a, b) in enumerate([(0, half), (half, n)]):
+        save_file(
+            {"hidden": hidden[a:b].contiguous()},
+            str(root / "teacher" / f"shard-{s:05d}.safetensors"),
+        )
+        _jsonl(root / "teacher" / f"shard-{s:05d}.jsonl", teacher[a:b])
+    save_file({"hidden": hidden}, str(root / "features.safetensors"))
+    (root / "layers.json").write_text(json.dumps({"best": LAYER, "table": []}))
+
+    emb = TrigramEmbedder()
+    flat = [t for r in teacher for t in (r["default"], *r["samples"])]
+    raw = torch.from_numpy(emb.encode(flat)).view(n, K + 1, E)
+    default_e, samples_e = raw[:, 0].contiguous(), raw[:, 1:].contiguous()
+    save_file({"default": default_e, "samples": samples_e}, str(root / "embeddings.safetensors"))
+    tr = torch.tensor([int(i) for i in split["train"]])
+    pca = PCAProjection.fit(torch.cat([samples_e[tr].reshape(-1, E), default_e[tr]]), 8)
+    save_file(
+        {k: v.contiguous() for k, v in pca.tensors(prefix="").items()},
+        str(root / "pca.safetensors"),
+    )
+
+    x = hidden[:, LAYER].float()
+    z = pca.transform(samples_e)
+    tensors: dict[str, torch.Tensor] = dict(pca.tensors())
+    heads = {}
+    for name, d in (("risk", 4), ("answer", 8)):
+        st = SSDStudent(2, 16, 1, max_epochs=15, batch_size=16, seed=0, device="cpu").fit(
+            x[tr], z[tr, :, :d]
+        )
+        tensors.update({f"heads.{name}.{k}": v for k, v in st.state_tensors().items()})
+        heads[name] = HeadInfo(
+            dim=d, n_components=2, hidden=16, depth=1, min_scale=st.min_scale, val_nll=0.0
+        )
+    tensors["calibration.entropy"] = torch.linspace(-5, 5, 11)
+    tensors["calibration.loglik"] = torch.linspace(-20, 0, 11)
+    manifest = Manifest(
+        base_model=BaseModelInfo(
+            id=lm.model_id,
+            fingerprint=lm.fingerprint,
+            hidden_size=lm.hidden_size,
+            num_layers=lm.num_layers,
+        ),
+        layer=LAYER,
+        embedder=EmbedderInfo(id="trigram", dim=E),
+        pca_dim=8,
+        heads=heads,
+        prompt=PromptFormat(few_shot=FEW_SHOT),
+    )
+    save_artifact(root / "artifact", manifest, tensors)
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    """Tiny matrices: one thread avoids oversubscription on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Any) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("workdirs")
+    return build_workdir(base / "qa", tiny_lm), build_workdir(
+        base / "arc", tiny_lm, mc=True, seed=1
+    )
+
+
+# --------------------------------------------------------------------------- end to end
+def test_evaluate_end_to_end(workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path: Path) -> None:
+    from ssd_guard.evaluation.runner import run_evaluation
+
+    qa, arc = workdirs
+    out = tmp_path / "report"
+    logs: list[str] = []
+    res = run_evaluation(
+        qa,
+        out,
+        arc_workdir=arc,
+        cost_prompts=2,
+        n_boot=40,
+        lm=tiny_lm,
+        embedder=TrigramEmbedder(),
+        command="ssd-guard evaluate --workdir tiny",
+        log=logs.append,
+    )
+    for name in ("report.md", "results.json", "roc.png", "risk_coverage.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "probes" / "sep" / "probe.safetensors").exists()
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["meta"]["command"] == "ssd-guard evaluate --workdir tiny"
+
+    pre = res["hallucination"]["pre_generation"]
+    post = res["hallucination"]["post_generation"]
+    assert set(pre) == {"SSD", "TD-std", "TD-trace", "SE-cos", "SE-string", "SEP", "PCP"}
+    assert set(post) == {"SSD-loglik", "SE-cos-answer", "TD-answer"}
+    for block in (pre, post):
+        for name, r in block.items():
+            a = r["auroc"]
+            assert 0.0 <= a["value"] <= 1.0, name
+            assert a["low"] <= a["value"] <= a["high"], name
+            assert 0.0 <= r["aurc"]["value"] <= 1.0
+    # Built-in signal: samples agree iff the answer is right; the hidden state knows it.
+    for name in ("TD-std", "TD-trace", "SE-cos", "SE-string", "PCP", "SEP"):
+        assert pre[name]["auroc"]["value"] > 0.9, name
+    assert res["meta"]["n_test"] == 12 and res["meta"]["ssd_layer"] == LAYER
+    assert res["probes"]["PCP"]["layer"] == LAYER
+    assert res["selective"]["aurc_oracle"] <= min(r["aurc"]["value"] for r in pre.values())
+    assert set(res["fidelity"]["spearman_ssd_entropy_vs"]) >= {"TD-std", "TD-trace"}
+    mm = res["mismatch"]
+    assert 0.0 <= mm["auroc"]["value"] <= 1.0 and 0.0 <= mm["pairwise_accuracy"] <= 1.0
+
+    mc = res["multiple_choice"]
+    assert mc["n_test"] == 6 and mc["random_baseline"] == pytest.approx(0.25)
+    for v in mc["accuracy"].values():
+        assert 0.0 <= v["value"] <= 1.0
+
+    cost = res["cost"]["per_prompt_ms"]
+    assert set(cost) == {
+        "SSD",
+        "SSD-loglik",
+        "TD-std",
+        "TD-trace",
+        "SE-cos",
+        "SE-string",
+        "SEP",
+        "PCP",
+    }
+    assert cost["SSD"]["ratio_to_ssd"] == pytest.approx(1.0)
+    assert all(v["mean"] > 0 for v in cost.values())
+
+    report = (out / "report.md").read_text()
+    for needle in (
+        "ssd-guard evaluate --workdir tiny",
+        "0.804",
+        "0.89–0.99",
+        "![ROC curves](roc.png)",
+        "risk_coverage.png",
+        "Multiple-choice selection",
+        "Cost at inference",
+        "Distillation fidelity",
+    ):
+        assert needle in report, needle
+    assert any("AUROC" in m for m in logs)
+
+
+def test_evaluate_cli(
+    workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The command line loads the artifact itself (base model by its recorded id)."""
+    import ssd_guard.models as models
+    from ssd_guard.cli import main
+
+    monkeypatch.setattr(models, "shared_embedder", lambda *a, **k: TrigramEmbedder())
+    monkeypatch.setattr(models, "shared_causal_lm", lambda *a, **k: tiny_lm)
+    qa, _ = workdirs
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "evaluate",
+            "--workdir",
+            str(qa),
+            "--out",
+            str(out),
+            "--n-boot",
+            "20",
+            "--cost-prompts",
+            "1",
+            "-q",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert "multiple_choice" not in res and res["cost"]["n_prompts"] == 1
+    assert res["meta"]["command"].startswith("ssd-guard ")
+    assert main(["evaluate", "--out", str(out), "-q"]) == 1  # no work dir: a clean error
+
+
+# --------------------------------------------------------------------------- live stats
+def test_live_prefill_truncates_and_matches_full_hidden_states(tiny_lm: Any) -> None:
+    prompts = ["Question: Who wrote Hamlet?\nAnswer:", "Question: What is 2+2?\nAnswer:"]
+    live = LiveStats(tiny_lm, batch_size=2)
+    full = live(prompts, {"hidden"})
+    assert full.hidden is not None and full.hidden.shape[1] == tiny_lm.num_layers + 1
+    part = live(prompts, {"hidden"}, layers=[0, LAYER])
+    assert set(part.hidden_layers) == {0, LAYER} and part.hidden is None
+    for ly in (0, LAYER):
+        np.testing.assert_allclose(part.layer(ly), full.layer(ly), atol=1e-5)
+    last = live(prompts, {"hidden"}, layers=[tiny_lm.num_layers])
+    np.testing.assert_allclose(last.layer(tiny_lm.num_layers), full.layer(-1), atol=1e-5)
+
+
+def test_live_generation_stats_are_shared_and_seeded(tiny_lm: Any) -> None:
+    from ssd_guard.scoring.dispersion import TeacherDispersion
+    from ssd_guard.scoring.probes import KnowProbe
+    from ssd_guard.scoring.semantic_entropy import SemanticEntropy
+
+    prompts = ["Question: Who wrote Hamlet?\nAnswer:", "Question: What is 2+2?\nAnswer:"]
+    live = LiveStats(tiny_lm, TrigramEmbedder(), n_samples=3, max_new_tokens=3, seed=5)
+    se, td = SemanticEntropy("embedding"), TeacherDispersion()
+    st = compute_stats(live, prompts, [se, td], answers=True)
+    assert len(st.samples) == 2 and all(len(s) == 3 for s in st.samples)
+    assert st.sample_embeddings.shape == (2, 3, E) and st.default_embeddings.shape == (2, E)
+    again = live(prompts, {"samples"})
+    assert again.samples == st.samples and again.default == st.default
+    assert set(st.seconds) >= {"generate", "embed"}
+    scores = se.bind(live).score_prompts(prompts)
+    assert len(scores) == 2 and all(0.0 <= s <= math.log(3) + 1e-9 for s in scores)
+    np.testing.assert_allclose(td.score(st), TeacherDispersion().bind(live).score_prompts(prompts))
+    # A probe reads only its own layer through a truncated prefill.
+    train = live([f"Question: item {i}?\nAnswer:" for i in range(8)], {"hidden"})
+    pcp = KnowProbe(LAYER).fit(train, np.arange(8) % 2 == 0).bind(live)
+    assert len(pcp.score_prompts(prompts)) == 2
+    with pytest.raises(ValueError, match="embedder"):
+        LiveStats(tiny_lm)(prompts, {"sample_embeddings"})
+    with pytest.raises(ValueError, match="unknown"):
+        live(prompts, {"logits"})
+    assert len(live([], {"samples"})) == 0
+    assert isinstance(st, Stats)
+
+
+def test_load_workdir_falls_back_to_shards_and_live_embeddings(
+    workdirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from ssd_guard.errors import ConfigError
+    from ssd_guard.evaluation.runner import _derangement
+    from ssd_guard.evaluation.workdir import load_workdir
+
+    qa, _ = workdirs
+    full = load_workdir(qa)
+    copy = tmp_path / "wd"
+    shutil.copytree(qa, copy)
+    for name in ("features.safetensors", "embeddings.safetensors", "labels.jsonl"):
+        (copy / name).unlink()
+    part = load_workdir(copy, embedder=TrigramEmbedder())
+    assert torch.equal(part.stats.hidden, full.stats.hidden)
+    np.testing.assert_allclose(
+        part.stats.sample_embeddings, full.stats.sample_embeddings, atol=1e-6
+    )
+    np.testing.assert_array_equal(part.correct, full.correct)  # recomputed by alias match
+    assert part.split_rows("test") == full.split_rows("test") and not part.is_mc
+    (copy / "teacher" / "shard-00001.jsonl").unlink()
+    with pytest.raises(ConfigError, match="teacher answers missing"):
+        load_workdir(copy)
+    d = _derangement(50, seed=3)
+    assert sorted(d.tolist()) == list(range(50)) and not np.any(d == np.arange(50))
