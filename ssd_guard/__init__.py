@@ -26,9 +26,11 @@ from ssd_guard.errors import (
     SSDGuardError,
 )
 from ssd_guard.guard import Guard, GuardResult
+from ssd_guard.local import GuardedLocalModel
 from ssd_guard.mixture import GaussianMixture
 from ssd_guard.models import load_causal_lm, load_embedder
 from ssd_guard.policy import Decision, Policy, describe_policy, load_default_policy, load_policy
+from ssd_guard.scoring.batcher import BatchingScorer, MicroBatcher
 from ssd_guard.scoring.ssd import SSDScorer
 from ssd_guard.student import SSDStudent
 
@@ -40,6 +42,7 @@ __all__ = [
     "ArtifactIntegrityError",
     "ArtifactMismatchError",
     "AsyncSSDGuard",
+    "BatchingScorer",
     "CacheUnavailableError",
     "ConfigError",
     "Decision",
@@ -47,8 +50,10 @@ __all__ = [
     "Guard",
     "GuardBlockedError",
     "GuardResult",
+    "GuardedLocalModel",
     "Manifest",
     "MemoryCache",
+    "MicroBatcher",
     "ModelLoadError",
     "PCAProjection",
     "Policy",

@@ -142,6 +142,17 @@ class PromptEncoder:
             return torch.empty(0, self.model.config.hidden_size, device=self.device)
         return torch.cat(outs)
 
+    def capture_module(self) -> nn.Module:
+        """The module whose forward output is the layer-``l`` hidden state."""
+        module = self._hook_module()
+        if module is None:
+            # The final layer's state has the final norm applied: capture the norm output.
+            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+            module = getattr(decoder, "norm", None)
+            if module is None:
+                raise ValueError("cannot capture the last layer of this model")
+        return module
+
     @contextlib.contextmanager
     def capture(self) -> Iterator[HiddenStateCapture]:
         """Record the layer-``l`` last-token state during the model's *own* forward passes.
@@ -154,12 +165,7 @@ class PromptEncoder:
             h = cap.hidden  # [B, H]
         """
         cap = HiddenStateCapture()
-        module = self._hook_module()
-        if module is None:
-            # The final layer's state has the final norm applied: capture the norm output.
-            module = self.model.get_decoder().norm if hasattr(self.model, "get_decoder") else None
-            if module is None:
-                raise ValueError("cannot capture the last layer of this model")
+        module = self.capture_module()
 
         def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
             if cap.hidden is None:

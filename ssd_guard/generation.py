@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["SampledAnswers", "left_pad_positions", "sample_answers", "stop_token_table"]
+__all__ = [
+    "SampledAnswers",
+    "decode_loop",
+    "left_pad_positions",
+    "sample_answers",
+    "stop_token_table",
+]
 
 
 @dataclass
@@ -53,6 +59,64 @@ def stop_token_table(tokenizer: Any, device: torch.device) -> torch.Tensor:
         if 0 <= tok < vocab and tok != getattr(tokenizer, "bos_token_id", None):
             table[tok] = True
     return table.to(device)
+
+
+def decode_loop(
+    model: Any,
+    cache: Any,
+    logits: torch.Tensor,
+    attn: torch.Tensor,
+    next_pos: torch.Tensor,
+    *,
+    temps: torch.Tensor,
+    greedy_rows: torch.Tensor,
+    max_new_tokens: int,
+    stop_table: torch.Tensor,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode from a prefilled KV cache until every row has ended its first line.
+
+    ``logits`` ``[R, V]`` are the prefill's last-position logits, ``attn`` the ``[R, T]``
+    attention mask so far, ``next_pos`` ``[R, 1]`` the next position ids; rows with
+    ``greedy_rows`` take the argmax, the others sample at ``temps`` ``[R, 1]``. Returns
+    ``(tokens [R, max_new_tokens], lengths [R])``: a row's answer is
+    ``tokens[r, :lengths[r]]`` (the stop token excluded). One host sync per step.
+    """
+    rows = logits.shape[0]
+    device = logits.device
+    tokens = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    vocab = stop_table.shape[0]
+    for step in range(max_new_tokens):
+        logits = logits[:, :vocab]
+        if bool(greedy_rows.all()):
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temps, dim=-1)
+            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = torch.where(greedy_rows, logits.argmax(-1), sampled)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+        tokens[:, step] = nxt
+        stop_now = stop_table[nxt] & ~finished
+        lengths = torch.where(stop_now, torch.full_like(lengths, step), lengths)
+        finished = finished | stop_now
+        # One host sync per step: stop as soon as every row has ended its answer.
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(
+            input_ids=nxt.unsqueeze(1),
+            attention_mask=attn,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+    return tokens, lengths
 
 
 def _clean(text: str) -> str:
@@ -113,34 +177,19 @@ def sample_answers(
     temps[is_default] = max(default_temperature, 1e-6)
     greedy_rows = is_default if default_temperature <= 0 else torch.zeros_like(is_default)
 
-    tokens = torch.zeros((b * rows, max_new_tokens), dtype=torch.long, device=device)
-    finished = torch.zeros(b * rows, dtype=torch.bool, device=device)
-    lengths = torch.full((b * rows,), max_new_tokens, dtype=torch.long, device=device)
-    vocab = stop_table.shape[0]
-    for step in range(max_new_tokens):
-        logits = logits[:, :vocab]
-        probs = torch.softmax(logits / temps, dim=-1)
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        nxt = torch.where(greedy_rows, logits.argmax(-1), sampled)
-        nxt = torch.where(finished, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
-        tokens[:, step] = nxt
-        stop_now = stop_table[nxt] & ~finished
-        lengths = torch.where(stop_now, torch.full_like(lengths, step), lengths)
-        finished = finished | stop_now
-        # One host sync per step: stop as soon as every row has ended its answer.
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(
-            input_ids=nxt.unsqueeze(1),
-            attention_mask=attn,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        next_pos = next_pos + 1
+    tokens, lengths = decode_loop(
+        model,
+        cache,
+        logits,
+        attn,
+        next_pos,
+        temps=temps,
+        greedy_rows=greedy_rows,
+        max_new_tokens=max_new_tokens,
+        stop_table=stop_table,
+        pad_token_id=tokenizer.pad_token_id,
+        generator=generator,
+    )
     texts = tokenizer.batch_decode(
         [row[: int(n)].tolist() for row, n in zip(tokens.cpu(), lengths.cpu())],
         skip_special_tokens=True,

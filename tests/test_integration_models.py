@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def smollm2():  # noqa: ANN201
+def smollm2():
     from ssd_guard.models import shared_causal_lm
 
     return shared_causal_lm("smollm2", device="cpu")
@@ -26,7 +26,10 @@ def test_real_models_load_offline_and_match_bundled_student(smollm2, minilm) -> 
 
 
 def test_real_truncated_prefill_matches_full_forward(smollm2) -> None:
-    texts = ["Question: Who wrote Hamlet?\nAnswer:", "Question: What is the largest ocean on Earth?\nAnswer:"]
+    texts = [
+        "Question: Who wrote Hamlet?\nAnswer:",
+        "Question: What is the largest ocean on Earth?\nAnswer:",
+    ]
     fast = PromptEncoder(smollm2.model, smollm2.tokenizer, 17).encode(texts)
     ref = PromptEncoder(smollm2.model, smollm2.tokenizer, 17, truncate=False).encode(texts)
     assert torch.allclose(fast, ref, atol=1e-2, rtol=1e-2)  # bf16

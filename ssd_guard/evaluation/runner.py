@@ -134,7 +134,12 @@ def _lm_from_ssd(ssd: Any) -> Any:
     enc = getattr(ssd, "encoder", None)
     if enc is None:
         return None
-    return SimpleNamespace(model=enc.model, tokenizer=enc.tokenizer)
+    return SimpleNamespace(
+        model=enc.model,
+        tokenizer=enc.tokenizer,
+        model_id=getattr(ssd, "model_id", None),
+        fingerprint=getattr(ssd, "model_fingerprint", None),
+    )
 
 
 def _build_scorers(

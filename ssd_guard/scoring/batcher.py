@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-__all__ = ["BatcherClosedError", "BatcherStats", "MicroBatcher"]
+__all__ = ["BatcherClosedError", "BatcherStats", "BatchingScorer", "MicroBatcher"]
 
 
 class BatcherClosedError(RuntimeError):
@@ -238,3 +238,70 @@ class MicroBatcher:
                 if nxt is not _STOP:
                     batch.append(nxt)
             self._run_batch(batch)
+
+
+class BatchingScorer:
+    """A :class:`~ssd_guard.scoring.base.RiskScorer` whose single-prompt
+    ``score_prompts`` calls, made concurrently from threads (or from the guard's async
+    path, which scores on worker threads), are coalesced by a :class:`MicroBatcher` into
+    one batched truncated prefill::
+
+        guard = Guard(BatchingScorer(SSDScorer.load("bundled")), "policies/default.yaml")
+
+    Calls with several prompts go straight to the wrapped scorer (they are a batch
+    already), as do answer checks; so does any call made while a
+    :class:`~ssd_guard.local.GuardedLocalModel` serves hidden states from its own
+    prefill (that state is free; batching it would only add latency). Scores equal
+    the wrapped scorer's. Everything else (``fingerprint``, ``model_id``, ``layer``,
+    ``calibration``, ``format_prompt``...) is the wrapped scorer's.
+    """
+
+    def __init__(self, scorer: Any, *, max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
+        self.scorer = scorer
+        self.name = str(getattr(scorer, "name", type(scorer).__name__))
+        self.batcher = MicroBatcher(
+            lambda prompts: scorer.score_prompts(prompts),
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            name=f"ssd-guard-batcher-{self.name}",
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found on self: delegate to the wrapped scorer.
+        if name == "scorer":
+            raise AttributeError(name)
+        return getattr(self.scorer, name)
+
+    def _provider_active(self) -> bool:
+        from ssd_guard.scoring.ssd import _HIDDEN_PROVIDER
+
+        active = _HIDDEN_PROVIDER.get()
+        return active is not None and active[0] is self.scorer
+
+    def score_prompts(self, prompts: Sequence[str]) -> list[float]:
+        if len(prompts) != 1 or self.batcher.closed or self._provider_active():
+            return list(self.scorer.score_prompts(prompts))
+        return [self.batcher.submit(prompts[0])]
+
+    def score_answers(
+        self, prompts: Sequence[str], answers: Sequence[str] | Sequence[Sequence[str]]
+    ) -> list[float] | list[list[float]]:
+        return self.scorer.score_answers(prompts, answers)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Finish the queued requests and stop the worker (later calls run unbatched)."""
+        self.batcher.close()
+
+    def __enter__(self) -> BatchingScorer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BatchingScorer({self.scorer!r}, {self.batcher!r})"

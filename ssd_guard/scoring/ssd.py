@@ -12,7 +12,9 @@ the embeddings of the answers the model would give:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,11 @@ from ssd_guard.mixture import GaussianMixture
 from ssd_guard.student import SSDStudent
 
 __all__ = ["SSDScorer", "build_heads"]
+
+HiddenProvider = Callable[[list[str]], torch.Tensor]
+_HIDDEN_PROVIDER: ContextVar[tuple[object, HiddenProvider] | None] = ContextVar(
+    "ssd_guard_hidden_provider", default=None
+)
 
 
 def build_heads(
@@ -103,6 +110,7 @@ class SSDScorer:
             if key.startswith("calibration.")
         }
         self.model_id = model_id or manifest.base_model.id
+        self.model_fingerprint = model_fingerprint
         self.fingerprint = manifest.fingerprint
         self.layer = manifest.layer
 
@@ -160,7 +168,24 @@ class SSDScorer:
     def hidden(self, prompts: Sequence[str], *, formatted: bool = False) -> torch.Tensor:
         """``[B, H]`` prompt representations (truncated prefill up to the layer)."""
         texts = list(prompts) if formatted else [self.format_prompt(p) for p in prompts]
+        active = _HIDDEN_PROVIDER.get()
+        if active is not None and active[0] is self:
+            return active[1](texts)
         return self.encoder.encode(texts)
+
+    @contextlib.contextmanager
+    def hidden_provider(self, provider: HiddenProvider) -> Iterator[None]:
+        """Within this context (thread / task), :meth:`hidden` asks *provider* for the
+        formatted prompts' ``[B, H]`` states instead of running a truncated prefill.
+
+        :class:`ssd_guard.local.GuardedLocalModel` uses it to hand over the state it
+        captured during the generation's own prefill (zero extra forward pass).
+        """
+        token = _HIDDEN_PROVIDER.set((self, provider))
+        try:
+            yield
+        finally:
+            _HIDDEN_PROVIDER.reset(token)
 
     # ------------------------------------------------------------------ signals
     def mixture(self, hidden: torch.Tensor, head: str = "risk") -> GaussianMixture:

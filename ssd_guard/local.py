@@ -1,0 +1,299 @@
+"""Generation under the guard's control: SSD scoring with zero extra forward pass.
+
+When the model that answers is a local Hugging Face causal LM that the guard drives
+itself, the prompt's layer-``l`` hidden state falls out of the generation's *own*
+prefill. :class:`GuardedLocalModel` runs that prefill once (keeping the KV cache), hands
+the captured state to the scorer (so the pre-generation check costs only the student
+head), and, when the policy lets the call proceed, decodes the answer from the same KV
+cache. The post-generation check reuses the same state too: only the answer embedder
+runs. Compared with an unguarded generation the guard adds no forward pass of the base
+model at all::
+
+    guard = Guard(SSDScorer.load("bundled"), "policies/default.yaml")
+    local = GuardedLocalModel(guard, max_new_tokens=24)
+    res = local.invoke("Which planet is known as the Red Planet?")
+    res.output, res.entropy, local.stats
+
+Prompts are put in the artifact's prompt format (few-shot prefix + template, as during
+distillation), so the hidden state is exactly the kind the student was trained on, and
+answers are the first line of the continuation (short answers, like the teacher's).
+
+When the generation is *not* under the guard's control (an API model, a LangChain chat
+model the guard only wraps) the scorer falls back to its truncated prefill (layers
+``<= l`` only): see :class:`ssd_guard.scoring.ssd.SSDScorer`.
+
+Cost notes: when the policy abstains, the prefill that was run is a full one (the
+truncated prefill would have stopped at layer ``l``); documents checked against the bare
+question need that question's state, which costs one prefill of the question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ssd_guard.encoding import HiddenStateCapture
+from ssd_guard.generation import decode_loop, left_pad_positions, stop_token_table
+from ssd_guard.guard import Guard, GuardResult
+
+__all__ = ["GuardedLocalModel", "LocalStats"]
+
+_ACTIVE: ContextVar[HiddenStateCapture | None] = ContextVar("ssd_guard_capture", default=None)
+
+
+@dataclass
+class _Prefill:
+    cache: Any
+    logits: torch.Tensor  # [1, V] float32, last prompt position
+    attn: torch.Tensor  # [1, T]
+    next_pos: torch.Tensor  # [1, 1]
+
+
+@dataclass
+class _Session:
+    """State of one guarded call: prefills waiting for their decode, captured states."""
+
+    kv: dict[str, _Prefill] = field(default_factory=dict)
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    attempts: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class LocalStats:
+    """Counters of a :class:`GuardedLocalModel` (what the fast path saved)."""
+
+    prefills: int = 0
+    """full prefills run (each one both scores and, when allowed, starts a generation)"""
+    decoded_from_scoring_prefill: int = 0
+    """generations that decoded from the KV cache of the prefill the scorer used"""
+    hidden_reuses: int = 0
+    """scorer requests served from an already captured state (e.g. the answer check)"""
+    generations: int = 0
+
+
+class GuardedLocalModel:
+    """A local Hugging Face causal LM that generates under a :class:`Guard`.
+
+    Args:
+        guard: a guard whose scorer is an :class:`~ssd_guard.scoring.ssd.SSDScorer` (the
+            base model it loaded is the model that generates).
+        max_new_tokens: longest answer, in tokens (answers end at their first line).
+        temperature: of the first generation (``0``: greedy, as the teacher's default
+            answer).
+        regen_temperature: of regenerations after ``reject_answer`` (``1.0``: the
+            teacher's sampling temperature), so a rejected answer is not repeated.
+        seed: seeds the sampling generator (regenerations), for reproducible runs.
+    """
+
+    def __init__(
+        self,
+        guard: Guard,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        regen_temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        scorer = guard.scorer
+        missing = [
+            attr
+            for attr in ("encoder", "format_prompt", "hidden_provider")
+            if not hasattr(scorer, attr)
+        ]
+        if missing:
+            raise TypeError(
+                "GuardedLocalModel needs an SSDScorer-like scorer that holds the local base "
+                f"model (missing: {', '.join(missing)}); got {type(scorer).__name__}"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.scorer: Any = scorer
+        self.model = scorer.encoder.model
+        self.tokenizer = scorer.encoder.tokenizer
+        self.model_id = str(scorer.model_id)
+        self.guard = guard.with_hidden_state_source("guarded-model", guarded_model=self.model_id)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = float(temperature)
+        self.regen_temperature = float(regen_temperature)
+        self._module = scorer.encoder.capture_module()
+        self._device = next(self.model.parameters()).device
+        self._generator: torch.Generator | None = None
+        if seed is not None:
+            self._generator = torch.Generator(device=self._device).manual_seed(seed)
+        self._stop_table: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        self.stats = LocalStats()
+
+    # ------------------------------------------------------------------ model work
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
+
+    def _stops(self) -> torch.Tensor:
+        if self._stop_table is None:
+            self._stop_table = stop_token_table(self.tokenizer, self._device)
+        return self._stop_table
+
+    @torch.inference_mode()
+    def _prefill(self, text: str, *, capture: bool = True) -> tuple[_Prefill, torch.Tensor | None]:
+        """One full prefill of *text* with a KV cache; with *capture*, also the layer-``l``
+        state of its last token (``[1, H]`` float32) recorded by a forward hook."""
+        enc = self.tokenizer([text], return_tensors="pt")
+        ids = enc["input_ids"].to(self._device)
+        attn = enc["attention_mask"].to(self._device)
+        pos = left_pad_positions(attn)
+        cap = HiddenStateCapture()
+        handle = None
+        token = None
+        if capture:
+            token = _ACTIVE.set(cap)
+
+            def hook(_m: Any, _inp: Any, output: Any) -> None:
+                # Hooks run in the caller's context: other threads' passes are ignored.
+                if _ACTIVE.get() is cap and cap.hidden is None:
+                    out = output[0] if isinstance(output, tuple) else output
+                    cap.hidden = out[:, -1, :].detach().float()
+
+            handle = self._module.register_forward_hook(hook)
+        try:
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+            if token is not None:
+                _ACTIVE.reset(token)
+        self._count("prefills")
+        pre = _Prefill(
+            cache=out.past_key_values,
+            logits=out.logits[:, -1, :].float(),
+            attn=attn,
+            next_pos=pos[:, -1:] + 1,
+        )
+        if capture and cap.hidden is None:
+            raise RuntimeError("the prefill did not reach the student's layer")
+        return pre, cap.hidden
+
+    @torch.inference_mode()
+    def _decode(self, pre: _Prefill, temperature: float) -> str:
+        greedy = temperature <= 0
+        tokens, lengths = decode_loop(
+            self.model,
+            pre.cache,
+            pre.logits,
+            pre.attn,
+            pre.next_pos,
+            temps=torch.full((1, 1), max(temperature, 1e-6), device=self._device),
+            greedy_rows=torch.full((1,), greedy, dtype=torch.bool, device=self._device),
+            max_new_tokens=self.max_new_tokens,
+            stop_table=self._stops(),
+            pad_token_id=int(self.tokenizer.pad_token_id),
+            generator=self._generator,
+        )
+        self._count("generations")
+        text = self.tokenizer.decode(
+            tokens[0, : int(lengths[0])].tolist(), skip_special_tokens=True
+        )
+        return str(text).split("\n", 1)[0].strip()
+
+    def _hidden_for(self, texts: list[str], session: _Session) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            h = session.hidden.get(text)
+            if h is None:
+                pre, h = self._prefill(text)
+                assert h is not None
+                session.kv[text] = pre
+                session.hidden[text] = h
+            else:
+                self._count("hidden_reuses")
+            rows.append(h)
+        return torch.cat(rows).to(self._device)
+
+    def _generate(self, prompt: str, session: _Session) -> str:
+        text = self.scorer.format_prompt(prompt)
+        attempt = session.attempts[text]
+        session.attempts[text] += 1
+        pre = session.kv.pop(text, None)
+        if pre is None:
+            pre, h = self._prefill(text)
+            assert h is not None
+            session.hidden.setdefault(text, h)
+        else:
+            self._count("decoded_from_scoring_prefill")
+        return self._decode(pre, self.temperature if attempt == 0 else self.regen_temperature)
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt: str, *, temperature: float | None = None) -> str:
+        """An *unguarded* generation (prefill + decode, no hook, no scoring): the
+        baseline the guard's overhead is measured against."""
+        pre, _ = self._prefill(self.scorer.format_prompt(prompt), capture=False)
+        return self._decode(pre, self.temperature if temperature is None else temperature)
+
+    def invoke(
+        self,
+        prompt: str,
+        *,
+        documents: Sequence[str] | None = None,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> GuardResult:
+        """Guard one generation (see :meth:`Guard.run`): check, act, generate, check, act,
+        with the hidden state taken from the generation's own prefill."""
+        session = _Session()
+
+        def generate(p: str) -> str:
+            return self._generate(p, session)
+
+        try:
+            with self.scorer.hidden_provider(lambda texts: self._hidden_for(texts, session)):
+                return self.guard.run(
+                    prompt,
+                    generate,
+                    documents=documents,
+                    source=source,
+                    tags=tags,
+                    run_name=run_name,
+                    run_id=run_id,
+                    parent_run_id=parent_run_id,
+                )
+        finally:
+            session.kv.clear()  # free the KV caches of prefills nobody decoded from
+
+    async def ainvoke(
+        self,
+        prompt: str,
+        *,
+        documents: Sequence[str] | None = None,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> GuardResult:
+        """:meth:`invoke` on a worker thread (the model work is synchronous)."""
+        return await asyncio.to_thread(
+            self.invoke,
+            prompt,
+            documents=documents,
+            source=source,
+            tags=tags,
+            run_name=run_name,
+            run_id=run_id,
+            parent_run_id=parent_run_id,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"GuardedLocalModel(model={self.model_id!r}, layer={self.scorer.layer}, "
+            f"max_new_tokens={self.max_new_tokens}, policy={self.guard.policy.name!r})"
+        )
