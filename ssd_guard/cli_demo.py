@@ -187,6 +187,7 @@ def run_demo(
     audit_log: str | Path | None = None,
     out: IO[str] | None = None,
     agent: bool = False,
+    local: bool = False,
     scorer: Any = None,
     chat_model: Any = None,
     load: Callable[[], tuple[Any, Any]] | None = None,
@@ -194,7 +195,9 @@ def run_demo(
     """Run the guarded loop and print every decision; returns an exit status.
 
     ``agent=False`` guards the chat model with ``SSDGuard.wrap``; ``agent=True`` runs a
-    ``langchain.agents.create_agent`` agent with ``SSDGuardMiddleware`` instead.
+    ``langchain.agents.create_agent`` agent with ``SSDGuardMiddleware`` instead;
+    ``local=True`` generates with :class:`~ssd_guard.local.GuardedLocalModel` (the
+    student's prompt format, hidden state from the generation's own prefill).
     ``scorer`` / ``chat_model`` replace the bundled ones (tests, other models).
     """
     from ssd_guard.audit import close_audit, configure_audit
@@ -218,11 +221,19 @@ def run_demo(
         cache = MemoryCache(pol.cache.max_entries, pol.cache.ttl_s, namespace=pol.cache.namespace)
         guard = SSDGuard(scorer, pol, cache=cache, retriever=KeywordRetriever())
         guarded = guard.wrap(chat_model)
-        ask = _agent_asker(guard, chat_model) if agent else _wrap_asker(guarded)
+        if local:
+            from ssd_guard.local import GuardedLocalModel
+
+            runner = GuardedLocalModel(guard.guard, max_new_tokens=24)
+            ask, source, mode = _local_asker(runner), "guarded-model", "GuardedLocalModel"
+        elif agent:
+            ask, source = _agent_asker(guard, chat_model), guarded.hidden_state_source
+            mode = "create_agent + SSDGuardMiddleware"
+        else:
+            ask, source, mode = _wrap_asker(guarded), guarded.hidden_state_source, "SSDGuard.wrap"
         print(
             f"policy '{pol.name}' ({pol.sha256[:12]}), student {scorer.fingerprint}, "
-            f"hidden states: {guarded.hidden_state_source}, "
-            f"mode: {'create_agent + SSDGuardMiddleware' if agent else 'SSDGuard.wrap'}",
+            f"hidden states: {source}, mode: {mode}",
             file=out,
         )
         n = min(max(0, questions), len(DEMO_QUESTIONS))
@@ -244,6 +255,15 @@ def _wrap_asker(guarded: Any) -> Callable[[str], Any]:
 
     def ask(question: str) -> Any:
         return guarded.invoke([SystemMessage(SYSTEM_PROMPT), HumanMessage(question)])
+
+    return ask
+
+
+def _local_asker(runner: Any) -> Callable[[str], Any]:
+    from ssd_guard.integrations.langchain import _result_message
+
+    def ask(question: str) -> Any:
+        return _result_message(runner.invoke(question))
 
     return ask
 
@@ -271,6 +291,7 @@ def _demo(args: argparse.Namespace) -> int:
         questions=args.questions,
         audit_log=args.audit_log,
         agent=args.agent,
+        local=args.local,
     )
 
 
@@ -297,5 +318,13 @@ def add_commands(subparsers: Any) -> None:
         "--agent",
         action="store_true",
         help="run a langchain create_agent agent with SSDGuardMiddleware (default: wrap())",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help=(
+            "generate with GuardedLocalModel: the student's prompt format, scores from the "
+            "generation's own prefill (zero extra forward pass)"
+        ),
     )
     p.set_defaults(func=_demo)

