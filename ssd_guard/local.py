@@ -104,7 +104,7 @@ class GuardedLocalModel:
         regen_temperature: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        scorer = guard.scorer
+        scorer: Any = guard.scorer
         missing = [
             attr
             for attr in ("encoder", "format_prompt", "hidden_provider")

@@ -238,7 +238,7 @@ def load_causal_lm(
         raise
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load causal LM {name_or_path!r}: {exc}") from exc
-    model.to(dev).eval()
+    model = model.to(dev).eval()  # type: ignore[arg-type]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

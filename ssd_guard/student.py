@@ -56,6 +56,8 @@ class MixtureDensityNetwork(nn.Module):
             bias = self.head.bias.view(k, 1 + 2 * d)
             bias[:, 1 : 1 + d].normal_(std=0.5, generator=torch.Generator().manual_seed(0))
             bias[:, 1 + d :].fill_(math.log(math.expm1(1.0)))
+        self.input_mean: torch.Tensor
+        self.input_std: torch.Tensor
         self.register_buffer("input_mean", torch.zeros(in_dim))
         self.register_buffer("input_std", torch.ones(in_dim))
 

@@ -109,6 +109,7 @@ class Context:
 def stage_prompts(wd: Workdir, ctx: Context) -> dict[str, Any]:
     r = ctx.recipe
     path = r.resolve(r.data.path)
+    rows: list[dict[str, Any]]
     if r.data.format == "qa":
         rows = [
             {"id": e.id, "prompt": e.prompt, "answer": e.answer, "aliases": list(e.aliases)}
@@ -157,6 +158,7 @@ def stage_teacher(
     table = stop_token_table(lm.tokenizer, lm.device) if lm is not None else None
     done_now = 0
     for s in todo:
+        assert lm is not None  # todo is non-empty here
         chunk = prompts[s * t.shard_size : (s + 1) * t.shard_size]
         # Per-shard seed: a resumed run draws exactly what an uninterrupted one would.
         gen = torch.Generator(device=lm.device).manual_seed(t.seed * 1_000_003 + s)
