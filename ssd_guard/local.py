@@ -298,6 +298,13 @@ class GuardedLocalModel:
             parent_run_id=parent_run_id,
         )
 
+    def as_chat_model(self, *, tags: Sequence[str] = ()) -> Any:
+        """This model as a LangChain Runnable (messages in, ``AIMessage`` out):
+        :class:`ssd_guard.integrations.langchain.LocalGuardedChatModel`."""
+        from ssd_guard.integrations.langchain import LocalGuardedChatModel
+
+        return LocalGuardedChatModel(self, tags=tags)
+
     def __repr__(self) -> str:
         return (
             f"GuardedLocalModel(model={self.model_id!r}, layer={self.scorer.layer}, "

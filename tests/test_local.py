@@ -209,3 +209,39 @@ def test_batching_scorer_coalesces_concurrent_guard_calls(scorer) -> None:
         assert batching.batcher.stats.requests == len(QUESTIONS)
     # Closed: later calls run unbatched, same scores.
     assert batching.score_prompts([QUESTIONS[1]]) == pytest.approx([want[1]], abs=1e-4)
+
+
+def test_langchain_runnable_over_the_local_model(scorer) -> None:
+    import asyncio
+
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_core.prompts import ChatPromptTemplate
+
+    local = GuardedLocalModel(Guard(scorer, LOG_ONLY, cache=MemoryCache()), max_new_tokens=4)
+    chat = local.as_chat_model(tags=["demo"])
+    reference = GuardedLocalModel(Guard(scorer, LOG_ONLY, cache=MemoryCache()), max_new_tokens=4)
+    msg = chat.invoke([SystemMessage("be brief"), HumanMessage(QUESTIONS[0])])
+    assert isinstance(msg, AIMessage)
+    meta = msg.response_metadata["ssd_guard"]
+    assert meta["abstained"] is False and msg.content == reference.generate(QUESTIONS[0])
+    assert meta["scores"]["entropy"] == pytest.approx(
+        scorer.score_prompts([QUESTIONS[0]])[0], abs=1e-4
+    )
+    chain = ChatPromptTemplate.from_template("{q}") | chat
+    assert chain.invoke({"q": QUESTIONS[1]}).content == reference.generate(QUESTIONS[1])
+    many = chat.batch(QUESTIONS[:2])
+    assert [m.response_metadata["ssd_guard"]["scores"]["entropy"] for m in many] == pytest.approx(
+        scorer.score_prompts(QUESTIONS[:2]), abs=1e-4
+    )
+    amsg = asyncio.run(chat.ainvoke(QUESTIONS[2]))
+    assert amsg.response_metadata["ssd_guard"]["scores"]["entropy"] == pytest.approx(
+        scorer.score_prompts([QUESTIONS[2]])[0], abs=1e-4
+    )
+    abstain = _policy(
+        """
+  - {name: all, scope: prompt, when: {entropy: {gt: -1000}}, action: abstain}
+"""
+    )
+    blocked = GuardedLocalModel(Guard(scorer, abstain, cache=MemoryCache())).as_chat_model()
+    out = blocked.invoke(QUESTIONS[0])
+    assert out.content == "ABSTAIN" and out.response_metadata["ssd_guard"]["abstained"]

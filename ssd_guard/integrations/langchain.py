@@ -67,6 +67,7 @@ from ssd_guard.scoring.base import RiskScorer
 __all__ = [
     "AsyncSSDGuard",
     "GuardedChatModel",
+    "LocalGuardedChatModel",
     "SSDGuard",
     "SSDGuardMiddleware",
     "local_hf_model",
@@ -726,6 +727,57 @@ class GuardedChatModel(Runnable[Any, AIMessage]):
 # Agent middleware (langchain >= 1.0, imported lazily)
 # --------------------------------------------------------------------------------------
 _MIDDLEWARE_CLASS: type | None = None
+
+
+class LocalGuardedChatModel(Runnable[Any, AIMessage]):
+    """A LangChain Runnable over :class:`ssd_guard.local.GuardedLocalModel`: the zero-extra-
+    pass guard for LangChain chains and loops.
+
+    Input is anything a chat model takes (a string, messages, a prompt value); the last
+    human message is the question (earlier messages are not shown to the model: the
+    student reads prompts in its own distillation format). The output is an
+    ``AIMessage`` with the guard's result under ``response_metadata["ssd_guard"]`` (the
+    abstention message when the guard abstains). ``invoke`` / ``ainvoke`` / ``batch`` /
+    ``stream`` (one chunk) work as for any Runnable::
+
+        chat = LocalGuardedChatModel(GuardedLocalModel(guard))
+        (ChatPromptTemplate.from_template("{q}") | chat).invoke({"q": "Who wrote Hamlet?"})
+    """
+
+    def __init__(self, local: Any, *, tags: Sequence[str] = ()) -> None:
+        self.local = local
+        self.tags = tuple(tags)
+
+    def get_name(self, suffix: str | None = None, *, name: str | None = None) -> str:
+        return name or f"LocalGuardedChatModel[{self.local.model_id}]" + (suffix or "")
+
+    def _question(self, input_: Any) -> str:
+        messages = _to_messages(input_)
+        index = _last_human(messages)
+        if index is None:
+            raise ValueError("LocalGuardedChatModel needs a human message to answer")
+        return _text(messages[index])
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
+        question = self._question(input)
+        cfg = config or {}
+        res = self.local.invoke(
+            question, tags=[*self.tags, *(cfg.get("tags") or [])], run_name=cfg.get("run_name")
+        )
+        return _result_message(res)
+
+    async def ainvoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        question = self._question(input)
+        cfg = config or {}
+        res = await self.local.ainvoke(
+            question, tags=[*self.tags, *(cfg.get("tags") or [])], run_name=cfg.get("run_name")
+        )
+        return _result_message(res)
+
+    def __repr__(self) -> str:
+        return f"LocalGuardedChatModel({self.local!r})"
 
 
 def _build_middleware_class() -> type:
