@@ -593,6 +593,29 @@ class Guard:
         return err
 
     # ------------------------------------------------------------------ checks (sync)
+    @contextlib.contextmanager
+    def _checking(
+        self,
+        scope: Scope,
+        prompt: str,
+        items: Sequence[str | None],
+        entropy: float | None,
+        source: str | None,
+        tags: Sequence[str],
+        run_name: str | None,
+    ) -> Iterator[tuple[_Lookup, float]]:
+        """The part of a check shared by the sync and async paths: bind the run, plan
+        the cache lookup, and turn a fail-closed cache error into the blocking decision."""
+        t0 = time.perf_counter()
+        with self.bind():
+            plan = self._plan(scope, prompt, items, entropy)
+            try:
+                yield plan, t0
+            except _CacheBlocked as exc:
+                raise self._blocked(
+                    scope, exc, t0, tags=tags, run_name=run_name, source=source
+                ) from exc.cause
+
     def _check(
         self,
         scope: Scope,
@@ -605,15 +628,8 @@ class Guard:
         run_name: str | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> list[Decision]:
-        t0 = time.perf_counter()
-        with self.bind():
-            plan = self._plan(scope, prompt, items, entropy)
-            try:
-                self._lookup(plan)
-            except _CacheBlocked as exc:
-                raise self._blocked(
-                    scope, exc, t0, tags=tags, run_name=run_name, source=source
-                ) from exc.cause
+        with self._checking(scope, prompt, items, entropy, source, tags, run_name) as (plan, t0):
+            self._lookup(plan)
             return self._decide(
                 scope, plan, t0, source=source, tags=tags, run_name=run_name, extra=extra
             )
@@ -630,15 +646,8 @@ class Guard:
         run_name: str | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> list[Decision]:
-        t0 = time.perf_counter()
-        with self.bind():
-            plan = self._plan(scope, prompt, items, entropy)
-            try:
-                await self._alookup(plan)
-            except _CacheBlocked as exc:
-                raise self._blocked(
-                    scope, exc, t0, tags=tags, run_name=run_name, source=source
-                ) from exc.cause
+        with self._checking(scope, prompt, items, entropy, source, tags, run_name) as (plan, t0):
+            await self._alookup(plan)
             return self._decide(
                 scope, plan, t0, source=source, tags=tags, run_name=run_name, extra=extra
             )
