@@ -65,6 +65,8 @@ class HeadInfo(_Model):
     depth: int
     min_scale: float
     val_nll: float
+    #: the head's target space: whitened PCA coordinates (``True``) or plain ones
+    whitened: bool = True
 
 
 class PromptFormat(_Model):

@@ -63,6 +63,9 @@ def test_pipeline_end_to_end_and_scorer(tiny_lm_path, minilm, tmp_path) -> None:
     assert manifest["layer"] == layers["best"]
     assert manifest["training"]["n_train"] == 10 and "greedy_accuracy" in manifest["training"]
     assert set(manifest["heads"]) == {"risk", "answer"}
+    # Risk head on plain PCA coordinates (the default), answer head on whitened ones.
+    assert manifest["heads"]["risk"]["whitened"] is False
+    assert manifest["heads"]["answer"]["whitened"] is True
 
     # A second run skips every stage.
     seen.clear()
@@ -80,6 +83,11 @@ def test_pipeline_end_to_end_and_scorer(tiny_lm_path, minilm, tmp_path) -> None:
     # Scoring a precomputed hidden state equals scoring the text.
     h = scorer.hidden(["Who wrote Hamlet?"])
     assert scorer.entropy_from_hidden(h).item() == pytest.approx(ent[1], abs=1e-5)
+    # Answers in a head's own target space: plain PCA for the risk head.
+    pca = scorer.embedder.pca
+    z_plain = scorer.embed_answers(["Lima"], head="risk")
+    z_white = scorer.embedder.embed(["Lima"], dim=4)
+    assert torch.allclose(z_plain, z_white * pca.scale[:4], atol=1e-6)
     # The hidden states stored by the teacher stage are what the encoder computes.
     prompts = [json.loads(x) for x in (root / "prompts.jsonl").read_text().splitlines()]
     enc = scorer.hidden([prompts[0]["text"]], formatted=True)
@@ -199,3 +207,15 @@ def test_answer_matching() -> None:
     assert s == split_ids([str(i) for i in range(10)], (0.6, 0.2, 0.2), seed=1)
     with pytest.raises(ConfigError):
         split_ids(["a"], (0.5, 0.5, 0.5), 0)
+
+
+def test_whitened_risk_head_is_an_option(tiny_lm_path, tmp_path) -> None:
+    recipe = tiny_recipe(tiny_lm_path, tmp_path / "wd", student={"whiten_risk": True})
+    root = pipeline.run_pipeline(recipe, progress=False)
+    manifest = json.loads((root / "artifact" / "manifest.json").read_text())
+    assert manifest["heads"]["risk"]["whitened"] is True
+    plain = tiny_recipe(tiny_lm_path, tmp_path / "wd")
+    seen: list[tuple[str, str]] = []
+    pipeline.run_pipeline(plain, progress=False, on_stage=lambda n, s, _t: seen.append((n, s)))
+    # Only the student stage depends on the option.
+    assert [n for n, s in seen if s == "done"] == ["student"]

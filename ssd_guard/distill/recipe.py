@@ -97,6 +97,12 @@ class StudentConfig(_Strict):
     batch_size: int = Field(default=128, ge=1)
     dropout: float = Field(default=0.1, ge=0, lt=1)
     seed: int = 0
+    #: Train the risk head on *whitened* PCA coordinates (unit variance per component)
+    #: instead of the plain PCA coordinates. Plain is the default: on the SmolLM2 /
+    #: TriviaQA validation split its entropy predicted wrong answers better in every one
+    #: of 4 seeds (AUROC 0.668 vs 0.605 on average), because whitening inflates the
+    #: dispersion along minor components that carry little meaning.
+    whiten_risk: bool = False
 
 
 class Recipe(_Strict):

@@ -256,8 +256,12 @@ def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str,
         bar = tqdm(total=len(grid) * len(dims), desc="student grid", unit="fit")
     heads: dict[str, SSDStudent] = {}
     results: dict[str, list[dict[str, Any]]] = {}
+    # Heads trained on plain PCA coordinates although the stored PCA whitens.
+    unwhiten = {"risk": r.embedding.whiten and not sc.whiten_risk, "answer": False}
     for head, d in dims.items():
         z = z_all[..., :d]
+        if unwhiten[head]:
+            z = z * pca.scale[:d]
         rows = []
         best: SSDStudent | None = None
         for k, h, depth in grid:
@@ -324,6 +328,7 @@ def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str,
                 depth=st.depth,
                 min_scale=st.min_scale,
                 val_nll=round(st.best_val_nll_, 5),
+                whitened=bool(r.embedding.whiten and not unwhiten[name]),
             )
             for name, st in heads.items()
         },

@@ -119,7 +119,10 @@ def _load_ssd(
     from ssd_guard.scoring.ssd import SSDScorer
 
     path = Path(artifact) if artifact is not None else data.artifact_dir
-    return SSDScorer.load(path, lm=lm, embedder=embedder, device=device, dtype=dtype)
+    # fp32 answer embeddings: exactly what distillation embedded with.
+    return SSDScorer.load(
+        path, lm=lm, embedder=embedder, device=device, dtype=dtype, embedder_dtype="fp32"
+    )
 
 
 def _base_model_id(ssd: Any) -> str | None:

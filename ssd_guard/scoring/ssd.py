@@ -213,8 +213,13 @@ class SSDScorer:
             return []
         return self.entropy_from_hidden(self.hidden(prompts, formatted=formatted)).cpu().tolist()  # type: ignore[no-any-return]
 
-    def embed_answers(self, answers: Sequence[str]) -> torch.Tensor:
-        return self.embedder.embed(answers, dim=self.heads["answer"].dim_)
+    def embed_answers(self, answers: Sequence[str], head: str = "answer") -> torch.Tensor:
+        """Answers projected into *head*'s target space (``[N, d]``)."""
+        dim = self.heads[head].dim_
+        z = self.embedder.embed(answers, dim=dim)
+        if not self.manifest.heads[head].whitened and self.embedder.pca is not None:
+            z = z * self.embedder.pca.scale[:dim]  # plain PCA coordinates
+        return z
 
     def score_answers(
         self,
