@@ -178,3 +178,25 @@ class FailingCache:
 
     async def aclose(self) -> None:
         pass
+
+
+#: The fields every ``guard.decision`` audit event must carry (the issue's contract).
+AUDIT_CONTRACT_FIELDS = frozenset(
+    {
+        "run_id",
+        "parent_run_id",
+        "step",
+        "scope",
+        "model_id",
+        "hidden_state_source",
+        "student_fingerprint",
+        "policy_name",
+        "policy_sha256",
+        "scores",
+        "thresholds",
+        "rule",
+        "action",
+        "cache_hit",
+        "latency_ms",
+    }
+)

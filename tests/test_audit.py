@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import structlog
+from fakes import AUDIT_CONTRACT_FIELDS
 from structlog.testing import capture_logs
 
 from ssd_guard import audit
@@ -34,24 +35,6 @@ from ssd_guard.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "policies_bad"
-
-FIELDS = {
-    "run_id",
-    "parent_run_id",
-    "step",
-    "scope",
-    "model_id",
-    "hidden_state_source",
-    "student_fingerprint",
-    "policy_name",
-    "policy_sha256",
-    "scores",
-    "thresholds",
-    "rule",
-    "action",
-    "cache_hit",
-    "latency_ms",
-}
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +73,7 @@ def test_capture_logs_sees_exactly_one_decision_event_with_all_fields() -> None:
     decisions = [e for e in logs if e["event"] == DECISION_EVENT]
     assert len(decisions) == 1 and len(logs) == 1
     ev = decisions[0]
-    assert FIELDS | {"timestamp", "tags", "source"} <= set(ev)
+    assert AUDIT_CONTRACT_FIELDS | {"timestamp", "tags", "source"} <= set(ev)
     assert ev["scores"] == {"entropy": 2.5} and ev["thresholds"] == {"entropy.gt": 2.31}
     assert ev["rule"] == "risky-prompt" and ev["action"] == "abstain"
     assert ev["latency_ms"] == {"score": 4.2, "total": 5.0} and ev["cache_hit"] is False
@@ -122,7 +105,7 @@ def test_file_sink_json_lines_with_bound_context(tmp_path: Path) -> None:
     assert events[0]["run_name"] == "agent-x" and events[1]["run_name"] == "agent-x"
     assert "run_name" not in events[2]  # context is restored after bind_run
     assert events[1]["parent_run_id"] == "run-7"
-    assert set(events[2]) >= FIELDS
+    assert set(events[2]) >= AUDIT_CONTRACT_FIELDS
     assert structlog.contextvars.get_contextvars() == {}
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import save_student_artifact
 
 from ssd_guard.scoring.stats import LiveStats, Stats, compute_stats
 
@@ -59,16 +60,7 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def build_workdir(root: Path, lm: Any, *, mc: bool = False, seed: int = 0) -> Path:
     """Write a complete work directory; even rows are 'known' (right, consistent answers)."""
-    from ssd_guard.artifact import (
-        BaseModelInfo,
-        EmbedderInfo,
-        HeadInfo,
-        Manifest,
-        PromptFormat,
-        save_artifact,
-    )
     from ssd_guard.encoding import PCAProjection
-    from ssd_guard.student import SSDStudent
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
@@ -165,32 +157,19 @@ def build_workdir(root: Path, lm: Any, *, mc: bool = False, seed: int = 0) -> Pa
 
     x = hidden[:, LAYER].float()
     z = pca.transform(samples_e)
-    tensors: dict[str, torch.Tensor] = dict(pca.tensors())
-    heads = {}
-    for name, d in (("risk", 4), ("answer", 8)):
-        st = SSDStudent(2, 16, 1, max_epochs=15, batch_size=16, seed=0, device="cpu").fit(
-            x[tr], z[tr, :, :d]
-        )
-        tensors.update({f"heads.{name}.{k}": v for k, v in st.state_tensors().items()})
-        heads[name] = HeadInfo(
-            dim=d, n_components=2, hidden=16, depth=1, min_scale=st.min_scale, val_nll=0.0
-        )
-    tensors["calibration.entropy"] = torch.linspace(-5, 5, 11)
-    tensors["calibration.loglik"] = torch.linspace(-20, 0, 11)
-    manifest = Manifest(
-        base_model=BaseModelInfo(
-            id=lm.model_id,
-            fingerprint=lm.fingerprint,
-            hidden_size=lm.hidden_size,
-            num_layers=lm.num_layers,
-        ),
+    save_student_artifact(
+        root / "artifact",
+        lm,
         layer=LAYER,
-        embedder=EmbedderInfo(id="trigram", dim=E),
-        pca_dim=8,
-        heads=heads,
-        prompt=PromptFormat(few_shot=FEW_SHOT),
+        pca=pca,
+        x=x[tr],
+        z=z[tr],
+        embedder=("trigram", E),
+        few_shot=FEW_SHOT,
+        n_components=2,
+        depth=1,
+        max_epochs=15,
     )
-    save_artifact(root / "artifact", manifest, tensors)
     return root
 
 

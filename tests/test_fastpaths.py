@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import save_student_artifact
 
 from ssd_guard.scoring.batcher import MicroBatcher
 
@@ -35,48 +36,14 @@ QUESTIONS = [
 
 
 def _build_artifact(root: Path, lm: Any, *, layer: int) -> Path:
-    from ssd_guard.artifact import (
-        BaseModelInfo,
-        EmbedderInfo,
-        HeadInfo,
-        Manifest,
-        PromptFormat,
-        save_artifact,
-    )
     from ssd_guard.encoding import PCAProjection
-    from ssd_guard.student import SSDStudent
 
     gen = torch.Generator().manual_seed(0)
     n, s, emb_dim = 48, 3, 384
     x = torch.randn(n, lm.hidden_size, generator=gen)
     pca = PCAProjection.fit(torch.randn(64, emb_dim, generator=gen), 8)
     z = torch.randn(n, s, 8, generator=gen)
-    tensors: dict[str, torch.Tensor] = dict(pca.tensors())
-    heads = {}
-    for name, d in (("risk", 4), ("answer", 8)):
-        st = SSDStudent(3, 16, 2, max_epochs=2, batch_size=16, seed=0, device="cpu").fit(
-            x, z[..., :d]
-        )
-        tensors.update({f"heads.{name}.{k}": v for k, v in st.state_tensors().items()})
-        heads[name] = HeadInfo(
-            dim=d, n_components=3, hidden=16, depth=2, min_scale=st.min_scale, val_nll=0.0
-        )
-    tensors["calibration.entropy"] = torch.linspace(-5, 5, 11)
-    tensors["calibration.loglik"] = torch.linspace(-20, 0, 11)
-    manifest = Manifest(
-        base_model=BaseModelInfo(
-            id=lm.model_id,
-            fingerprint=lm.fingerprint,
-            hidden_size=lm.hidden_size,
-            num_layers=lm.num_layers,
-        ),
-        layer=layer,
-        embedder=EmbedderInfo(id="all-MiniLM-L6-v2", dim=emb_dim),
-        pca_dim=8,
-        heads=heads,
-        prompt=PromptFormat(few_shot=FEW_SHOT),
-    )
-    return save_artifact(root, manifest, tensors)
+    return save_student_artifact(root, lm, layer=layer, pca=pca, x=x, z=z, few_shot=FEW_SHOT)
 
 
 @pytest.fixture(scope="module", params=[LAYER, 4], ids=["mid-layer", "last-layer"])

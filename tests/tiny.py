@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,3 +79,64 @@ def build_tiny_lm(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_student_artifact(
+    root: Path,
+    lm: Any,
+    *,
+    layer: int,
+    pca: Any,
+    x: Any,
+    z: Any,
+    embedder: tuple[str, int] = ("all-MiniLM-L6-v2", 384),
+    few_shot: str = "",
+    n_components: int = 3,
+    hidden: int = 16,
+    depth: int = 2,
+    max_epochs: int = 2,
+    dims: tuple[int, int] = (4, 8),
+) -> Path:
+    """Fit small risk/answer heads on ``x [N, H]`` -> ``z [N, S, D]`` and save a complete
+    artifact (PCA, heads, calibration, manifest) for the tiny LM ``lm``."""
+    from ssd_guard.artifact import (
+        BaseModelInfo,
+        EmbedderInfo,
+        HeadInfo,
+        Manifest,
+        PromptFormat,
+        save_artifact,
+    )
+    from ssd_guard.student import SSDStudent
+
+    tensors: dict[str, Any] = dict(pca.tensors())
+    heads = {}
+    for name, d in zip(("risk", "answer"), dims):
+        st = SSDStudent(
+            n_components, hidden, depth, max_epochs=max_epochs, batch_size=16, seed=0, device="cpu"
+        ).fit(x, z[..., :d])
+        tensors.update({f"heads.{name}.{k}": v for k, v in st.state_tensors().items()})
+        heads[name] = HeadInfo(
+            dim=d,
+            n_components=n_components,
+            hidden=hidden,
+            depth=depth,
+            min_scale=st.min_scale,
+            val_nll=0.0,
+        )
+    tensors["calibration.entropy"] = torch.linspace(-5, 5, 11)
+    tensors["calibration.loglik"] = torch.linspace(-20, 0, 11)
+    manifest = Manifest(
+        base_model=BaseModelInfo(
+            id=lm.model_id,
+            fingerprint=lm.fingerprint,
+            hidden_size=lm.hidden_size,
+            num_layers=lm.num_layers,
+        ),
+        layer=layer,
+        embedder=EmbedderInfo(id=embedder[0], dim=embedder[1]),
+        pca_dim=pca.dim,
+        heads=heads,
+        prompt=PromptFormat(few_shot=few_shot),
+    )
+    return save_artifact(root, manifest, tensors)
