@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fakes import AUDIT_CONTRACT_FIELDS
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
@@ -14,7 +15,6 @@ from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from structlog.testing import capture_logs
 from test_guard import (
-    CONTRACT_FIELDS,
     GOOD_DOC,
     POISON_DOC,
     POLICY_YAML,
@@ -94,7 +94,7 @@ def test_handler_logs_prompt_and_answer_with_langchain_run_ids() -> None:
     ]
     assert [e["run_id"] for e in events] == spy.run_ids * 2
     for ev in events:
-        assert ev.keys() >= CONTRACT_FIELDS
+        assert ev.keys() >= AUDIT_CONTRACT_FIELDS
         assert ev["hidden_state_source"] == "proxy:fake/base-model"
         assert ev["guarded_model"] == "CountingChat"
     assert not guard._pending  # per-run bookkeeping is released
