@@ -272,7 +272,7 @@ class AnswerEmbedder:
         Transformer -> mean Pooling -> Normalize stack (MiniLM, mpnet): then a short batch
         is embedded by calling the transformer directly, skipping ``encode``'s
         per-call overhead (about 2 ms of an 8 ms one-answer embedding on CPU)."""
-        if not hasattr(self, "_direct"):
+        if getattr(self, "_direct_model", None) is not self.model:  # (re)derive per model
             parts = None
             try:
                 mods = list(self.model)
@@ -288,6 +288,7 @@ class AnswerEmbedder:
             except TypeError:  # not a sentence-transformers module list
                 parts = None
             self._direct: tuple[Any, Any, int] | None = parts
+            self._direct_model = self.model
         return self._direct
 
     @torch.inference_mode()

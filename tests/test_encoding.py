@@ -90,3 +90,14 @@ def test_answer_embedder_direct_path_equals_encode(minilm) -> None:
     assert torch.allclose(direct, ref, atol=1e-5)
     many = emb.embed_raw(texts * 3)  # longer batch: sentence-transformers encode
     assert torch.allclose(many, ref.repeat(3, 1), atol=1e-5)
+
+
+def test_answer_embedder_direct_path_follows_a_swapped_model(minilm) -> None:
+    import copy
+
+    emb = AnswerEmbedder(minilm)
+    first = emb.embed_raw(["Mars"])
+    emb.model = copy.deepcopy(minilm).to(torch.bfloat16)
+    parts = emb._direct_parts()
+    assert parts is not None and next(parts[1].parameters()).dtype == torch.bfloat16
+    assert torch.allclose(emb.embed_raw(["Mars"]), first, atol=2e-2)

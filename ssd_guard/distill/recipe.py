@@ -100,8 +100,9 @@ class StudentConfig(_Strict):
     #: Train the risk head on *whitened* PCA coordinates (unit variance per component)
     #: instead of the plain PCA coordinates. Plain is the default: on the SmolLM2 /
     #: TriviaQA validation split its entropy predicted wrong answers better in every one
-    #: of 4 seeds (AUROC 0.668 vs 0.605 on average), because whitening inflates the
-    #: dispersion along minor components that carry little meaning.
+    #: of 4 seeds (AUROC 0.667 vs 0.605 on average; benchmarks/risk_targets.py),
+    #: because whitening inflates the dispersion along minor components that carry
+    #: little meaning.
     whiten_risk: bool = False
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from ssd_guard.scoring.ssd import _HIDDEN_PROVIDER
+
 __all__ = ["BatcherClosedError", "BatcherStats", "BatchingScorer", "MicroBatcher"]
 
 
@@ -273,8 +275,6 @@ class BatchingScorer:
         return getattr(self.scorer, name)
 
     def _provider_active(self) -> bool:
-        from ssd_guard.scoring.ssd import _HIDDEN_PROVIDER
-
         active = _HIDDEN_PROVIDER.get()
         return active is not None and active[0] is self.scorer
 
