@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ssd_guard.audit import EventScan
 
 __all__ = ["add_commands", "load_calibration"]
 
@@ -16,13 +22,14 @@ def add_commands(subparsers: Any) -> None:
     """Add ``check-policy`` and ``audit`` to the ``ssd-guard`` parser."""
     p = subparsers.add_parser(
         "check-policy",
-        help="validate a YAML policy and describe its rules in plain words",
+        help="validate YAML policies and describe their rules in plain words",
         description=(
-            "Validate a YAML policy. Valid: print what each rule does, exit 0. "
-            "Invalid: print FILE: KEY.PATH: reason to stderr, exit 1."
+            "Validate YAML policies, including that the student directory and proxy model "
+            "they name exist. Valid: print what each rule does. Invalid: print "
+            "FILE: KEY.PATH: reason to stderr. Exit 1 if any file is invalid, else 0."
         ),
     )
-    p.add_argument("file", metavar="FILE", help="policy YAML file")
+    p.add_argument("files", nargs="+", metavar="FILE", help="policy YAML file(s)")
     p.add_argument(
         "--calibration",
         metavar="PATH",
@@ -37,7 +44,8 @@ def add_commands(subparsers: Any) -> None:
             "Summarise the guard.decision events of a JSON-lines audit log: decisions per "
             "action and rule, score histograms, latency, slowest steps. With --replay, "
             "re-decide every logged step from its logged scores under another policy (no "
-            "model is loaded) and report what changes."
+            "model is loaded) and report what changes. Unreadable or malformed lines are "
+            "skipped and counted on stderr (and as skipped_lines with --json)."
         ),
     )
     a.add_argument("file", metavar="FILE", help="JSON-lines audit log")
@@ -67,16 +75,21 @@ def load_calibration(path: str | Path) -> dict[str, list[float]]:
     if p.is_file():
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise ConfigError(f"{path}: cannot read calibration JSON: {exc}") from None
         if isinstance(data, Mapping) and isinstance(data.get("calibration"), Mapping):
             data = data["calibration"]
+        expected = f"{path}: expected a JSON object mapping metrics to lists of numbers"
         if not isinstance(data, Mapping) or not all(
-            isinstance(v, list) and all(isinstance(x, int | float) for x in v)
+            isinstance(v, list)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
             for v in data.values()
         ):
-            raise ConfigError(f"{path}: expected a JSON object mapping metrics to lists of numbers")
-        return {str(k): sorted(float(x) for x in v) for k, v in data.items()}
+            raise ConfigError(expected)
+        try:
+            return {str(k): sorted(float(x) for x in v) for k, v in data.items()}
+        except OverflowError:
+            raise ConfigError(f"{expected} (a number is out of range)") from None
     from ssd_guard.artifact import load_artifact
 
     _, tensors = load_artifact(str(path))
@@ -87,36 +100,99 @@ def load_calibration(path: str | Path) -> dict[str, list[float]]:
     }
 
 
+def _write(text: str, stream: IO[str] | None = None) -> None:
+    """Print *text* and flush; characters the stream cannot encode (a lone surrogate read
+    from a log, say) are written as backslash escapes instead of raising."""
+    out = stream if stream is not None else sys.stdout
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    try:
+        safe = text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:
+        safe = text.encode("ascii", "backslashreplace").decode("ascii")
+    out.write(safe + "\n")
+    out.flush()
+
+
+def _pipe_safe(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run *command*; when the reader of stdout goes away (``... | head``), stop quietly
+    with exit status 141 (128 + SIGPIPE, what a shell shows for a process killed by it)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except BrokenPipeError:
+            # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            return 141
+
+    return run
+
+
+@_pipe_safe
 def _check_policy(args: argparse.Namespace) -> int:
     from ssd_guard.errors import SSDGuardError
-    from ssd_guard.policy import describe_policy, load_policy
+    from ssd_guard.policy import check_policy_references, describe_policy, load_policy
 
-    try:
-        policy = load_policy(args.file)
-        calibration = load_calibration(args.calibration) if args.calibration else None
-    except SSDGuardError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(describe_policy(policy, calibration))
-    return 0
+    calibration = None
+    if args.calibration:
+        try:
+            calibration = load_calibration(args.calibration)
+        except SSDGuardError as exc:
+            _write(str(exc), sys.stderr)
+            return 1
+    several = len(args.files) > 1
+    failed = 0
+    for i, file in enumerate(args.files):
+        try:
+            policy = load_policy(file)
+            check_policy_references(policy)
+        except SSDGuardError as exc:
+            failed += 1
+            _write(str(exc), sys.stderr)
+            continue
+        text = describe_policy(policy, calibration)
+        if several:
+            text = ("\n" if i else "") + f"==> {file}: valid <==\n" + text
+        _write(text)
+    if several and failed:
+        _write(f"ssd-guard: {failed} of {len(args.files)} policies are invalid", sys.stderr)
+    return 1 if failed else 0
 
 
+def _skipped_note(scan: EventScan) -> str:
+    shown = "; ".join(f"line {n}: {why}" for n, why in scan.problems[:5])
+    more = ", ..." if scan.skipped > 5 else ""
+    return f"ssd-guard: skipped {scan.skipped} bad line(s) in {scan.source} ({shown}{more})"
+
+
+@_pipe_safe
 def _audit(args: argparse.Namespace) -> int:
-    from ssd_guard.audit import _read_events, format_replay, format_summary, replay, summarise
+    from ssd_guard.audit import (
+        DECISION_EVENT,
+        filter_events,
+        format_replay,
+        format_summary,
+        replay,
+        scan_events,
+        summarise,
+    )
 
-    events, skipped, _ = _read_events(args.file, event="guard.decision", strict=False)
-    if skipped:
-        print(f"ssd-guard: skipped {skipped} malformed line(s) in {args.file}", file=sys.stderr)
+    scan = scan_events(args.file, event=DECISION_EVENT)
+    if scan.skipped:
+        _write(_skipped_note(scan), sys.stderr)
     filters = {"run_id": args.run, "action": args.action, "since": args.since, "until": args.until}
     if not args.replay:
-        summary = summarise(events, **filters)
+        summary = summarise(scan.events, **filters)
         if args.json:
-            print(json.dumps(summary, indent=2, default=str))
+            _write(json.dumps({**summary, "skipped_lines": scan.skipped}, indent=2, default=str))
         else:
-            print(format_summary(summary))
+            _write(format_summary(summary))
         return 0
 
-    from ssd_guard.audit import filter_events
     from ssd_guard.policy import load_policy
 
     policy = load_policy(args.replay)
@@ -129,16 +205,17 @@ def _audit(args: argparse.Namespace) -> int:
         if student != "bundled" and not Path(student).is_absolute() and beside.exists():
             student = str(beside)
         calibration = load_calibration(student)
-    selected: Sequence[Mapping[str, Any]] = filter_events(events, **filters)
+    selected: Sequence[Mapping[str, Any]] = filter_events(scan.events, **filters)
     rows = replay(policy, selected, calibration)
     if args.json:
-        print(
+        _write(
             json.dumps(
                 {
                     "policy": policy.name,
                     "policy_sha256": policy.sha256,
                     "decisions": len(rows),
                     "changed": sum(r.changed for r in rows),
+                    "skipped_lines": scan.skipped,
                     "rows": [r.to_dict() for r in rows],
                 },
                 indent=2,
@@ -146,5 +223,5 @@ def _audit(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(format_replay(rows, policy.name))
+        _write(format_replay(rows, policy.name))
     return 0

@@ -1,4 +1,4 @@
-"""Declarative YAML policies: the schema, loading with precise errors, and rule evaluation.
+"""The policy schema (pydantic models) and rule evaluation (:meth:`Policy.decide`).
 
 A policy is a list of rules evaluated in order for one *scope* of an LLM call:
 
@@ -11,28 +11,21 @@ A policy is a list of rules evaluated in order for one *scope* of an LLM call:
     prompt's predicted answer distribution, plus the prompt's ``entropy``).
 
 The first rule whose scope, filters and condition all match decides the action; when none
-matches, ``default_action`` applies. Every key is checked (unknown keys are errors), and
-:func:`load_policy` reports problems as ``FILE: KEY.PATH[i]: reason``.
+matches, ``default_action`` applies. Every key is checked (unknown keys are errors).
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
 import threading
-import types
-import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from importlib import resources
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -44,9 +37,19 @@ from pydantic import (
 )
 
 from ssd_guard.errors import PolicyError
+from ssd_guard.policy.parsing import (
+    ROOT,
+    PathError,
+    convert_validation_error,
+    format_path,
+    parse_policy_yaml,
+    policy_error,
+    top_level_reason,
+)
 
 __all__ = [
     "BLOCKING_ACTIONS",
+    "MAX_TTL_S",
     "METRICS",
     "SCOPE_ACTIONS",
     "SCOPE_METRICS",
@@ -59,10 +62,6 @@ __all__ = [
     "Scope",
     "Source",
     "Threshold",
-    "default_policy_path",
-    "describe_policy",
-    "load_default_policy",
-    "load_policy",
 ]
 
 Scope = Literal["prompt", "answer", "document"]
@@ -103,28 +102,18 @@ ACTION_PARAMS: Mapping[str, Mapping[str, Any]] = {
 }
 
 SUPPORTED_VERSIONS = (1,)
-_ROOT = "<root>"
+
+#: Longest cache ``ttl_s`` accepted: ten years, in seconds. Redis refuses an expiry whose
+#: milliseconds overflow a 64-bit integer, so a bound is needed, and no score should outlive
+#: the student that produced it by more than that.
+MAX_TTL_S = 10 * 365 * 24 * 3600
+
 _BOUNDS = ("gt", "ge", "lt", "le")
-_OP_SYMBOL = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-_SCOPE_WORDS = {
-    "prompt": "before generation",
-    "answer": "after generation",
-    "document": "on retrieved documents / tool outputs / cache hits",
-}
 
 
 # --------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------
-class _PathError(ValueError):
-    """A validation error that knows the key path below the model that raised it."""
-
-    def __init__(self, subpath: Sequence[str | int], message: str) -> None:
-        super().__init__(message)
-        self.subpath = tuple(subpath)
-        self.message = message
-
-
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"expected a finite number, got {value}")
@@ -200,8 +189,8 @@ class CacheConfig(_Model):
 
     url: Annotated[str, AfterValidator(_cache_url)] = "memory"
     """``memory`` (in-process LRU) or ``redis://``, ``rediss://``, ``unix://`` URL."""
-    ttl_s: int = Field(default=86_400, gt=0)
-    """Time-to-live of an entry, seconds."""
+    ttl_s: int = Field(default=86_400, gt=0, le=MAX_TTL_S)
+    """Time-to-live of an entry, seconds (at most :data:`MAX_TTL_S`, ten years)."""
     fail_mode: Literal["open", "closed"] = "open"
     """Redis down: ``open`` = a miss, go on; ``closed`` = raise CacheUnavailableError."""
     namespace: Name = "ssd-guard"
@@ -297,7 +286,9 @@ class Condition(_Model):
             raise ValueError("expected at least one of entropy, loglik, all, any")
         return self
 
-    def leaves(self, prefix: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple, str, Threshold]]:
+    def leaves(
+        self, prefix: tuple[str | int, ...] = ()
+    ) -> Iterator[tuple[tuple[str | int, ...], str, Threshold]]:
         """``(key path, metric, threshold)`` of every bound, depth first."""
         for metric in METRICS:
             threshold = getattr(self, metric)
@@ -346,14 +337,14 @@ class Rule(_Model):
         if self.when is not None:
             for path, metric, _ in self.when.leaves(("when",)):
                 if metric not in allowed_metrics:
-                    raise _PathError(
+                    raise PathError(
                         path,
                         f"{metric} is not available on scope '{self.scope}' (before generation "
                         "there is no answer to score); use it on scope 'answer' or 'document'",
                     )
         if self.action not in SCOPE_ACTIONS[self.scope]:
             ok = sorted(s for s, acts in SCOPE_ACTIONS.items() if self.action in acts)
-            raise _PathError(
+            raise PathError(
                 ("action",),
                 f"action '{self.action}' does not apply to scope '{self.scope}' "
                 f"(it needs scope {' or '.join(repr(s) for s in ok)})",
@@ -365,13 +356,13 @@ class Rule(_Model):
             ("message", {"abstain", "reject_answer"}),
         ):
             if getattr(self, param) is not None and self.action not in owners:
-                raise _PathError(
+                raise PathError(
                     (param,),
                     f"only applies to action {' / '.join(sorted(owners))} "
                     f"(this rule's action is '{self.action}')",
                 )
         if self.sources is not None and self.scope != "document":
-            raise _PathError(("sources",), "only applies to scope 'document'")
+            raise PathError(("sources",), "only applies to scope 'document'")
         return self
 
     @property
@@ -468,13 +459,13 @@ class Policy(_Model):
     @model_validator(mode="after")
     def _check(self) -> Policy:
         if self.version not in SUPPORTED_VERSIONS:
-            raise _PathError(
+            raise PathError(
                 ("version",),
                 f"unsupported policy version {self.version} (this ssd-guard reads "
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
             )
         if self.default_action not in DEFAULT_ACTIONS:
-            raise _PathError(
+            raise PathError(
                 ("default_action",),
                 f"applies to every scope; expected one of "
                 f"{', '.join(sorted(DEFAULT_ACTIONS))}, got '{self.default_action}'",
@@ -482,7 +473,7 @@ class Policy(_Model):
         seen: dict[str, int] = {}
         for i, rule in enumerate(self.rules):
             if rule.name in seen:
-                raise _PathError(
+                raise PathError(
                     ("rules", i, "name"),
                     f"duplicate rule name '{rule.name}' (already used by rules[{seen[rule.name]}])",
                 )
@@ -493,18 +484,20 @@ class Policy(_Model):
     @classmethod
     def from_yaml_text(cls, text: str | bytes, source: str = "<string>") -> Policy:
         """Parse and validate a policy from YAML text; errors name *source*."""
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        return _policy_from_bytes(data, source)
+        data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+        policy = cls.from_mapping(parse_policy_yaml(data, source), source)
+        policy._sha256 = hashlib.sha256(data).hexdigest()
+        return policy
 
     @classmethod
     def from_mapping(cls, data: Any, source: str = "<mapping>") -> Policy:
         """Validate an already-parsed mapping; errors name *source* like :func:`load_policy`."""
         if not isinstance(data, Mapping):
-            raise _policy_error(source, _ROOT, _top_level_reason(data))
+            raise policy_error(source, ROOT, top_level_reason(data))
         try:
             policy = cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise _convert(exc, source) from None
+            raise convert_validation_error(exc, source, cls) from None
         policy._source = source
         return policy
 
@@ -633,7 +626,7 @@ class Policy(_Model):
         if rule.when is None:
             return out
         for path, metric, threshold in rule.when.leaves():
-            prefix = _format_path(path[:-1])
+            prefix = format_path(path[:-1])
             prefix = f"{prefix}." if prefix else ""
             for op, is_q, v in threshold.bounds():
                 key = f"{prefix}{metric}.{op}"
@@ -699,7 +692,7 @@ def _evaluate(
 ) -> bool:
     """Evaluate without short-circuit so thresholds and missing scores are complete."""
     ok = True
-    prefix = _format_path(path)
+    prefix = format_path(path)
     prefix = f"{prefix}." if prefix else ""
     for metric in METRICS:
         threshold: Threshold | None = getattr(cond, metric)
@@ -730,377 +723,3 @@ def _evaluate(
         ]
         ok = ok and any(results)
     return ok
-
-
-# --------------------------------------------------------------------------------------
-# Loading and error reporting
-# --------------------------------------------------------------------------------------
-def _format_path(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _policy_error(source: str, path: str, reason: str) -> PolicyError:
-    err = PolicyError(f"{source}: {path}: {reason}")
-    err.source = source  # type: ignore[attr-defined]
-    err.key_path = path  # type: ignore[attr-defined]
-    err.reason = reason  # type: ignore[attr-defined]
-    err.problems = [(path, reason)]  # type: ignore[attr-defined]
-    return err
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
-
-
-def _top_level_reason(data: Any) -> str:
-    return f"expected a mapping of policy keys at the top level, got {_type_name(data)}"
-
-
-def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The model class that validates the mapping at *loc* (below Policy)."""
-    cls: type[BaseModel] = Policy
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fld = None
-        for fname, info in cls.model_fields.items():
-            if part in (fname, info.alias):
-                fld = info
-                break
-        if fld is None:
-            return None
-        inner = _inner_model(fld.annotation)
-        if inner is None:
-            return None
-        cls = inner
-    return cls
-
-
-def _inner_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return typing.cast(type[BaseModel], annotation)
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType, list, Annotated) or origin is not None:
-        for arg in get_args(annotation):
-            found = _inner_model(arg)
-            if found is not None:
-                return found
-    if isinstance(annotation, typing.ForwardRef | str):
-        name = (
-            annotation.__forward_arg__ if isinstance(annotation, typing.ForwardRef) else annotation
-        )
-        known: dict[str, type[BaseModel]] = {
-            "Condition": Condition,
-            "Threshold": Threshold,
-            "Rule": Rule,
-        }
-        return known.get(name)
-    return None
-
-
-def _reason(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str]:
-    """A short human reason for one pydantic error, and extra path parts."""
-    etype = err["type"]
-    loc = tuple(err["loc"])
-    value = err.get("input")
-    ctx = err.get("ctx") or {}
-    if etype == "value_error":
-        exc = ctx.get("error")
-        if isinstance(exc, _PathError):
-            return exc.subpath, exc.message
-        return (), str(exc) if exc is not None else err["msg"]
-    if etype == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        key = str(loc[-1]) if loc else "?"
-        if model is None:
-            return (), f"unknown key '{key}'"
-        allowed = sorted(info.alias or name for name, info in model.model_fields.items())
-        close = difflib.get_close_matches(key, allowed, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
-        return (), f"unknown key '{key}'{hint}"
-    if etype == "missing":
-        return (), "required key missing"
-    if etype in ("float_type", "float_parsing", "finite_number"):
-        return (), f"expected a number, got {_type_name(value)}"
-    if etype in ("int_type", "int_parsing", "int_from_float"):
-        return (), f"expected an integer, got {_type_name(value)}"
-    if etype == "string_type":
-        return (), f"expected a string, got {_type_name(value)}"
-    if etype == "bool_type":
-        return (), f"expected true or false, got {_type_name(value)}"
-    if etype == "list_type":
-        return (), f"expected a list, got {_type_name(value)}"
-    if etype in ("model_type", "dict_type", "model_attributes_type"):
-        return (), f"expected a mapping, got {_type_name(value)}"
-    if etype == "literal_error":
-        return (), f"expected one of {ctx.get('expected', '?')}, got {value!r}"
-    if etype == "too_short":
-        return (), "expected a non-empty list"
-    if etype in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        sym = {
-            "greater_than": ">",
-            "greater_than_equal": ">=",
-            "less_than": "<",
-            "less_than_equal": "<=",
-        }[etype]
-        limit = next(iter(ctx.values()), "?")
-        return (), f"must be {sym} {limit}, got {value!r}"
-    return (), err["msg"]
-
-
-def _convert(exc: ValidationError, source: str) -> PolicyError:
-    problems: list[tuple[str, str]] = []
-    for err in exc.errors():
-        extra, reason = _reason(err)
-        path = _format_path((*err["loc"], *extra)) or _ROOT
-        if (path, reason) not in problems:
-            problems.append((path, reason))
-    first_path, first_reason = problems[0]
-    error = _policy_error(source, first_path, first_reason)
-    if len(problems) > 1:
-        error.args = ("\n".join(f"{source}: {p}: {r}" for p, r in problems),)
-    error.problems = problems  # type: ignore[attr-defined]
-    return error
-
-
-def _duplicate_keys(node: yaml.Node, path: tuple[str | int, ...] = ()) -> tuple[str, str] | None:
-    """First duplicate mapping key in the composed YAML tree: (key path, reason)."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                return (
-                    _format_path((*path, key)),
-                    f"duplicate key '{key}' (line {line}; first on line {seen[key]})",
-                )
-            seen[key] = line
-            found = _duplicate_keys(value_node, (*path, key))
-            if found:
-                return found
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            found = _duplicate_keys(item, (*path, i))
-            if found:
-                return found
-    return None
-
-
-def _policy_from_bytes(data: bytes, source: str) -> Policy:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        reason = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-        raise _policy_error(source, _ROOT, reason) from None
-    if not text.strip() or all(
-        not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
-    ):
-        raise _policy_error(
-            source, _ROOT, "the file is empty; a policy needs at least 'name' and 'rules'"
-        )
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        duplicate = _duplicate_keys(node) if node is not None else None
-        if duplicate is not None:
-            raise _policy_error(source, *duplicate)
-        parsed = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else _ROOT
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise _policy_error(source, where, f"invalid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise _policy_error(source, _ROOT, f"invalid YAML: {exc}") from None
-    if parsed is None:
-        raise _policy_error(
-            source, _ROOT, "the file is empty; a policy needs at least 'name' and 'rules'"
-        )
-    policy = Policy.from_mapping(parsed, source)
-    policy._sha256 = hashlib.sha256(data).hexdigest()
-    policy._source = source
-    return policy
-
-
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a YAML policy file.
-
-    Raises :class:`PolicyError` as ``FILE: KEY.PATH: reason`` (one line per problem, the
-    first being the most relevant), also for YAML syntax errors (``FILE: line L, column C:``),
-    empty files, a non-mapping top level, duplicate keys / rule names and unknown keys.
-    """
-    source = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise _policy_error(source, _ROOT, "file not found") from None
-    except IsADirectoryError:
-        raise _policy_error(source, _ROOT, "is a directory, not a policy file") from None
-    except OSError as exc:
-        raise _policy_error(source, _ROOT, f"cannot read: {exc.strerror or exc}") from None
-    return _policy_from_bytes(data, source)
-
-
-def default_policy_path() -> Path:
-    """``policies/default.yaml`` of a source checkout, else the copy shipped in the package."""
-    repo_copy = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
-    if repo_copy.is_file():
-        return repo_copy
-    with resources.as_file(resources.files("ssd_guard.policies") / "default.yaml") as p:
-        return Path(p)
-
-
-def load_default_policy() -> Policy:
-    """The policy that ships with ssd-guard (see ``policies/default.yaml``)."""
-    return load_policy(default_policy_path())
-
-
-# --------------------------------------------------------------------------------------
-# Plain-words description
-# --------------------------------------------------------------------------------------
-def _ordinal(x: float) -> str:
-    text = f"{x:g}"
-    if "." in text or "e" in text:
-        return f"{text}th"
-    n = int(text)
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
-def _describe_bound(
-    metric: str, op: str, is_q: bool, v: float, calibration: Mapping[str, Sequence[float]] | None
-) -> str:
-    sym = _OP_SYMBOL[op]
-    if not is_q:
-        return f"{metric} {sym} {v:g}"
-    pct = v * 100
-    if op in ("gt", "ge"):
-        share = f"the top {100 - pct:g} %"
-        if metric == "entropy":
-            share = f"the riskiest {100 - pct:g} %"
-    else:
-        share = f"the bottom {pct:g} %"
-        if metric == "loglik":
-            share = f"the least likely {pct:g} %"
-    text = f"{metric} {sym} its {_ordinal(pct)} percentile on the calibration set ({share}"
-    values = None if calibration is None else calibration.get(metric)
-    sorted_values = _sorted_finite(values)
-    if sorted_values:
-        text += f"; = {_quantile(sorted_values, v):.4g}"
-    return text + ")"
-
-
-def _describe_condition(cond: Condition, calibration: Mapping[str, Sequence[float]] | None) -> str:
-    parts: list[str] = []
-    for metric in METRICS:
-        threshold: Threshold | None = getattr(cond, metric)
-        if threshold is not None:
-            parts.extend(
-                _describe_bound(metric, op, q, v, calibration) for op, q, v in threshold.bounds()
-            )
-    if cond.all_:
-        subs = [_describe_condition(c, calibration) for c in cond.all_]
-        parts.append("all of (" + "; ".join(subs) + ")")
-    if cond.any_:
-        subs = [_describe_condition(c, calibration) for c in cond.any_]
-        parts.append("any of (" + "; ".join(subs) + ")")
-    return " and ".join(parts)
-
-
-def _describe_action(action: str, params: Mapping[str, Any], message: str | None) -> str:
-    if action == "allow":
-        return "allow the call"
-    if action == "log_only":
-        return "let the call through and log it (shadow mode)"
-    if action == "abstain":
-        return f'abstain with message "{message}"'
-    if action == "retrieve":
-        return f"retrieve {params['k']} documents and answer with them"
-    if action == "reject_answer":
-        n = params["max_regenerations"]
-        times = "time" if n == 1 else "times"
-        return (
-            f"reject the answer and regenerate (at most {n} {times}), then abstain with "
-            f'message "{message}"'
-        )
-    if action == "flag_poisoned":
-        verb = "drop it" if params["mode"] == "drop" else "move it to quarantine"
-        return f"flag the document as poisoned and {verb}"
-    return action
-
-
-def describe_policy(
-    policy: Policy, calibration: Mapping[str, Sequence[float]] | None = None
-) -> str:
-    """Each rule in plain words; with *calibration*, quantile bounds show their raw value."""
-    cache = policy.cache
-    cache_text = (
-        f"memory (max {cache.max_entries} entries"
-        if cache.url == "memory"
-        else f"{_redact(cache.url)} (fail {cache.fail_mode}, timeout {cache.timeout_s:g} s"
-    )
-    lines = [
-        f"policy '{policy.name}' (version {policy.version}, sha256 {policy.sha256[:12]})",
-    ]
-    if policy.description:
-        lines.append(f"  {policy.description.strip()}")
-    lines.append(
-        f"student: {policy.student}"
-        + (f", proxy model: {policy.proxy_model}" if policy.proxy_model else "")
-        + f"; cache: {cache_text}, ttl {cache.ttl_s} s)"
-    )
-    if policy.requires_calibration:
-        lines.append(
-            "needs the student's calibration for: " + ", ".join(sorted(policy.requires_calibration))
-        )
-    for rule in policy.rules:
-        where = _SCOPE_WORDS[rule.scope]
-        filters = []
-        if rule.sources:
-            where = "on documents from " + " / ".join(rule.sources)
-        if rule.tags:
-            joiner = " and " if rule.tags_match == "all" else " or "
-            filters.append("tagged " + joiner.join(repr(t) for t in rule.tags))
-        if rule.run_names:
-            filters.append("in runs matching " + " or ".join(repr(r) for r in rule.run_names))
-        if filters:
-            where += " (" + ", ".join(filters) + ")"
-        when = (
-            "always" if rule.when is None else "when " + _describe_condition(rule.when, calibration)
-        )
-        message = rule.message or policy.abstain_message
-        action = _describe_action(rule.action, rule.params(), message)
-        text = f"rule '{rule.name}': {where}, {when}, {action}."
-        if rule.description:
-            text += f" ({rule.description.strip()})"
-        lines.append(text)
-    lines.append(
-        "otherwise: " + _describe_action(policy.default_action, {}, policy.abstain_message) + "."
-    )
-    return "\n".join(lines)
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url

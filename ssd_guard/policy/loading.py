@@ -1,0 +1,153 @@
+"""Policy files: :func:`load_policy`, the shipped default, and checks of what a policy names.
+
+:func:`load_policy` reports problems as ``FILE: KEY.PATH[i]: reason`` (one line per
+problem); :func:`check_policy_references` (run by ``ssd-guard check-policy``) also refuses a
+``student`` directory or a ``proxy_model`` that cannot be found, without loading either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import resources
+from pathlib import Path
+
+from ssd_guard.policy.parsing import ROOT, policy_error, policy_errors
+from ssd_guard.policy.schema import Policy
+
+__all__ = [
+    "check_policy_references",
+    "default_policy_path",
+    "load_default_policy",
+    "load_policy",
+]
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a YAML policy file.
+
+    Raises :class:`~ssd_guard.errors.PolicyError` as ``FILE: KEY.PATH: reason`` (one line
+    per problem, the first being the most relevant), also for YAML syntax errors
+    (``FILE: line L, column C:``), empty files, a non-mapping top level, duplicate keys /
+    rule names, unknown keys, and YAML that nests too deeply or expands to too many nodes
+    through aliases (checked before anything is expanded, so a hostile file fails fast).
+    """
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise policy_error(source, ROOT, "file not found") from None
+    except IsADirectoryError:
+        raise policy_error(source, ROOT, "is a directory, not a policy file") from None
+    except OSError as exc:
+        raise policy_error(source, ROOT, f"cannot read: {exc.strerror or exc}") from None
+    policy = Policy.from_yaml_text(data, source)
+    return policy
+
+
+def default_policy_path() -> Path:
+    """``policies/default.yaml`` of a source checkout, else the copy shipped in the package."""
+    repo_copy = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+    if repo_copy.is_file():
+        return repo_copy
+    with resources.as_file(resources.files("ssd_guard.policies") / "default.yaml") as p:
+        return Path(p)
+
+
+def load_default_policy() -> Policy:
+    """The policy that ships with ssd-guard (see ``policies/default.yaml``)."""
+    return load_policy(default_policy_path())
+
+
+# --------------------------------------------------------------------------------------
+# What the policy names
+# --------------------------------------------------------------------------------------
+def _candidates(name: str, base_dir: Path | None) -> list[Path]:
+    """Where a relative path in a policy may point: beside the policy file, then the
+    working directory."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or base_dir is None:
+        return [path]
+    out = [base_dir / path, path]
+    return [p for i, p in enumerate(out) if p not in out[:i]]
+
+
+def _base_dir(policy: Policy, base_dir: str | Path | None) -> Path | None:
+    if base_dir is not None:
+        return Path(base_dir)
+    source = Path(policy.source)
+    if not policy.source.startswith("<") and source.is_file():
+        return source.parent
+    return None
+
+
+def _student_problem(student: str, base_dir: Path | None) -> str | None:
+    if student == "bundled":
+        return None
+    from ssd_guard.artifact import MANIFEST, WEIGHTS
+
+    places = _candidates(student, base_dir)
+    for place in places:
+        if place.is_dir():
+            lacking = [f for f in (MANIFEST, WEIGHTS) if not (place / f).is_file()]
+            if not lacking:
+                return None
+            return (
+                f"{str(place)!r} is not a student artifact directory "
+                f"(no {' or '.join(lacking)}); use 'bundled' or a directory written by "
+                "ssd-guard distill"
+            )
+    looked = ", ".join(repr(str(p)) for p in places)
+    return f"student artifact not found (looked for {looked}); use 'bundled' or a directory"
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    """Whether *model_id* is a Hugging Face model in the local cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    with contextlib.suppress(Exception):  # an invalid repo id raises its own error
+        found = try_to_load_from_cache(repo_id=model_id, filename="config.json")
+        return isinstance(found, str)
+    return False
+
+
+def _proxy_problem(proxy: str | None, base_dir: Path | None) -> str | None:
+    if proxy is None:
+        return None
+    from ssd_guard.models import BUNDLED_MODELS, canonical_model_name
+
+    if canonical_model_name(proxy) in BUNDLED_MODELS:
+        return None
+    for place in _candidates(proxy, base_dir):
+        if (place / "config.json").is_file():
+            return None
+    if _in_hf_cache(proxy):
+        return None
+    known = ", ".join(sorted(BUNDLED_MODELS))
+    return (
+        f"unknown model {proxy!r}: not a bundled model ({known}, or an alias), a local "
+        "model directory with config.json, or a Hugging Face model in the local cache"
+    )
+
+
+def check_policy_references(policy: Policy, base_dir: str | Path | None = None) -> None:
+    """Refuse a ``student`` or ``proxy_model`` that does not exist (nothing is loaded).
+
+    ``student`` must be ``bundled`` or a student artifact directory; ``proxy_model`` a
+    bundled model id or alias (see :data:`ssd_guard.models.BUNDLED_MODELS`), a local model
+    directory, or a model in the local Hugging Face cache. Relative paths are looked up
+    beside the policy file (or *base_dir*), then in the working directory. Raises
+    :class:`~ssd_guard.errors.PolicyError` as ``FILE: student: reason`` /
+    ``FILE: proxy_model: reason``.
+    """
+    where = _base_dir(policy, base_dir)
+    problems: list[tuple[str, str]] = []
+    student = _student_problem(policy.student, where)
+    if student is not None:
+        problems.append(("student", student))
+    proxy = _proxy_problem(policy.proxy_model, where)
+    if proxy is not None:
+        problems.append(("proxy_model", proxy))
+    if problems:
+        raise policy_errors(policy.source, problems)
