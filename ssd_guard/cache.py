@@ -1,27 +1,43 @@
 """Score cache: one protocol, an in-process LRU and a Redis implementation.
 
-Keys come from :func:`make_key` (``namespace:sha256``), values are small JSON-able dicts
-(e.g. ``{"entropy": 2.31}``) stored in an envelope ``{"v": 1, "value": {...}}``; an entry
-with another schema version, or one that cannot be decoded, is a miss (and is logged).
+Keys come from :func:`make_key` (``namespace:sha256`` of the *exact* text the scorer sees);
+values are small mappings of names to finite numbers (e.g. ``{"entropy": 2.31}``) stored
+in an envelope ``{"v": 1, "value": {...}}``. Every value read back is validated: another
+schema version, undecodable JSON, a non-number (``true``, a string) or a non-finite number
+(``NaN``, ``Infinity``) is a miss, logged as ``cache.value.invalid``.
+
+Signed values: with an HMAC key (``hmac_key=``, or for :class:`RedisCache` the
+``SSD_GUARD_CACHE_HMAC_KEY`` environment variable) every stored value carries
+``"sig": HMAC-SHA256(key, cache key + value)``; a value read back with a missing or wrong
+signature is a miss, logged as ``cache.value.bad_signature``. Use it whenever the cache is
+shared: keys derive from public parts, so without a signature anyone who can write to the
+cache can forge a score.
 
 Redis failures never crash the guard and never produce a wrong score: with
 ``fail_mode="open"`` a down / slow Redis is a miss and writes are skipped; with
 ``fail_mode="closed"`` :class:`~ssd_guard.errors.CacheUnavailableError` is raised. A state
 change is logged once (``cache.redis.unavailable`` / ``cache.redis.recovered``), and a
 circuit breaker skips Redis for ``cooldown_s`` after a failure, then lets one probe through.
+A failure absorbed in open mode is reported to :func:`collect_errors` (the guard puts its
+kind on the decision event as ``cache_error``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import hmac
 import json
+import math
+import os
 import threading
 import time
 import unicodedata
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -43,18 +59,24 @@ if TYPE_CHECKING:
     from ssd_guard.policy import CacheConfig
 
 __all__ = [
+    "HMAC_KEY_ENV",
     "SCHEMA_VERSION",
     "MemoryCache",
     "RedisCache",
     "ScoreCache",
     "cache_from_config",
+    "collect_errors",
     "make_key",
     "normalise_text",
+    "report_error",
 ]
 
 #: Version of the stored value envelope; entries with another version are misses.
 SCHEMA_VERSION = 1
-_KEY_FORMAT = "ssd-guard/score-key/v1"
+#: v2: keys are computed on the exact text (v1 collapsed whitespace, unlike the scorer).
+_KEY_FORMAT = "ssd-guard/score-key/v2"
+#: Environment variable holding the HMAC key :class:`RedisCache` signs values with.
+HMAC_KEY_ENV = "SSD_GUARD_CACHE_HMAC_KEY"
 
 _log = structlog.get_logger("ssd_guard.cache")
 
@@ -65,7 +87,10 @@ Items = Mapping[str, Mapping[str, Any]] | Iterable[tuple[str, Mapping[str, Any]]
 # Keys and values
 # --------------------------------------------------------------------------------------
 def normalise_text(text: str) -> str:
-    """Unicode NFC, strip, collapse runs of whitespace to one space; case is kept."""
+    """Unicode NFC, strip, collapse runs of whitespace to one space; case is kept.
+
+    Not used for cache keys: the scorer sees the exact text, so :func:`make_key` does too
+    (two texts that differ only in whitespace can score differently)."""
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
@@ -80,58 +105,145 @@ def make_key(
     extra: Mapping[str, Any] | None = None,
 ) -> str:
     """``f"{namespace}:" + sha256`` of a canonical JSON encoding of everything a score
-    depends on. The prompt (and answer) are normalised with :func:`normalise_text`;
-    ``answer=None`` (a prompt-level entry) and ``answer=""`` give different keys. *extra*
-    (JSON-able) separates entries that differ in anything else (e.g. a scorer option)."""
+    depends on. The prompt (and answer) are keyed on their exact text -- the text the
+    scorer sees -- so prompts that differ in whitespace or Unicode normalisation never
+    share an entry; ``answer=None`` (a prompt-level entry) and ``answer=""`` give different
+    keys. *extra* (JSON-able) separates entries that differ in anything else (e.g. a
+    scorer option)."""
     payload = [
         _KEY_FORMAT,
         str(student_fingerprint),
         str(model_id),
         int(layer),
-        normalise_text(prompt),
-        None if answer is None else normalise_text(answer),
+        str(prompt),
+        None if answer is None else str(answer),
         None if extra is None else dict(extra),
     ]
     encoded = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     return f"{namespace}:{hashlib.sha256(encoded.encode('utf-8')).hexdigest()}"
 
 
-def _encode(value: Mapping[str, Any]) -> str:
+def _clean_value(value: Any) -> dict[str, float]:
+    """*value* as ``{name: finite float}``; TypeError / ValueError naming what is wrong."""
     if not isinstance(value, Mapping):
         raise TypeError(f"cache values must be mappings, got {type(value).__name__}")
-    return json.dumps(
-        {"v": SCHEMA_VERSION, "value": dict(value)}, separators=(",", ":"), ensure_ascii=False
-    )
+    out: dict[str, float] = {}
+    for name, item in value.items():
+        if not isinstance(name, str):
+            raise TypeError(f"cache value names must be str, got {type(name).__name__}")
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise TypeError(f"cache value {name!r} must be a number, got {type(item).__name__}")
+        try:
+            number = float(item)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(f"cache value {name!r} is not finite: {item!r}")
+        out[name] = number
+    return out
 
 
-def _decode(raw: str | bytes | None, key: str, backend: str) -> dict[str, Any] | None:
-    if raw is None:
+def _signature(secret: bytes, key: str, body: str) -> str:
+    message = f"{key}\n{body}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def _secret(hmac_key: str | bytes | None) -> bytes | None:
+    if hmac_key is None or len(hmac_key) == 0:
         return None
+    return hmac_key.encode("utf-8") if isinstance(hmac_key, str) else bytes(hmac_key)
+
+
+def _env_secret() -> bytes | None:
+    return _secret(os.environ.get(HMAC_KEY_ENV))
+
+
+class _Codec:
+    """Encodes / validates (and signs / verifies) the stored envelopes of one cache."""
+
+    def __init__(self, backend: str, secret: bytes | None) -> None:
+        self.backend = backend
+        self.secret = secret
+
+    def encode(self, key: str, value: Mapping[str, Any]) -> str:
+        clean = _clean_value(value)
+        envelope: dict[str, Any] = {"v": SCHEMA_VERSION, "value": clean}
+        if self.secret is not None:
+            envelope["sig"] = _signature(self.secret, key, _canonical(clean))
+        return json.dumps(envelope, separators=(",", ":"), allow_nan=False)
+
+    def items(self, items: Items) -> list[tuple[str, str]]:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        return [(k, self.encode(k, v)) for k, v in pairs]
+
+    def _invalid(self, key: str, reason: str) -> None:
+        _log.warning("cache.value.invalid", backend=self.backend, key=key, reason=reason)
+
+    def decode(self, raw: str | bytes | None, key: str) -> dict[str, float] | None:
+        if raw is None:
+            return None
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            envelope = json.loads(text)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            self._invalid(key, f"undecodable: {exc}")
+            return None
+        if not isinstance(envelope, dict) or envelope.get("v") != SCHEMA_VERSION:
+            version = envelope.get("v") if isinstance(envelope, dict) else None
+            self._invalid(key, f"schema version {version!r}, expected {SCHEMA_VERSION}")
+            return None
+        value = envelope.get("value")
+        if not isinstance(value, dict):
+            self._invalid(key, "value not a mapping")
+            return None
+        try:
+            clean = _clean_value(value)
+        except (TypeError, ValueError) as exc:
+            self._invalid(key, str(exc))
+            return None
+        if self.secret is not None:
+            sig = envelope.get("sig")
+            if not isinstance(sig, str):
+                reason = "missing signature"
+            elif not hmac.compare_digest(sig, _signature(self.secret, key, _canonical(clean))):
+                reason = "signature mismatch"
+            else:
+                return clean
+            _log.warning("cache.value.bad_signature", backend=self.backend, key=key, reason=reason)
+            return None
+        return clean
+
+
+def _canonical(value: Mapping[str, float]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------
+# Failures absorbed in fail-open mode
+# --------------------------------------------------------------------------------------
+_ERROR_SINK: ContextVar[list[str] | None] = ContextVar("ssd_guard_cache_errors", default=None)
+
+
+@contextlib.contextmanager
+def collect_errors() -> Iterator[list[str]]:
+    """Collect the kinds of the cache failures absorbed (``fail_mode="open"``: the call
+    became a miss / a skipped write) by cache calls made inside the block, in this thread
+    or asyncio task: ``"connection"``, ``"timeout"``, ``"circuit-open"`` (Redis skipped
+    during the cooldown after a failure) or ``"error"`` (any other Redis error)."""
+    sink: list[str] = []
+    token = _ERROR_SINK.set(sink)
     try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        envelope = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        _log.warning("cache.value.invalid", backend=backend, key=key, reason=f"undecodable: {exc}")
-        return None
-    if not isinstance(envelope, dict) or envelope.get("v") != SCHEMA_VERSION:
-        version = envelope.get("v") if isinstance(envelope, dict) else None
-        _log.warning(
-            "cache.value.invalid",
-            backend=backend,
-            key=key,
-            reason=f"schema version {version!r}, expected {SCHEMA_VERSION}",
-        )
-        return None
-    value = envelope.get("value")
-    if not isinstance(value, dict):
-        _log.warning("cache.value.invalid", backend=backend, key=key, reason="value not a mapping")
-        return None
-    return value
+        yield sink
+    finally:
+        _ERROR_SINK.reset(token)
 
 
-def _items(items: Items) -> list[tuple[str, str]]:
-    pairs = items.items() if isinstance(items, Mapping) else items
-    return [(k, _encode(v)) for k, v in pairs]
+def report_error(kind: str) -> None:
+    """Record an absorbed cache failure for the enclosing :func:`collect_errors` (if any);
+    custom :class:`ScoreCache` implementations that fail open call it too."""
+    sink = _ERROR_SINK.get()
+    if sink is not None:
+        sink.append(kind)
 
 
 def _check_ttl(ttl_s: float | None) -> None:
@@ -176,7 +288,10 @@ class ScoreCache(Protocol):
 # Memory
 # --------------------------------------------------------------------------------------
 class MemoryCache:
-    """Thread-safe in-process LRU with optional TTL (monotonic clock, injectable)."""
+    """Thread-safe in-process LRU with optional TTL (monotonic clock, injectable).
+
+    Values are validated like :class:`RedisCache`'s; they are signed only when *hmac_key*
+    is given (an in-process cache is not shared, so the environment key is not read)."""
 
     backend = "memory"
 
@@ -187,6 +302,7 @@ class MemoryCache:
         *,
         namespace: str = "ssd-guard",
         clock: Callable[[], float] = time.monotonic,
+        hmac_key: str | bytes | None = None,
     ) -> None:
         if max_entries <= 0:
             raise ValueError(f"max_entries must be > 0, got {max_entries}")
@@ -197,10 +313,16 @@ class MemoryCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._data: OrderedDict[str, tuple[float | None, str]] = OrderedDict()
+        self._codec = _Codec(self.backend, _secret(hmac_key))
 
     @property
     def healthy(self) -> bool:
         return True
+
+    @property
+    def signed(self) -> bool:
+        """True when values are signed (and verified) with an HMAC key."""
+        return self._codec.secret is not None
 
     def key(self, **parts: Any) -> str:
         """:func:`make_key` with this cache's namespace."""
@@ -234,21 +356,21 @@ class MemoryCache:
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
             raw = self._get_raw(key, self._clock())
-        return _decode(raw, key, self.backend)
+        return self._codec.decode(raw, key)
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         with self._lock:
             now = self._clock()
             raws = [self._get_raw(k, now) for k in keys]
-        return [_decode(r, k, self.backend) for k, r in zip(keys, raws, strict=True)]
+        return [self._codec.decode(r, k) for k, r in zip(keys, raws, strict=True)]
 
     def set(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
         _check_ttl(ttl_s)
-        self._set_raw(key, _encode(value), ttl_s)
+        self._set_raw(key, self._codec.encode(key, value), ttl_s)
 
     def set_many(self, items: Items, ttl_s: float | None = None) -> None:
         _check_ttl(ttl_s)
-        for key, raw in _items(items):
+        for key, raw in self._codec.items(items):
             self._set_raw(key, raw, ttl_s)
 
     async def aget(self, key: str) -> dict[str, Any] | None:
@@ -295,6 +417,14 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 _ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *_TRANSIENT)
 
 
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, redis.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, redis.ConnectionError | OSError):
+        return "connection"
+    return "error"
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
@@ -310,6 +440,10 @@ class RedisCache:
     Each command gets *timeout_s* socket / connect timeouts and up to *retries* extra
     attempts (tenacity) on connection errors and timeouts. See the module docstring for
     what happens when Redis is down.
+
+    *hmac_key* signs every value (default: the ``SSD_GUARD_CACHE_HMAC_KEY`` environment
+    variable, when set and not empty); with a key, unsigned or wrongly signed values are
+    misses. Every instance sharing the Redis must use the same key.
     """
 
     backend = "redis"
@@ -325,6 +459,7 @@ class RedisCache:
         retries: int = 2,
         cooldown_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        hmac_key: str | bytes | None = None,
     ) -> None:
         if fail_mode not in ("open", "closed"):
             raise ValueError(f"fail_mode must be 'open' or 'closed', got {fail_mode!r}")
@@ -341,6 +476,7 @@ class RedisCache:
         self.retries = retries
         self.cooldown_s = cooldown_s
         self._clock = clock
+        self._codec = _Codec(self.backend, _secret(hmac_key) or _env_secret())
         self._client_kwargs: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
@@ -364,6 +500,11 @@ class RedisCache:
     def healthy(self) -> bool:
         """False from a failed command until a later one succeeds."""
         return not self._down
+
+    @property
+    def signed(self) -> bool:
+        """True when values are signed (and verified) with an HMAC key."""
+        return self._codec.secret is not None
 
     def key(self, **parts: Any) -> str:
         """:func:`make_key` with this cache's namespace."""
@@ -428,6 +569,7 @@ class RedisCache:
         if admit == "skip":
             if self.fail_mode == "closed":
                 raise self._unavailable(op, None)
+            report_error("circuit-open")
             return fallback
         attempts = 1 if admit == "probe" else self.retries + 1
         try:
@@ -451,6 +593,7 @@ class RedisCache:
         if admit == "skip":
             if self.fail_mode == "closed":
                 raise self._unavailable(op, None)
+            report_error("circuit-open")
             return fallback
         attempts = 1 if admit == "probe" else self.retries + 1
         try:
@@ -479,6 +622,7 @@ class RedisCache:
         self._on_failure(op, exc)
         if self.fail_mode == "closed":
             raise self._unavailable(op, exc) from exc
+        report_error(_error_kind(exc))
         return fallback
 
     def _aclient(self) -> aredis.Redis:
@@ -502,17 +646,17 @@ class RedisCache:
     # -- sync ----------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
         raw = self._run("get", lambda: self._client.get(key), None)
-        return _decode(raw, key, self.backend)  # type: ignore[arg-type]
+        return self._codec.decode(raw, key)
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         keys = list(keys)
         if not keys:
             return []
         raws = self._run("get_many", lambda: self._client.mget(keys), [None] * len(keys))
-        return [_decode(r, k, self.backend) for k, r in zip(keys, raws, strict=True)]  # type: ignore[arg-type]
+        return [self._codec.decode(r, k) for k, r in zip(keys, raws, strict=True)]
 
     def set(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        raw, ttl = _encode(value), self._ttl_args(ttl_s)
+        raw, ttl = self._codec.encode(key, value), self._ttl_args(ttl_s)
         self._run("set", lambda: self._client.set(key, raw, ex=ttl[0], px=ttl[1]), None)
 
     def _set_raw(self, key: str, raw: str | bytes, ttl_s: float | None = None) -> None:
@@ -520,7 +664,7 @@ class RedisCache:
         self._run("set", lambda: self._client.set(key, raw, ex=ttl[0], px=ttl[1]), None)
 
     def set_many(self, items: Items, ttl_s: float | None = None) -> None:
-        pairs, ttl = _items(items), self._ttl_args(ttl_s)
+        pairs, ttl = self._codec.items(items), self._ttl_args(ttl_s)
         if not pairs:
             return
 
@@ -563,21 +707,21 @@ class RedisCache:
     # -- async ---------------------------------------------------------------------------
     async def aget(self, key: str) -> dict[str, Any] | None:
         raw = await self._arun("get", lambda c: c.get(key), None)
-        return _decode(raw, key, self.backend)
+        return self._codec.decode(raw, key)
 
     async def aget_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         keys = list(keys)
         if not keys:
             return []
         raws: list[Any] = await self._arun("get_many", lambda c: c.mget(keys), [None] * len(keys))
-        return [_decode(r, k, self.backend) for k, r in zip(keys, raws, strict=True)]
+        return [self._codec.decode(r, k) for k, r in zip(keys, raws, strict=True)]
 
     async def aset(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        raw, ttl = _encode(value), self._ttl_args(ttl_s)
+        raw, ttl = self._codec.encode(key, value), self._ttl_args(ttl_s)
         await self._arun("set", lambda c: c.set(key, raw, ex=ttl[0], px=ttl[1]), None)
 
     async def aset_many(self, items: Items, ttl_s: float | None = None) -> None:
-        pairs, ttl = _items(items), self._ttl_args(ttl_s)
+        pairs, ttl = self._codec.items(items), self._ttl_args(ttl_s)
         if not pairs:
             return
 
@@ -608,7 +752,7 @@ class RedisCache:
     def __repr__(self) -> str:
         return (
             f"RedisCache({_redact(self.url)!r}, ttl_s={self.ttl_s}, fail_mode={self.fail_mode!r}, "
-            f"timeout_s={self.timeout_s}, retries={self.retries})"
+            f"timeout_s={self.timeout_s}, retries={self.retries}, signed={self.signed})"
         )
 
 

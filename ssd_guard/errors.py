@@ -9,6 +9,7 @@ __all__ = [
     "CacheUnavailableError",
     "ConfigError",
     "GuardBlockedError",
+    "GuardInputError",
     "ModelLoadError",
     "PolicyError",
     "SSDGuardError",
@@ -45,6 +46,16 @@ class PolicyError(ConfigError):
 
 class CacheUnavailableError(SSDGuardError):
     """The score cache (Redis) is unreachable and its ``fail_mode`` is ``closed``."""
+
+
+class GuardInputError(SSDGuardError, ValueError):
+    """An argument given to the guard is not what it expects (e.g. ``None``, ``bytes`` or
+    an ``int`` as a prompt, text with a lone surrogate, a single string where a list of
+    strings is expected). :attr:`argument` names the argument (``"documents[2]"``...)."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
 
 
 class GuardBlockedError(SSDGuardError):

@@ -17,12 +17,29 @@
       ``abstain`` there abstains; anything else proceeds);
   ``reject_answer``
       the answer is discarded and ``generate`` is called again, at most
-      ``max_regenerations`` times; if the last answer is still rejected the guard abstains;
+      ``max_regenerations`` times; if the last answer is still rejected the guard abstains.
+      A greedy generator would only repeat the rejected answer, so a regeneration samples:
+      when ``generate`` accepts a ``temperature=`` keyword it is called with
+      ``temperature=regen_temperature`` (default :data:`REGEN_TEMPERATURE`, the teacher's
+      sampling temperature). A generator declared deterministic (``run(...,
+      deterministic=True)``, or a ``deterministic = True`` attribute on ``generate``) is not
+      called again: the guard abstains at once. One declared non-deterministic
+      (``deterministic=False``: it samples by itself) is called again as it is; so is any
+      other generator, but the guard stops as soon as it repeats a rejected answer. Each
+      ``reject_answer`` event says what happens next in ``regeneration``: ``sample`` (with
+      ``regen_temperature``), ``same-settings``, ``skipped-deterministic``,
+      ``stopped-identical`` or ``exhausted`` (``max_regenerations`` reached);
   ``flag_poisoned``
       the document is left out of the prompt: dropped (``mode: drop``) or kept aside in
       :attr:`GuardResult.quarantined` (``mode: quarantine``);
   ``allow`` / ``log_only``
       pass through (both are audited).
+
+Every argument is checked: a prompt / answer that is not a ``str`` (or holds a lone
+surrogate), or a single string where a list of strings is expected (``documents``,
+``tags``, a retriever's result), raises :class:`~ssd_guard.errors.GuardInputError` naming
+the argument. In fail-open mode a cache failure absorbed during a check is recorded on the
+decision event as ``cache_error`` (``connection``, ``timeout``, ``circuit-open``...).
 
 Every method has an ``async`` twin (``acheck_prompt``, ..., ``arun``); scoring runs in a
 worker thread there so the event loop is never blocked by the model.
@@ -36,11 +53,12 @@ import asyncio
 import contextlib
 import copy
 import inspect
+import math
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,14 +66,15 @@ from typing import Any, Literal
 import structlog
 
 from ssd_guard.audit import bind_run, emit_decision
-from ssd_guard.cache import ScoreCache, cache_from_config, make_key
-from ssd_guard.errors import CacheUnavailableError, ConfigError
+from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_key
+from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
 from ssd_guard.policy import Decision, Policy, Scope, load_policy
 from ssd_guard.scoring.base import RiskScorer
 
 __all__ = [
     "CACHE_BLOCK_RULE",
     "DEFAULT_CONTEXT_TEMPLATE",
+    "REGEN_TEMPERATURE",
     "Guard",
     "GuardResult",
     "RetrievedContext",
@@ -74,6 +93,11 @@ DEFAULT_CONTEXT_TEMPLATE = (
 #: The ``rule`` recorded when a call is blocked because the cache is down in closed mode.
 CACHE_BLOCK_RULE = "cache-unavailable"
 
+#: Temperature of a regeneration after ``reject_answer`` when ``generate`` accepts a
+#: ``temperature=`` keyword: the teacher's sampling temperature (the SSD signals describe
+#: the model's sampled answers), so a rejected greedy answer is not simply repeated.
+REGEN_TEMPERATURE = 1.0
+
 Retriever = Callable[[str], Sequence[str]]
 AsyncRetriever = Callable[[str], Awaitable[Sequence[str]]]
 
@@ -89,6 +113,72 @@ def format_context(
         return question
     lines = "\n".join(f"[{i}] {' '.join(doc.split())}" for i, doc in enumerate(documents, 1))
     return template.format(documents=lines, question=question)
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------
+def _check_text(name: str, value: Any) -> str:
+    """*value* if it is text the scorer and the cache can take; else GuardInputError."""
+    if not isinstance(value, str):
+        hint = " (decode bytes to str first)" if isinstance(value, bytes | bytearray) else ""
+        raise GuardInputError(name, f"{name} must be a str, got {type(value).__name__}{hint}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GuardInputError(
+            name,
+            f"{name} is not valid Unicode text: lone surrogate {value[exc.start]!r} at "
+            f"index {exc.start}",
+        ) from None
+    return value
+
+
+def _check_texts(name: str, value: Any) -> list[str]:
+    """*value* (a list / tuple / iterable of str, never a single string) as a list."""
+    if isinstance(value, str | bytes | bytearray):
+        raise GuardInputError(
+            name,
+            f"{name} must be a list of str, got a single {type(value).__name__} (it would be "
+            f"split into characters); wrap it in a list: [{name}]",
+        )
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise GuardInputError(name, f"{name} must be a list of str, got {type(value).__name__}")
+    return [_check_text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _check_meta(tags: Any, run_name: Any) -> None:
+    _check_texts("tags", tags)
+    if run_name is not None:
+        _check_text("run_name", run_name)
+
+
+def _retrieved(value: Any, k: int | None) -> list[str]:
+    """A retriever's result as a list of str (items converted with ``str``)."""
+    name = "retriever result"
+    if isinstance(value, str | bytes | bytearray) or not isinstance(value, Iterable):
+        raise GuardInputError(
+            name, f"the retriever must return a list of documents, got {type(value).__name__}"
+        )
+    docs = [_check_text(f"{name}[{i}]", str(d)) for i, d in enumerate(value)]
+    return docs[:k] if k else docs
+
+
+def _accepts_temperature(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    param = params.get("temperature")
+    return param is not None and param.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+#: ``sample``: pass ``temperature=``; ``skip``: deterministic, never call again; ``own``: the
+#: generator samples by itself; ``repeat``: unknown, call again, stop on a repeated answer.
+RegenMode = Literal["sample", "skip", "own", "repeat"]
 
 
 # --------------------------------------------------------------------------------------
@@ -148,6 +238,9 @@ class GuardResult:
     """What ``generate`` returned for the accepted answer (e.g. an ``AIMessage``)."""
     entropy: float | None = None
     """Entropy of :attr:`final_prompt` (reused by the answer checks)."""
+    regeneration: str | None = None
+    """After the last ``reject_answer``: ``sample``, ``same-settings``,
+    ``skipped-deterministic``, ``stopped-identical`` or ``exhausted`` (see the module doc)."""
 
     @property
     def decision(self) -> Decision | None:
@@ -221,6 +314,8 @@ class _Lookup:
     cache_ms: float = 0.0
     scoring_ms: float = 0.0
     cache_error: str | None = None
+    """Kind of the cache failure absorbed in fail-open mode (``connection``...)."""
+    cache_error_detail: str | None = None
     keys: list[str] = field(default_factory=list)
     entropy_key: str | None = None
 
@@ -260,6 +355,9 @@ class Guard:
         or ``"scorer"`` (default: the scorer's base model, no guarded model known).
     context_template:
         how retrieved documents are put in the prompt (see :func:`format_context`).
+    regen_temperature:
+        the ``temperature=`` a regeneration after ``reject_answer`` passes to a ``generate``
+        that accepts one (default :data:`REGEN_TEMPERATURE`; ``0`` turns sampling off).
     """
 
     def __init__(
@@ -272,7 +370,11 @@ class Guard:
         aretriever: AsyncRetriever | None = None,
         hidden_state_source: str | None = None,
         context_template: str = DEFAULT_CONTEXT_TEMPLATE,
+        regen_temperature: float = REGEN_TEMPERATURE,
     ) -> None:
+        if not (isinstance(regen_temperature, int | float) and regen_temperature >= 0):
+            raise ConfigError(f"regen_temperature must be a number >= 0, got {regen_temperature!r}")
+        self.regen_temperature = float(regen_temperature)
         self.scorer = scorer
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.cache: ScoreCache = (
@@ -380,20 +482,51 @@ class Guard:
     def _cache_failed(self, exc: CacheUnavailableError, t0: float, plan: _Lookup) -> None:
         if self._fail_mode == "closed":
             raise _CacheBlocked(exc, _ms(t0)) from exc
-        plan.cache_error = str(exc)
-        _log.warning("guard.cache.degraded", error=str(exc), fail_mode="open")
+        self._degraded(plan, "unavailable", str(exc))
+
+    @staticmethod
+    def _degraded(plan: _Lookup, kind: str, detail: str | None = None) -> None:
+        """Record a cache failure absorbed in fail-open mode (first one wins)."""
+        if plan.cache_error is not None:
+            return
+        plan.cache_error, plan.cache_error_detail = kind, detail
+        _log.warning("guard.cache.degraded", cache_error=kind, error=detail, fail_mode="open")
+
+    @staticmethod
+    def _cached_score(hit: Mapping[str, Any] | None, name: str, key: str) -> float | None:
+        """The cached score *name* of *hit*, or None (a miss) unless the entry is exactly
+        ``{name: finite number}``; a malformed entry is logged."""
+        if hit is None:
+            return None
+        value = hit.get(name) if isinstance(hit, Mapping) else None
+        if (
+            isinstance(hit, Mapping)
+            and len(hit) == 1
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        ):
+            return float(value)
+        _log.warning(
+            "guard.cache.invalid_value",
+            key=key,
+            expected=f"{{{name!r}: finite float}}",
+            got=repr(hit)[:200],
+        )
+        return None
 
     def _apply_cached(self, plan: _Lookup, cached: Sequence[Mapping[str, Any] | None]) -> None:
         values = list(cached)
         if plan.entropy_key:
-            hit = values.pop(0)
-            if hit is not None and isinstance(hit.get("entropy"), int | float):
-                plan.entropy, plan.entropy_hit = float(hit["entropy"]), True
+            entropy = self._cached_score(values.pop(0), "entropy", plan.entropy_key)
+            if entropy is not None:
+                plan.entropy, plan.entropy_hit = entropy, True
         plan.logliks = [float("nan")] * len(plan.keys)
         plan.loglik_hits = [False] * len(plan.keys)
         for i, hit in enumerate(values):
-            if hit is not None and isinstance(hit.get("loglik"), int | float):
-                plan.logliks[i], plan.loglik_hits[i] = float(hit["loglik"]), True
+            loglik = self._cached_score(hit, "loglik", plan.keys[i])
+            if loglik is not None:
+                plan.logliks[i], plan.loglik_hits[i] = loglik, True
 
     def _misses(self, plan: _Lookup) -> tuple[bool, list[int]]:
         need_entropy = plan.want_entropy and plan.entropy_hit is not True
@@ -411,53 +544,67 @@ class Guard:
             plan.entropy = float(self.scorer.score_prompts([plan.prompt])[0])
             plan.entropy_hit = False
             assert plan.entropy_key is not None
-            new[plan.entropy_key] = {"entropy": plan.entropy}
+            if math.isfinite(plan.entropy):  # only finite scores are cached
+                new[plan.entropy_key] = {"entropy": plan.entropy}
         if missing:
             out = self.scorer.score_answers([plan.prompt], [[answers[i] for i in missing]])
             for i, value in zip(missing, _first_row(out), strict=True):
                 plan.logliks[i] = float(value)
-                new[plan.keys[i]] = {"loglik": plan.logliks[i]}
+                if math.isfinite(plan.logliks[i]):
+                    new[plan.keys[i]] = {"loglik": plan.logliks[i]}
         plan.scoring_ms += _ms(t0)
         return new
 
     def _lookup(self, plan: _Lookup) -> _Lookup:
         keys = self._all_keys(plan)
         t0 = time.perf_counter()
-        try:
-            cached: Sequence[Mapping[str, Any] | None] = self.cache.get_many(keys)
-        except CacheUnavailableError as exc:
-            self._cache_failed(exc, t0, plan)
-            cached = [None] * len(keys)
+        with collect_errors() as absorbed:
+            try:
+                cached: Sequence[Mapping[str, Any] | None] = self.cache.get_many(keys)
+            except CacheUnavailableError as exc:
+                self._cache_failed(exc, t0, plan)
+                cached = [None] * len(keys)
+        if absorbed:
+            self._degraded(plan, absorbed[0])
         plan.cache_ms += _ms(t0)
         self._apply_cached(plan, cached)
         new = self._compute(plan)
         if new and plan.cache_error is None:
             t1 = time.perf_counter()
-            try:
-                self.cache.set_many(new)
-            except CacheUnavailableError as exc:
-                self._cache_failed(exc, t1, plan)
+            with collect_errors() as absorbed:
+                try:
+                    self.cache.set_many(new)
+                except CacheUnavailableError as exc:
+                    self._cache_failed(exc, t1, plan)
+            if absorbed:
+                self._degraded(plan, absorbed[0])
             plan.cache_ms += _ms(t1)
         return plan
 
     async def _alookup(self, plan: _Lookup) -> _Lookup:
         keys = self._all_keys(plan)
         t0 = time.perf_counter()
-        try:
-            cached: Sequence[Mapping[str, Any] | None] = await self.cache.aget_many(keys)
-        except CacheUnavailableError as exc:
-            self._cache_failed(exc, t0, plan)
-            cached = [None] * len(keys)
+        with collect_errors() as absorbed:
+            try:
+                cached: Sequence[Mapping[str, Any] | None] = await self.cache.aget_many(keys)
+            except CacheUnavailableError as exc:
+                self._cache_failed(exc, t0, plan)
+                cached = [None] * len(keys)
+        if absorbed:
+            self._degraded(plan, absorbed[0])
         plan.cache_ms += _ms(t0)
         self._apply_cached(plan, cached)
         need_entropy, missing = self._misses(plan)
         new = await asyncio.to_thread(self._compute, plan) if need_entropy or missing else {}
         if new and plan.cache_error is None:
             t1 = time.perf_counter()
-            try:
-                await self.cache.aset_many(new)
-            except CacheUnavailableError as exc:
-                self._cache_failed(exc, t1, plan)
+            with collect_errors() as absorbed:
+                try:
+                    await self.cache.aset_many(new)
+                except CacheUnavailableError as exc:
+                    self._cache_failed(exc, t1, plan)
+            if absorbed:
+                self._degraded(plan, absorbed[0])
             plan.cache_ms += _ms(t1)
         return plan
 
@@ -514,8 +661,10 @@ class Guard:
         tags: Sequence[str],
         run_name: str | None,
         extra: Mapping[str, Any] | None = None,
+        on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
     ) -> list[Decision]:
-        """One decision (and one audit event) per item of *plan*."""
+        """One decision (and one audit event) per item of *plan*; *on_reject* adds fields
+        to the event of a ``reject_answer`` decision."""
         calibration = getattr(self.scorer, "calibration", None) or None
         n = max(1, len(plan.keys)) if scope != "prompt" else 1
         share = 1.0 / n  # a batch's cache / scoring time is shared by its documents
@@ -539,6 +688,8 @@ class Guard:
             per_doc: dict[str, Any] = {}
             if scope == "document":
                 per_doc = {"source": source, "doc_index": i, "batch_size": n}
+            if on_reject is not None and decision.action == "reject_answer":
+                per_doc.update(on_reject(decision))
             self._emit(
                 decision,
                 cache_hit=bool(hits) and all(hits),
@@ -551,6 +702,7 @@ class Guard:
                 tags=tags,
                 run_name=run_name,
                 cache_error=plan.cache_error,
+                cache_error_detail=plan.cache_error_detail,
                 **per_doc,
                 **(extra or {}),
             )
@@ -604,8 +756,14 @@ class Guard:
         tags: Sequence[str],
         run_name: str | None,
     ) -> Iterator[tuple[_Lookup, float]]:
-        """The part of a check shared by the sync and async paths: bind the run, plan
-        the cache lookup, and turn a fail-closed cache error into the blocking decision."""
+        """The part of a check shared by the sync and async paths: check the arguments,
+        bind the run, plan the cache lookup, and turn a fail-closed cache error into the
+        blocking decision."""
+        _check_text("prompt", prompt)
+        if scope != "prompt":  # (a prompt check's item is None: the prompt itself)
+            for i, item in enumerate(items):
+                _check_text("answer" if scope == "answer" else f"docs[{i}]", item)
+        _check_meta(tags, run_name)
         t0 = time.perf_counter()
         with self.bind():
             plan = self._plan(scope, prompt, items, entropy)
@@ -627,11 +785,19 @@ class Guard:
         tags: Sequence[str] = (),
         run_name: str | None = None,
         extra: Mapping[str, Any] | None = None,
+        on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
     ) -> list[Decision]:
         with self._checking(scope, prompt, items, entropy, source, tags, run_name) as (plan, t0):
             self._lookup(plan)
             return self._decide(
-                scope, plan, t0, source=source, tags=tags, run_name=run_name, extra=extra
+                scope,
+                plan,
+                t0,
+                source=source,
+                tags=tags,
+                run_name=run_name,
+                extra=extra,
+                on_reject=on_reject,
             )
 
     async def _acheck(
@@ -645,11 +811,19 @@ class Guard:
         tags: Sequence[str] = (),
         run_name: str | None = None,
         extra: Mapping[str, Any] | None = None,
+        on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
     ) -> list[Decision]:
         with self._checking(scope, prompt, items, entropy, source, tags, run_name) as (plan, t0):
             await self._alookup(plan)
             return self._decide(
-                scope, plan, t0, source=source, tags=tags, run_name=run_name, extra=extra
+                scope,
+                plan,
+                t0,
+                source=source,
+                tags=tags,
+                run_name=run_name,
+                extra=extra,
+                on_reject=on_reject,
             )
 
     def check_prompt(
@@ -688,6 +862,7 @@ class Guard:
         Returns ``(kept, flagged, decisions)``: flagged documents are those a
         ``flag_poisoned`` (or ``abstain``) rule matched; one decision per document.
         """
+        docs = _check_texts("docs", docs)
         if not docs:
             return [], [], []
         decisions = self._check(
@@ -734,6 +909,7 @@ class Guard:
         run_name: str | None = None,
     ) -> tuple[list[str], list[str], list[Decision]]:
         """Async :meth:`check_documents`."""
+        docs = _check_texts("docs", docs)
         if not docs:
             return [], [], []
         decisions = await self._acheck(
@@ -772,6 +948,7 @@ class Guard:
         run_name: str | None = None,
     ) -> RetrievedContext:
         """:meth:`check_documents`, applying each ``flag_poisoned`` rule's ``mode``."""
+        docs = _check_texts("docs", docs)
         _, _, decisions = self.check_documents(
             prompt, docs, source=source, tags=tags, run_name=run_name
         )
@@ -787,6 +964,7 @@ class Guard:
         run_name: str | None = None,
     ) -> RetrievedContext:
         """Async :meth:`screen_documents`."""
+        docs = _check_texts("docs", docs)
         _, _, decisions = await self.acheck_documents(
             prompt, docs, source=source, tags=tags, run_name=run_name
         )
@@ -802,7 +980,7 @@ class Guard:
         docs = self.retriever(question)
         if inspect.isawaitable(docs):
             raise ConfigError("the retriever is async; pass it as aretriever= and use arun()")
-        return [str(d) for d in docs][:k] if k else [str(d) for d in docs]
+        return _retrieved(docs, k)
 
     async def aretrieve(self, question: str, k: int | None = None) -> list[str]:
         """Async :meth:`retrieve` (a sync retriever runs in a worker thread)."""
@@ -815,7 +993,7 @@ class Guard:
         else:
             _log.warning("guard.retrieve.no_retriever", question=question[:200])
             return []
-        return [str(d) for d in docs][:k] if k else [str(d) for d in docs]
+        return _retrieved(docs, k)
 
     # ------------------------------------------------------------------ run
     def _abstained(
@@ -826,6 +1004,14 @@ class Guard:
         res.raw = None
         res.output = message or (decision.message if decision else None) or self.abstain_message
         return res
+
+    @staticmethod
+    def _check_call(
+        prompt: Any, documents: Any, tags: Any, run_name: Any
+    ) -> tuple[str, list[str] | None]:
+        _check_meta(tags, run_name)
+        docs = None if documents is None else _check_texts("documents", documents)
+        return _check_text("prompt", prompt), docs
 
     def prepare(
         self,
@@ -842,6 +1028,7 @@ class Guard:
         """The pre-generation half of :meth:`run`: check *documents*, the prompt, and act
         on ``abstain`` / ``retrieve``. The result is either abstained or carries the
         :attr:`~GuardResult.final_prompt` to generate from (pass it to :meth:`complete`)."""
+        prompt, documents = self._check_call(prompt, documents, tags, run_name)
         with self.bind(run_id, parent_run_id) as rid:
             res = self._new_result(prompt, rid)
             kw: dict[str, Any] = {"tags": tags, "run_name": run_name}
@@ -884,6 +1071,7 @@ class Guard:
         parent_run_id: str | None = None,
     ) -> GuardResult:
         """Async :meth:`prepare`."""
+        prompt, documents = self._check_call(prompt, documents, tags, run_name)
         with self.bind(run_id, parent_run_id) as rid:
             res = self._new_result(prompt, rid)
             kw: dict[str, Any] = {"tags": tags, "run_name": run_name}
@@ -913,72 +1101,143 @@ class Guard:
                 res, ctx, final_prompt=final_prompt, abstain=d if d.action == "abstain" else None
             )
 
+    # ------------------------------------------------------------------ regeneration
+    def _regen_mode(self, generate: Callable[..., Any], deterministic: bool | None) -> RegenMode:
+        """How ``reject_answer`` regenerates with *generate* (see the module doc): an
+        explicit *deterministic* wins, then a ``temperature=`` keyword, then a
+        ``deterministic`` attribute on *generate*."""
+        if deterministic is True:
+            return "skip"
+        if self.regen_temperature > 0 and _accepts_temperature(generate):
+            return "sample"
+        if deterministic is None:
+            deterministic = getattr(generate, "deterministic", None)
+        if deterministic is True:
+            return "skip"
+        return "own" if deterministic is False else "repeat"
+
+    def _generate_kwargs(self, mode: RegenMode, attempt: int) -> dict[str, Any]:
+        if attempt > 0 and mode == "sample":
+            return {"temperature": self.regen_temperature}
+        return {}
+
+    def _regeneration(
+        self, d: Decision, mode: RegenMode, attempt: int, repeated: bool
+    ) -> dict[str, Any]:
+        """The ``regeneration`` fields of a ``reject_answer`` event: what happens next."""
+        if attempt >= int(d.params.get("max_regenerations", 1)):
+            return {"regeneration": "exhausted"}
+        if mode == "skip":
+            return {"regeneration": "skipped-deterministic"}
+        if mode == "repeat" and repeated:
+            return {"regeneration": "stopped-identical"}
+        if mode == "sample":
+            return {"regeneration": "sample", "regen_temperature": self.regen_temperature}
+        return {"regeneration": "same-settings"}
+
+    def _answer_step(
+        self, res: GuardResult, raw: Any, extract: Callable[[Any], str | None] | None
+    ) -> str | None:
+        res.generations += 1
+        text = extract(raw) if extract is not None else raw
+        if text is None:
+            res.output, res.answer, res.raw = "", None, raw
+            return None
+        return str(text)
+
+    def _on_reject(
+        self, res: GuardResult, mode: RegenMode, attempt: int, text: str
+    ) -> Callable[[Decision], Mapping[str, Any]]:
+        repeated = text in res.rejected
+
+        def fields(d: Decision) -> Mapping[str, Any]:
+            out = self._regeneration(d, mode, attempt, repeated)
+            res.regeneration = out["regeneration"]
+            return out
+
+        return fields
+
     def complete(
         self,
         res: GuardResult,
-        generate: Callable[[str], Any],
+        generate: Callable[..., Any],
         *,
         extract: Callable[[Any], str | None] | None = None,
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        deterministic: bool | None = None,
     ) -> GuardResult:
         """The generation half of :meth:`run`: ``generate(res.final_prompt)``, check the
-        answer, regenerate on ``reject_answer`` (at most ``max_regenerations`` times), then
-        accept or abstain. *res* (from :meth:`prepare`) is updated and returned."""
+        answer, regenerate on ``reject_answer`` (at most ``max_regenerations`` times; see
+        the module doc for how), then accept or abstain. *res* (from :meth:`prepare`) is
+        updated and returned."""
         if res.abstained:
             return res
+        _check_meta(tags, run_name)
+        mode = self._regen_mode(generate, deterministic)
         with self.bind(res.run_id, res.parent_run_id):
             attempt = 0
             while True:
-                raw = generate(res.final_prompt)
-                res.generations += 1
-                text = extract(raw) if extract is not None else raw
+                raw = generate(res.final_prompt, **self._generate_kwargs(mode, attempt))
+                text = self._answer_step(res, raw, extract)
                 if text is None:
-                    res.output, res.answer, res.raw = "", None, raw
                     return res
-                d = self.check_answer(
-                    res.final_prompt, str(text), entropy=res.entropy, tags=tags, run_name=run_name
+                (d,) = self._check(
+                    "answer",
+                    res.final_prompt,
+                    [text],
+                    entropy=res.entropy,
+                    tags=tags,
+                    run_name=run_name,
+                    on_reject=self._on_reject(res, mode, attempt, text),
                 )
                 res.decisions.append(d)
-                if self._verdict(res, d, str(text), raw, attempt):
+                if self._verdict(res, d, text, raw):
                     return res
                 attempt += 1
 
     async def acomplete(
         self,
         res: GuardResult,
-        generate: Callable[[str], Any],
+        generate: Callable[..., Any],
         *,
         extract: Callable[[Any], str | None] | None = None,
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        deterministic: bool | None = None,
     ) -> GuardResult:
         """Async :meth:`complete`; *generate* may be sync or return an awaitable."""
         if res.abstained:
             return res
+        _check_meta(tags, run_name)
+        mode = self._regen_mode(generate, deterministic)
         with self.bind(res.run_id, res.parent_run_id):
             attempt = 0
             while True:
-                raw = generate(res.final_prompt)
+                raw = generate(res.final_prompt, **self._generate_kwargs(mode, attempt))
                 if inspect.isawaitable(raw):
                     raw = await raw
-                res.generations += 1
-                text = extract(raw) if extract is not None else raw
+                text = self._answer_step(res, raw, extract)
                 if text is None:
-                    res.output, res.answer, res.raw = "", None, raw
                     return res
-                d = await self.acheck_answer(
-                    res.final_prompt, str(text), entropy=res.entropy, tags=tags, run_name=run_name
+                (d,) = await self._acheck(
+                    "answer",
+                    res.final_prompt,
+                    [text],
+                    entropy=res.entropy,
+                    tags=tags,
+                    run_name=run_name,
+                    on_reject=self._on_reject(res, mode, attempt, text),
                 )
                 res.decisions.append(d)
-                if self._verdict(res, d, str(text), raw, attempt):
+                if self._verdict(res, d, text, raw):
                     return res
                 attempt += 1
 
     def run(
         self,
         prompt: str,
-        generate: Callable[[str], Any],
+        generate: Callable[..., Any],
         *,
         extract: Callable[[Any], str | None] | None = None,
         documents: Sequence[str] | None = None,
@@ -988,6 +1247,7 @@ class Guard:
         run_name: str | None = None,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        deterministic: bool | None = None,
     ) -> GuardResult:
         """Guard one generation: check, act, generate, check, act (see the module doc).
 
@@ -996,6 +1256,9 @@ class Guard:
         accepted as is). *documents* (from a RAG chain, a tool...) are checked at document
         scope and put in the prompt. ``check_prompt=False`` skips the prompt check (e.g.
         a later step of the same turn). *run_id* defaults to the bound run, else a uuid.
+        ``deterministic=True`` says *generate* always gives the same answer (it is then not
+        called again after ``reject_answer``); a *generate* with a ``temperature=`` keyword
+        is called with ``temperature=regen_temperature`` to regenerate.
         """
         with self.bind(run_id, parent_run_id) as rid:
             res = self.prepare(
@@ -1007,12 +1270,19 @@ class Guard:
                 run_name=run_name,
                 run_id=rid,
             )
-            return self.complete(res, generate, extract=extract, tags=tags, run_name=run_name)
+            return self.complete(
+                res,
+                generate,
+                extract=extract,
+                tags=tags,
+                run_name=run_name,
+                deterministic=deterministic,
+            )
 
     async def arun(
         self,
         prompt: str,
-        generate: Callable[[str], Any],
+        generate: Callable[..., Any],
         *,
         extract: Callable[[Any], str | None] | None = None,
         documents: Sequence[str] | None = None,
@@ -1022,6 +1292,7 @@ class Guard:
         run_name: str | None = None,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        deterministic: bool | None = None,
     ) -> GuardResult:
         """Async :meth:`run`; *generate* may be sync or return an awaitable."""
         with self.bind(run_id, parent_run_id) as rid:
@@ -1035,7 +1306,12 @@ class Guard:
                 run_id=rid,
             )
             return await self.acomplete(
-                res, generate, extract=extract, tags=tags, run_name=run_name
+                res,
+                generate,
+                extract=extract,
+                tags=tags,
+                run_name=run_name,
+                deterministic=deterministic,
             )
 
     def _new_result(self, prompt: str, run_id: str) -> GuardResult:
@@ -1067,7 +1343,7 @@ class Guard:
             return self._abstained(res, abstain)
         return res
 
-    def _verdict(self, res: GuardResult, d: Decision, text: str, raw: Any, attempt: int) -> bool:
+    def _verdict(self, res: GuardResult, d: Decision, text: str, raw: Any) -> bool:
         """After an answer check: accept or abstain (``True``: done), or regenerate."""
         if d.action == "abstain":
             res.rejected.append(text)
@@ -1075,7 +1351,7 @@ class Guard:
             return True
         if d.action == "reject_answer":
             res.rejected.append(text)
-            if attempt < int(d.params.get("max_regenerations", 1)):
+            if res.regeneration in ("sample", "same-settings"):
                 return False
             self._abstained(res, d)
             return True

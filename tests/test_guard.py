@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Any, Literal
 
 import pytest
 from fakes import AUDIT_CONTRACT_FIELDS, FailingCache, FakeScorer
@@ -88,7 +89,7 @@ class Retr:
         return list(self.docs)
 
 
-def decisions_of(logs: list[dict]) -> list[dict]:
+def decisions_of(logs: list[Any]) -> list[Any]:
     return [e for e in logs if e["event"] == "guard.decision"]
 
 
@@ -164,12 +165,23 @@ def test_retrieve_without_retriever_proceeds() -> None:
 
 
 def test_reject_regenerates_max_times_then_abstains() -> None:
-    gen = Gen("bad answer")
-    res = Guard(make_scorer(), make_policy()).run("easy", gen)
+    gen = Gen("bad answer", "bad answer 2", "bad answer 3")
+    scorer = make_scorer(loglik_contains={"bad answer": -9.5})
+    res = Guard(scorer, make_policy()).run("easy", gen)
     assert gen.calls == 3  # first answer + max_regenerations: 2
     assert res.abstained and res.output == "ABSTAIN"
-    assert res.rejected == ["bad answer"] * 3
+    assert res.rejected == ["bad answer", "bad answer 2", "bad answer 3"]
     assert [d.action for d in res.decisions] == ["allow"] + ["reject_answer"] * 3
+    assert res.regeneration == "exhausted"
+
+
+def test_reject_stops_when_an_unknown_generator_repeats_itself() -> None:
+    gen = Gen("bad answer")  # greedy: the same answer every time
+    with capture_logs() as logs:
+        res = Guard(make_scorer(), make_policy()).run("easy", gen)
+    assert gen.calls == 2 and res.abstained and res.regeneration == "stopped-identical"
+    rejects = [e for e in decisions_of(logs) if e["action"] == "reject_answer"]
+    assert [e["regeneration"] for e in rejects] == ["same-settings", "stopped-identical"]
 
 
 def test_reject_then_accept_a_better_answer() -> None:
@@ -378,11 +390,12 @@ def test_open_cache_failure_degrades_to_computing() -> None:
     assert res.output == "good answer" and scorer.n_calls == 2
     events = decisions_of(logs)
     assert len(events) == 2 and all(e["cache_hit"] is False for e in events)
-    assert all("unreachable" in e["cache_error"] for e in events)
+    assert all(e["cache_error"] == "unavailable" for e in events)
+    assert all("unreachable" in e["cache_error_detail"] for e in events)
 
 
 @pytest.mark.parametrize("fail_mode", ["open", "closed"])
-def test_real_redis_cache_down(fail_mode: str) -> None:
+def test_real_redis_cache_down(fail_mode: Literal["open", "closed"]) -> None:
     cache = RedisCache(
         "redis://127.0.0.1:1/0", fail_mode=fail_mode, timeout_s=0.05, retries=0
     )  # nothing listens on port 1
