@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -35,9 +36,10 @@ class CountingChat(GenericFakeChatModel):
 
     replies: list[Any]
     inputs: list[list[Any]]
+    produced: list[str]
 
     def __init__(self, *replies: Any) -> None:
-        super().__init__(messages=iter(()), replies=list(replies), inputs=[])
+        super().__init__(messages=iter(()), replies=list(replies), inputs=[], produced=[])
 
     def bind_tools(self, tools: Any, **kwargs: Any) -> CountingChat:
         return self
@@ -53,10 +55,25 @@ class CountingChat(GenericFakeChatModel):
         return ChatResult(generations=[ChatGeneration(message=self._next())])
 
     def _stream(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def]
+        """Word by word (``self.produced`` records each chunk as it is made)."""
         from langchain_core.outputs import ChatGenerationChunk
 
         self.inputs.append(list(messages))
-        yield ChatGenerationChunk(message=AIMessageChunk(content=self._next().content))
+        reply = self._next()
+        words = str(reply.content).split(" ")
+        for i, word in enumerate(words):
+            self.produced.append(word)
+            chunk = AIMessageChunk(content=word if i == 0 else " " + word)
+            yield ChatGenerationChunk(message=chunk)
+        if reply.tool_calls:
+            chunk = AIMessageChunk(
+                content="",
+                tool_call_chunks=[
+                    {"name": tc["name"], "args": json.dumps(tc["args"]), "id": tc["id"], "index": j}
+                    for j, tc in enumerate(reply.tool_calls)
+                ],
+            )
+            yield ChatGenerationChunk(message=chunk)
 
     @property
     def calls(self) -> int:
@@ -143,10 +160,10 @@ def test_handler_non_blocking_policy_only_logs() -> None:
     assert [e["action"] for e in decisions_of(logs)] == ["log_only", "log_only"]
 
 
-def test_handler_on_plain_llm_and_streaming() -> None:
+def test_handler_on_plain_llm_and_unchecked_streaming() -> None:
     from langchain_core.language_models.fake import FakeListLLM
 
-    guard = handler()
+    guard = handler(stream_unchecked=True)  # drafts may be shown before the answer check
     with capture_logs() as logs:
         FakeListLLM(responses=["good answer"]).invoke("easy", config={"callbacks": [guard]})
         chunks = list(CountingChat("good answer").stream("easy", config={"callbacks": [guard]}))
@@ -225,9 +242,10 @@ async def test_wrap_ainvoke_batch_abatch_stream_astream() -> None:
         "ABSTAIN",
         "good answer",
     ]
-    chunks = list(guarded.stream("easy"))
-    assert len(chunks) == 1 and isinstance(chunks[0], AIMessageChunk)
-    assert chunks[0].content == "good answer" and "ssd_guard" in chunks[0].response_metadata
+    chunks = list(guarded.stream("easy"))  # the model's chunks, released once checked
+    assert all(isinstance(c, AIMessageChunk) for c in chunks)
+    assert "".join(str(c.content) for c in chunks) == "good answer"
+    assert chunks[-1].response_metadata["ssd_guard"]["action"] == "allow"
     achunks = [c async for c in guarded.astream("hard")]
     assert [c.content for c in achunks] == ["ABSTAIN"]
 
@@ -348,9 +366,15 @@ def test_middleware_flags_poisoned_tool_output_and_rejects_bad_answers() -> None
         ("answer", "reject_answer"),
         ("answer", "allow"),
     ]
-    assert len({e["run_id"] for e in events}) == 1
-    assert [e["step"] for e in events] == [1, 2, 3, 4]
-    assert events[1]["source"] == "tool"
+    # one LangChain run per hook (before_model, the tool, the model call): the answer
+    # checks of one model call share it, with their steps
+    prompt_run, doc_run, answer_runs = (
+        events[0]["run_id"],
+        events[1]["run_id"],
+        {e["run_id"] for e in events[2:]},
+    )
+    assert len({prompt_run, doc_run, *answer_runs}) == 3 and len(answer_runs) == 1
+    assert [e["step"] for e in events] == [1, 1, 1, 2]
 
 
 def test_middleware_quarantine_keeps_the_tool_output_aside() -> None:
@@ -429,7 +453,7 @@ def test_middleware_hooks_called_directly() -> None:
 
 
 def test_middleware_import_error_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lc, "_MIDDLEWARE_CLASS", None)
+    monkeypatch.delitem(sys.modules, "ssd_guard.integrations.langchain.middleware")
     monkeypatch.setitem(sys.modules, "langchain.agents.middleware", None)
     with pytest.raises(ImportError, match=r"ssd-guard\[langchain\]"):
         handler().middleware()
