@@ -14,7 +14,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,9 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from ssd_guard._version import __version__
 from ssd_guard.errors import ArtifactError, ArtifactIntegrityError, ArtifactMismatchError
+from ssd_guard.features import FeatureSpec
 
 __all__ = [
     "FORMAT_VERSION",
+    "AnswerInfo",
     "BaseModelInfo",
     "EmbedderInfo",
     "HeadInfo",
@@ -74,22 +76,62 @@ class PromptFormat(_Model):
     template: str = "Question: {question}\nAnswer:"
 
 
+class AnswerInfo(_Model):
+    """How candidate answers are turned into the answer head's targets."""
+
+    #: Answer texts are normalised before embedding (first line, boilerplate such as
+    #: "The answer is" and a final period stripped), at distillation and at run time.
+    normalise: bool = False
+    #: A sentence-length answer is also scored on its *core*: the words that do not
+    #: repeat the question, and the best of both counts (phrasing robustness).
+    core_span: bool = False
+    #: The artifact holds an unconditional answer density (``marginal.*`` tensors), so
+    #: pointwise mutual information ``log p(a | prompt) - log p(a)`` can be scored.
+    marginal: bool = False
+    #: The answer signal the student was validated for (``loglik``, ``pmi`` or
+    #: ``consensus``): the evaluation's mismatch / multiple-choice default.
+    default_signal: Literal["loglik", "pmi", "consensus"] = "loglik"
+
+
 class Manifest(_Model):
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
     created: str = ""
     base_model: BaseModelInfo
+    #: the deepest layer the student reads (the truncated prefill stops there)
     layer: int
+    #: what the student reads; ``None`` = the last token's state at ``layer``
+    features: FeatureSpec | None = None
     embedder: EmbedderInfo
     pca_dim: int
     heads: dict[str, HeadInfo]
     prompt: PromptFormat = PromptFormat()
+    answers: AnswerInfo = AnswerInfo()
     training: dict[str, Any] = {}
     weights_sha256: str = ""
 
     @property
+    def feature_spec(self) -> FeatureSpec:
+        return self.features or FeatureSpec.single(self.layer)
+
+    @property
     def fingerprint(self) -> str:
-        return self.weights_sha256[:16]
+        """Identifies what the scores depend on: the weights *and* every manifest field
+        that changes a score (layer, features, prompt format, heads, answer handling,
+        embedder, base model). Shared caches key on it."""
+        relevant = {
+            "weights": self.weights_sha256,
+            "layer": self.layer,
+            "features": self.feature_spec.model_dump(mode="json"),
+            "prompt": self.prompt.model_dump(mode="json"),
+            "heads": {k: v.model_dump(mode="json") for k, v in sorted(self.heads.items())},
+            "answers": self.answers.model_dump(mode="json"),
+            "embedder": self.embedder.model_dump(mode="json"),
+            "pca_dim": self.pca_dim,
+            "base_model": self.base_model.model_dump(mode="json"),
+        }
+        blob = json.dumps(relevant, sort_keys=True).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _sha256_file(path: Path) -> str:
@@ -139,6 +181,8 @@ def load_artifact(directory: str | Path) -> tuple[Manifest, dict[str, torch.Tens
         raise ArtifactError(f"{path}: not a student artifact (needs {MANIFEST} and {WEIGHTS})")
     try:
         manifest = Manifest.model_validate_json(mpath.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{mpath}: manifest is not UTF-8 text ({exc.reason})") from exc
     except ValidationError as exc:
         raise ArtifactError(f"{mpath}: invalid manifest: {exc}") from exc
     if manifest.format_version > FORMAT_VERSION:

@@ -12,13 +12,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from ssd_guard.features import FeatureSpec
 from ssd_guard.generation import left_pad_positions
+
+log = logging.getLogger("ssd_guard.encoding")
 
 __all__ = [
     "AnswerEmbedder",
@@ -51,40 +56,124 @@ def decoder_layers(model: Any) -> nn.ModuleList:
 
 
 class _StopForward(Exception):
-    def __init__(self, hidden: torch.Tensor) -> None:
-        self.hidden = hidden
+    """Ends a truncated prefill once every layer it needs has run (never leaves the call)."""
 
 
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+class _Collect:
+    """One encoding call's hook state. Hooks act only when the current context (thread
+    or task) holds this object, so a hook is never visible to another caller's pass."""
+
+    def __init__(self, spec: FeatureSpec, keep: torch.Tensor | None, stop: bool) -> None:
+        self.spec = spec
+        self.keep = keep  # [B, T, 1] float weights of the question tokens, or None
+        self.stop = stop
+        self.last: dict[int, torch.Tensor] = {}
+        self.pooled: dict[int, torch.Tensor] = {}
+        self.done = False
+
+    def record(self, layer: int, h: torch.Tensor) -> None:
+        if self.done:
+            return
+        if layer in self.spec.layers and layer not in self.last:
+            self.last[layer] = h[:, -1, :].detach().float()
+        if layer in self.spec.pooled_layers and layer not in self.pooled:
+            keep = self.keep
+            if keep is None or keep.shape[1] != h.shape[1]:
+                keep = _pool_weights(
+                    torch.ones(h.shape[:2], dtype=torch.long, device=h.device),
+                    self.spec.pool_start,
+                )
+            self.pooled[layer] = (h.detach().float() * keep).sum(1) / keep.sum(1)
+        if len(self.last) == len(set(self.spec.layers)) and len(self.pooled) == len(
+            set(self.spec.pooled_layers)
+        ):
+            self.done = True
+            if self.stop:
+                raise _StopForward
+
+    def features(self) -> torch.Tensor:
+        parts = [self.last[ly] for ly in self.spec.layers]
+        parts += [self.pooled[ly] for ly in self.spec.pooled_layers]
+        return torch.cat(parts, dim=-1)
+
+
+_ACTIVE_CALL: ContextVar[_Collect | None] = ContextVar("ssd_guard_encoding_call", default=None)
+
+
+def _pool_weights(attention_mask: torch.Tensor, pool_start: int) -> torch.Tensor:
+    """``[B, T, 1]`` weights of the real tokens at position ``>= pool_start`` (the
+    question after the few-shot prefix); a row without any falls back to its last token."""
+    pos = left_pad_positions(attention_mask)
+    keep = attention_mask.bool() & (pos >= pool_start)
+    last = torch.zeros_like(keep)
+    last[:, -1] = True
+    keep = torch.where(keep.any(-1, keepdim=True), keep, last)
+    return keep.float().unsqueeze(-1)
+
+
 class PromptEncoder:
-    """Last-token hidden state at layer ``layer`` (``output_hidden_states`` numbering:
-    0 is the embedding output, ``l`` the output of the ``l``-th decoder block).
+    """The student's input features of a prompt (see :class:`~ssd_guard.features.FeatureSpec`):
+    last-token hidden states at some layers and question-mean-pooled states at others
+    (``output_hidden_states`` numbering: 0 is the embedding output, ``l`` the output of the
+    ``l``-th decoder block, the last one normed).
 
     Args:
         model: a Hugging Face causal LM (eval mode).
         tokenizer: its tokenizer (forced to left padding).
-        layer: the layer to read, ``0 <= layer <= num_hidden_layers``.
+        layer: a single last-token layer (the original SSD input); or give ``features``.
+        features: the full feature spec.
         batch_size: prompts per forward pass.
-        truncate: stop the forward pass at ``layer`` (default); ``False`` runs the full
-            model with ``output_hidden_states`` (the reference path, for tests).
+        truncate: stop the forward pass after the deepest layer needed (default);
+            ``False`` runs the full model with ``output_hidden_states`` (the reference
+            path, for tests).
+        max_tokens: prompts longer than this keep their *last* ``max_tokens`` tokens
+            (default: the model's context length). Truncation is never silent: it is
+            counted in :attr:`truncated` and logged.
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, layer: int, *, batch_size: int = 16, truncate: bool = True
+        self,
+        model: Any,
+        tokenizer: Any,
+        layer: int | None = None,
+        *,
+        features: FeatureSpec | None = None,
+        batch_size: int = 16,
+        truncate: bool = True,
+        max_tokens: int | None = None,
     ) -> None:
+        if features is None:
+            if layer is None:
+                raise ValueError("give a layer or a feature spec")
+            features = FeatureSpec.single(layer)
         self.model = model
         self.tokenizer = tokenizer
         self.layers = decoder_layers(model)
         n = len(self.layers)
-        if not 0 <= layer <= n:
-            raise ValueError(f"layer {layer} is out of range for a model with {n} layers (0..{n})")
-        self.layer = layer
+        bad = [ly for ly in features.all_layers if not 0 <= ly <= n]
+        if bad:
+            raise ValueError(f"layer {bad[0]} is out of range for a model with {n} layers (0..{n})")
+        self.features = features
+        self.layer = features.deepest
         self.num_layers = n
         self.batch_size = batch_size
         self.truncate = truncate
+        cfg = (
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
+        self.hidden_size = int(cfg.hidden_size)
+        ctx = getattr(cfg, "max_position_embeddings", None)
+        self.max_tokens = int(max_tokens or ctx or 2048)
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        #: how many prompts were cut to their last ``max_tokens`` tokens so far
+        self.truncated = 0
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -93,89 +182,127 @@ class PromptEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def out_dim(self) -> int:
+        return self.features.in_dim(self.hidden_size)
+
+    def _module_for(self, layer: int) -> nn.Module:
+        if layer == 0:
+            return cast(nn.Module, self.model.get_input_embeddings())
+        if layer < self.num_layers:
+            return cast(nn.Module, self.layers[layer - 1])
+        # The last entry of hidden_states has the final norm applied: hook the norm.
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        module = getattr(decoder, "norm", None)
+        if module is None:
+            raise ValueError("cannot read the last layer of this model")
+        return cast(nn.Module, module)
+
     def _hook_module(self) -> nn.Module | None:
-        if self.layer == 0:
-            return self.model.get_input_embeddings()
+        """The module whose output is the deepest layer read (``None``: the last one)."""
         if self.layer == self.num_layers:
-            return None  # the last entry of hidden_states has the final norm applied
-        return self.layers[self.layer - 1]
+            return None
+        return self._module_for(self.layer)
+
+    def capture_module(self) -> nn.Module:
+        """The module whose forward output is the deepest layer read."""
+        return self._module_for(self.layer)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True)
-        return {
-            k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")
-        }
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        if ids.shape[1] > self.max_tokens:
+            long_rows = int((attn.sum(1) > self.max_tokens).sum())
+            self.truncated += long_rows
+            log.warning(
+                "ssd_guard: %d prompt(s) longer than %d tokens were cut to their last %d "
+                "tokens before scoring",
+                long_rows,
+                self.max_tokens,
+                self.max_tokens,
+            )
+            ids, attn = ids[:, -self.max_tokens :], attn[:, -self.max_tokens :]
+        return {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
+
+    @contextlib.contextmanager
+    def _hooks(self, state: _Collect) -> Iterator[None]:
+        handles = []
+        for ly in self.features.all_layers:
+
+            def hook(_m: nn.Module, _inp: Any, output: Any, ly: int = ly) -> None:
+                if _ACTIVE_CALL.get() is state:
+                    state.record(ly, _first(output))
+
+            handles.append(self._module_for(ly).register_forward_hook(hook))
+        token = _ACTIVE_CALL.set(state)
+        try:
+            yield
+        finally:
+            _ACTIVE_CALL.reset(token)
+            for h in handles:
+                h.remove()
 
     @torch.inference_mode()
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, H]`` float32 hidden states for a left-padded batch of token ids."""
+        """``[B, F]`` float32 features for a left-padded batch of token ids."""
         kwargs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": left_pad_positions(attention_mask),
             "use_cache": False,
         }
-        module = self._hook_module() if self.truncate else None
-        if module is None:
+        spec = self.features
+        if not self.truncate:
             out = self.model(**kwargs, output_hidden_states=True)
-            return out.hidden_states[self.layer][:, -1, :].float()
-
-        def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
-            raise _StopForward(_first(output))
-
-        handle = module.register_forward_hook(hook)
-        try:
+            hs = out.hidden_states
+            keep = _pool_weights(attention_mask, spec.pool_start)
+            parts = [hs[ly][:, -1, :].float() for ly in spec.layers]
+            parts += [(hs[ly].float() * keep).sum(1) / keep.sum(1) for ly in spec.pooled_layers]
+            return torch.cat(parts, dim=-1)
+        state = _Collect(spec, _pool_weights(attention_mask, spec.pool_start), stop=True)
+        with self._hooks(state), contextlib.suppress(_StopForward):
             self.model(**kwargs)
-        except _StopForward as stop:
-            return stop.hidden[:, -1, :].float()
-        finally:
-            handle.remove()
-        raise RuntimeError("the forward pass finished without reaching the hooked layer")
+        if not state.done:
+            raise RuntimeError("the forward pass finished without reaching every layer read")
+        return state.features()
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[N, H]`` float32 hidden states, on the model's device, batched."""
+        """``[N, F]`` float32 features, on the model's device, batched."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of prompts, not a single string")
         outs = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenize(texts[i : i + self.batch_size])
             outs.append(self.encode_ids(enc["input_ids"], enc["attention_mask"]))
         if not outs:
-            return torch.empty(0, self.model.config.hidden_size, device=self.device)
+            return torch.empty(0, self.out_dim, device=self.device)
         return torch.cat(outs)
 
-    def capture_module(self) -> nn.Module:
-        """The module whose forward output is the layer-``l`` hidden state."""
-        module = self._hook_module()
-        if module is None:
-            # The final layer's state has the final norm applied: capture the norm output.
-            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-            module = getattr(decoder, "norm", None)
-            if module is None:
-                raise ValueError("cannot capture the last layer of this model")
-        return module
-
     @contextlib.contextmanager
-    def capture(self) -> Iterator[HiddenStateCapture]:
-        """Record the layer-``l`` last-token state during the model's *own* forward passes.
+    def capture(self, attention_mask: torch.Tensor | None = None) -> Iterator[HiddenStateCapture]:
+        """Record the features during the model's *own* forward passes, in this context
+        only (other threads' passes through the same model are ignored).
 
-        Use around ``model.generate(...)``: the first call (the prefill) yields the
-        prompt representation for free, with no extra forward pass::
+        Use around ``model.generate(...)`` or a prefill: the first call (the prefill)
+        yields the prompt representation for free, with no extra forward pass::
 
-            with encoder.capture() as cap:
+            with encoder.capture(enc["attention_mask"]) as cap:
                 out = model.generate(**enc)
-            h = cap.hidden  # [B, H]
+            h = cap.hidden  # [B, F]
         """
         cap = HiddenStateCapture()
-        module = self.capture_module()
-
-        def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
-            if cap.hidden is None:
-                cap.hidden = _first(output)[:, -1, :].detach().float()
-
-        handle = module.register_forward_hook(hook)
-        try:
+        keep = (
+            _pool_weights(attention_mask, self.features.pool_start)
+            if attention_mask is not None
+            else None
+        )
+        state = _Collect(self.features, keep, stop=False)
+        with self._hooks(state):
             yield cap
-        finally:
-            handle.remove()
+            if state.done:
+                cap.hidden = state.features()
+        if state.done:
+            cap.hidden = state.features()
 
 
 class HiddenStateCapture:

@@ -19,6 +19,7 @@ __all__ = [
     "SampledAnswers",
     "decode_loop",
     "left_pad_positions",
+    "pool_hidden_states",
     "sample_answers",
     "stop_token_table",
 ]
@@ -37,6 +38,10 @@ class SampledAnswers:
     default: list[str]
     samples: list[list[str]]
     hidden: torch.Tensor | None
+    #: ``[B, L+1, H]``: the mean hidden state over each prompt's tokens from position
+    #: ``pool_start`` on (the question, without a shared few-shot prefix); ``None``
+    #: unless ``pool_start`` was given.
+    pooled: torch.Tensor | None = None
 
 
 def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,12 +141,15 @@ def sample_answers(
     generator: torch.Generator | None = None,
     return_hidden: bool = True,
     stop_table: torch.Tensor | None = None,
+    pool_start: int | None = None,
 ) -> SampledAnswers:
     """Sample ``n_samples`` answers at ``temperature`` and one default answer per prompt.
 
     ``default_temperature=0`` means greedy. Sampling uses the full distribution (no
     top-k / top-p), as the teacher of the SSD paper does. Answers stop at the first
-    newline or end-of-text token and are stripped.
+    newline or end-of-text token and are stripped. With ``pool_start`` (and
+    ``return_hidden``) the hidden states are also mean-pooled over every prompt token at
+    position ``pool_start`` or later, at every layer.
     """
     if not prompts:
         return SampledAnswers([], [], None)
@@ -164,6 +172,9 @@ def sample_answers(
     hidden = None
     if return_hidden:
         hidden = torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1)
+    pooled = None
+    if return_hidden and pool_start is not None:
+        pooled = pool_hidden_states(out.hidden_states, attn, pos, pool_start)
     rows = n_samples + 1
     b = input_ids.shape[0]
     cache = out.past_key_values
@@ -197,4 +208,23 @@ def sample_answers(
     texts = [_clean(t) for t in texts]
     default = texts[::rows]
     samples = [texts[i * rows + 1 : (i + 1) * rows] for i in range(b)]
-    return SampledAnswers(default, samples, hidden)
+    return SampledAnswers(default, samples, hidden, pooled)
+
+
+def pool_hidden_states(
+    hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    pool_start: int,
+) -> torch.Tensor:
+    """Mean over real tokens at position ``>= pool_start`` of every layer: ``[B, L, H]``.
+
+    A prompt shorter than ``pool_start`` falls back to its last token.
+    """
+    keep = attention_mask.bool() & (positions >= pool_start)
+    last = torch.zeros_like(keep)
+    last[:, -1] = True
+    keep = torch.where(keep.any(-1, keepdim=True), keep, last)
+    w = keep.float().unsqueeze(-1)  # [B, T, 1]
+    denom = w.sum(1)  # [B, 1]
+    return torch.stack([(h.float() * w).sum(1) / denom for h in hidden_states], dim=1)

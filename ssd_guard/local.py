@@ -30,23 +30,20 @@ question need that question's state, which costs one prefill of the question.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from ssd_guard.encoding import HiddenStateCapture
 from ssd_guard.generation import decode_loop, left_pad_positions, stop_token_table
 from ssd_guard.guard import Guard, GuardResult
 
 __all__ = ["GuardedLocalModel", "LocalStats"]
-
-_ACTIVE: ContextVar[HiddenStateCapture | None] = ContextVar("ssd_guard_capture", default=None)
 
 
 @dataclass
@@ -125,7 +122,6 @@ class GuardedLocalModel:
         self.max_new_tokens = max_new_tokens
         self.temperature = float(temperature)
         self.regen_temperature = float(regen_temperature)
-        self._module = scorer.encoder.capture_module()
         self._device = next(self.model.parameters()).device
         self._generator: torch.Generator | None = None
         if seed is not None:
@@ -154,26 +150,12 @@ class GuardedLocalModel:
         ids = enc["input_ids"].to(self._device)
         attn = enc["attention_mask"].to(self._device)
         pos = left_pad_positions(attn)
-        cap = HiddenStateCapture()
-        handle = None
-        token = None
-        if capture:
-            token = _ACTIVE.set(cap)
-
-            def hook(_m: Any, _inp: Any, output: Any) -> None:
-                # Hooks run in the caller's context: other threads' passes are ignored.
-                if _ACTIVE.get() is cap and cap.hidden is None:
-                    out = output[0] if isinstance(output, tuple) else output
-                    cap.hidden = out[:, -1, :].detach().float()
-
-            handle = self._module.register_forward_hook(hook)
-        try:
+        ctx = self.scorer.encoder.capture(attn) if capture else contextlib.nullcontext(None)
+        with ctx as cap:
+            # The capture hooks act only in this context: other threads' passes through
+            # the same model are ignored, and nothing is ever raised into them.
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        finally:
-            if handle is not None:
-                handle.remove()
-            if token is not None:
-                _ACTIVE.reset(token)
+        hidden = cap.hidden if cap is not None else None
         pre = _Prefill(
             cache=out.past_key_values,
             logits=out.logits[:, -1, :].float(),
@@ -181,9 +163,9 @@ class GuardedLocalModel:
             next_pos=pos[:, -1:] + 1,
         )
         self._count("prefills", time.perf_counter() - t0)
-        if capture and cap.hidden is None:
+        if capture and hidden is None:
             raise RuntimeError("the prefill did not reach the student's layer")
-        return pre, cap.hidden
+        return pre, hidden
 
     @torch.inference_mode()
     def _decode(self, pre: _Prefill, temperature: float) -> str:
@@ -222,7 +204,7 @@ class GuardedLocalModel:
             rows.append(h)
         return torch.cat(rows).to(self._device)
 
-    def _generate(self, prompt: str, session: _Session) -> str:
+    def _generate(self, prompt: str, session: _Session, temperature: float | None = None) -> str:
         text = self.scorer.format_prompt(prompt)
         attempt = session.attempts[text]
         session.attempts[text] += 1
@@ -233,7 +215,9 @@ class GuardedLocalModel:
             session.hidden.setdefault(text, h)
         else:
             self._count("decoded_from_scoring_prefill")
-        return self._decode(pre, self.temperature if attempt == 0 else self.regen_temperature)
+        if temperature is None:
+            temperature = self.temperature if attempt == 0 else self.regen_temperature
+        return self._decode(pre, temperature)
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompt: str, *, temperature: float | None = None) -> str:
@@ -257,8 +241,9 @@ class GuardedLocalModel:
         with the hidden state taken from the generation's own prefill."""
         session = _Session()
 
-        def generate(p: str) -> str:
-            return self._generate(p, session)
+        def generate(p: str, temperature: float | None = None) -> str:
+            # Regenerations after reject_answer come with the guard's sampling temperature.
+            return self._generate(p, session, temperature)
 
         try:
             with self.scorer.hidden_provider(lambda texts: self._hidden_for(texts, session)):

@@ -96,6 +96,13 @@ def _mean_nll(
     return total / max(count, 1)
 
 
+def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of two 1-D tensors (differentiable)."""
+    a = a - a.mean()
+    b = b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-8)
+
+
 class SSDStudent:
     """Fit a mixture-density student by conditional maximum likelihood.
 
@@ -117,9 +124,11 @@ class SSDStudent:
         patience: int = 20,
         batch_size: int = 128,
         min_scale: float = 1e-3,
+        rank_weight: float = 0.0,
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
+        self.rank_weight = rank_weight
         self.n_components = n_components
         self.hidden = hidden
         self.depth = depth
@@ -145,6 +154,7 @@ class SSDStudent:
             "patience",
             "batch_size",
             "min_scale",
+            "rank_weight",
             "seed",
         ]
         return {k: getattr(self, k) for k in keys}
@@ -160,7 +170,17 @@ class SSDStudent:
         Z: torch.Tensor,
         X_val: torch.Tensor | None = None,
         Z_val: torch.Tensor | None = None,
+        *,
+        dispersion: torch.Tensor | None = None,
+        dispersion_val: torch.Tensor | None = None,
     ) -> SSDStudent:
+        """Maximum likelihood, plus (with ``rank_weight > 0`` and ``dispersion`` [N])
+        an auxiliary term that ties the mixture's Rényi-2 entropy to the teacher's
+        dispersion: ``rank_weight * (1 - corr(H, log dispersion))`` over each batch.
+        The model stays a mixture fitted by likelihood; the term only orders entropies
+        the way the teacher's sample spread orders prompts. Early stopping then watches
+        the same combined loss on the validation set.
+        """
         if Z.dim() == 2:
             Z = Z.unsqueeze(1)
         if X.dim() != 2 or Z.dim() != 3 or X.shape[0] != Z.shape[0]:
@@ -187,6 +207,13 @@ class SSDStudent:
             assert X_val is not None and Z_val is not None
             X_val = X_val.float().to(dev)
             Z_val = (Z_val.unsqueeze(1) if Z_val.dim() == 2 else Z_val).float().to(dev)
+        use_rank = self.rank_weight > 0 and dispersion is not None
+        log_d = log_d_val = None
+        if use_rank:
+            assert dispersion is not None
+            log_d = dispersion.float().clamp_min(1e-6).log().to(dev)
+            if has_val and dispersion_val is not None:
+                log_d_val = dispersion_val.float().clamp_min(1e-6).log().to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         history = TrainingHistory()
         best_state = copy.deepcopy(model.state_dict())
@@ -199,7 +226,11 @@ class SSDStudent:
             total = 0.0
             for i in range(0, n, self.batch_size):
                 idx = perm[i : i + self.batch_size]
-                loss = -model(X[idx]).log_prob(Z[idx]).mean()
+                mix = model(X[idx])
+                loss = -mix.log_prob(Z[idx]).mean()
+                if use_rank and idx.numel() > 2:
+                    assert log_d is not None
+                    loss = loss + self.rank_weight * (1 - _corr(mix.renyi2_entropy(), log_d[idx]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -210,6 +241,10 @@ class SSDStudent:
                 assert X_val is not None and Z_val is not None
                 val = _mean_nll(model, X_val, Z_val)
                 history.val_nll.append(val)
+                if use_rank and log_d_val is not None:
+                    with torch.no_grad():
+                        h_val = model(X_val).renyi2_entropy()
+                    val = val + self.rank_weight * (1 - float(_corr(h_val, log_d_val)))
                 if val < best - 1e-4:
                     best, bad = val, 0
                     best_state = copy.deepcopy(model.state_dict())

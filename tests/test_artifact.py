@@ -44,7 +44,33 @@ def test_round_trip_is_bit_exact(tmp_path) -> None:
     for k, v in tensors().items():
         assert t[k].dtype == v.dtype and torch.equal(t[k], v)
     assert m.base_model == manifest().base_model and len(m.weights_sha256) == 64
-    assert m.fingerprint == m.weights_sha256[:16]
+    assert len(m.fingerprint) == 16 and m.fingerprint != m.weights_sha256[:16]
+
+
+def test_fingerprint_covers_every_score_relevant_manifest_field(tmp_path) -> None:
+    """Changing the layer, the prompt's few-shot prefix or the features changes the scores,
+    so it must change the fingerprint that shared caches key on (issue 11, item 6)."""
+    from ssd_guard.features import FeatureSpec
+
+    save_artifact(tmp_path / "art", manifest(), tensors())
+    m, _ = load_artifact(tmp_path / "art")
+    variants = [
+        m.model_copy(update={"layer": m.layer - 1}),
+        m.model_copy(update={"prompt": m.prompt.model_copy(update={"few_shot": "Q: x\nA: y\n\n"})}),
+        m.model_copy(update={"features": FeatureSpec(layers=[1, 2])}),
+    ]
+    prints = {m.fingerprint, *(v.fingerprint for v in variants)}
+    assert len(prints) == 4
+    # The same manifest read twice keeps its fingerprint.
+    assert load_artifact(tmp_path / "art")[0].fingerprint == m.fingerprint
+
+
+def test_non_utf8_manifest_is_an_artifact_error(tmp_path) -> None:
+    save_artifact(tmp_path / "art", manifest(), tensors())
+    path = tmp_path / "art" / "manifest.json"
+    path.write_bytes(path.read_bytes().replace(b'"format_version"', b'"format\xff_version"'))
+    with pytest.raises(ArtifactError, match="not UTF-8"):
+        load_artifact(tmp_path / "art")
     assert not list((tmp_path / "art").glob("*.pt")) and not list((tmp_path / "art").glob("*.bin"))
 
 

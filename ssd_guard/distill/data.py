@@ -16,6 +16,7 @@ __all__ = [
     "QAExample",
     "is_correct",
     "load_mc_jsonl",
+    "load_open_from_mc",
     "load_qa_jsonl",
     "normalize_answer",
     "split_ids",
@@ -30,6 +31,8 @@ class QAExample:
     prompt: str
     answer: str
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    #: The choice texts when the question comes from a multiple-choice set.
+    choices: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def question(self) -> str:
@@ -174,3 +177,46 @@ def is_correct(
         ):
             return True
     return False
+
+
+_LETTERED = re.compile(r"^\s*([A-Z])[.)]\s*(.+?)\s*$")
+_LABELS = re.compile(r"^(?:Question|Q|Context)\s*:\s*", re.IGNORECASE)
+
+
+def _strip_choices(query: str) -> tuple[str, dict[str, str]]:
+    """Split a multiple-choice query into its question text and its lettered choices."""
+    text = query.rstrip()
+    for tail in ("\nAnswer:", "\nA:"):
+        if text.endswith(tail):
+            text = text[: -len(tail)]
+    lettered: dict[str, str] = {}
+    head, sep, rest = text.partition("\nChoices:")
+    if sep:
+        for line in rest.splitlines():
+            m = _LETTERED.match(line)
+            if m:
+                lettered[m.group(1)] = m.group(2)
+    parts = [_LABELS.sub("", line).strip() for line in head.splitlines() if line.strip()]
+    return " ".join(p for p in parts if p), lettered
+
+
+def load_open_from_mc(path: str | Path, limit: int | None = None) -> list[QAExample]:
+    """Multiple-choice rows as *open* questions: the choices are removed from the prompt.
+
+    The prompt becomes ``Question: <context and question>\\nAnswer:``; the gold choice's
+    text (looked up in the query's lettered ``Choices:`` lines when the choices are
+    letters) is the one accepted answer. SSD needs no labels to train; the answer only
+    serves the evaluation's correctness labels and multiple-choice checks.
+    """
+    p = Path(path)
+    out: list[QAExample] = []
+    for ex in load_mc_jsonl(p, None):
+        question, lettered = _strip_choices(ex.prompt)
+        if not question:
+            raise ConfigError(f"{p}: row {ex.id}: no question text left after removing choices")
+        choices = tuple(lettered.get(c, c) for c in ex.choices)
+        gold = choices[ex.gold]
+        out.append(QAExample(ex.id, f"Question: {question}\nAnswer:", gold, (gold,), choices))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssd_guard.distill.data import load_mc_jsonl, load_qa_jsonl, split_ids
+from ssd_guard.distill.data import load_mc_jsonl, load_open_from_mc, load_qa_jsonl, split_ids
 from ssd_guard.distill.recipe import Recipe
 from ssd_guard.errors import ConfigError
 
@@ -108,22 +108,45 @@ class Context:
 # --------------------------------------------------------------------------- stages
 def stage_prompts(wd: Workdir, ctx: Context) -> dict[str, Any]:
     r = ctx.recipe
-    path = r.resolve(r.data.path)
-    rows: list[dict[str, Any]]
-    if r.data.format == "qa":
-        rows = [
-            {"id": e.id, "prompt": e.prompt, "answer": e.answer, "aliases": list(e.aliases)}
-            for e in load_qa_jsonl(path, r.data.limit)
+    rows: list[dict[str, Any]] = []
+    splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    if r.data.sources is None:
+        assert r.data.path is not None
+        layout: list[tuple[str, str, str, int | None]] = [
+            ("", r.data.path, r.data.format, r.data.limit)
         ]
     else:
-        rows = [
-            {"id": e.id, "prompt": e.prompt, "choices": list(e.choices), "gold": e.gold}
-            for e in load_mc_jsonl(path, r.data.limit)
-        ]
-    ids = [row["id"] for row in rows]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"{path}: duplicate row ids")
-    splits = split_ids(ids, r.data.split, r.data.seed)
+        layout = [(s.name, s.path, s.format, s.limit) for s in r.data.sources]
+    for name, raw_path, fmt, limit in layout:
+        path = r.resolve(raw_path)
+        part: list[dict[str, Any]]
+        if fmt in ("qa", "open_mc"):
+            loader = load_qa_jsonl if fmt == "qa" else load_open_from_mc
+            part = [
+                {"id": e.id, "prompt": e.prompt, "answer": e.answer, "aliases": list(e.aliases)}
+                | (
+                    {"choices": list(e.choices), "gold": e.choices.index(e.answer)}
+                    if e.choices
+                    else {}
+                )
+                for e in loader(path, limit)
+            ]
+        else:
+            part = [
+                {"id": e.id, "prompt": e.prompt, "choices": list(e.choices), "gold": e.gold}
+                for e in load_mc_jsonl(path, limit)
+            ]
+        ids = [row["id"] for row in part]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{path}: duplicate row ids")
+        part_splits = split_ids(ids, r.data.split, r.data.seed)
+        prefix = f"{name}:" if name else ""
+        for row in part:
+            row["id"] = prefix + row["id"]
+            row["source"] = name or r.name
+        for k, v in part_splits.items():
+            splits[k].extend(prefix + i for i in v)
+        rows.extend(part)
     with wd.path("prompts.jsonl.tmp").open("w", encoding="utf-8") as fh:
         for row in rows:
             row["text"] = r.format_prompt(row["prompt"])
@@ -156,6 +179,7 @@ def stage_teacher(
         bar = tqdm(total=remaining, desc="teacher sampling", unit="prompt")
     lm = ctx.lm if todo else None
     table = stop_token_table(lm.tokenizer, lm.device) if lm is not None else None
+    pool_start = prefix_length(lm.tokenizer, ctx.recipe.prompt.few_shot) if lm is not None else 0
     done_now = 0
     for s in todo:
         assert lm is not None  # todo is non-empty here
@@ -164,6 +188,7 @@ def stage_teacher(
         gen = torch.Generator(device=lm.device).manual_seed(t.seed * 1_000_003 + s)
         records: list[dict[str, Any]] = []
         hidden: list[torch.Tensor] = []
+        pooled: list[torch.Tensor] = []
         for b in range(0, len(chunk), t.batch_size):
             batch = chunk[b : b + t.batch_size]
             res = sample_answers(
@@ -176,16 +201,20 @@ def stage_teacher(
                 max_new_tokens=t.max_new_tokens,
                 generator=gen,
                 stop_table=table,
+                pool_start=pool_start if t.pool else None,
             )
             for row, d, smp in zip(batch, res.default, res.samples):
                 records.append({"id": row["id"], "default": d, "samples": smp})
             assert res.hidden is not None
             hidden.append(res.hidden.to("cpu", torch.bfloat16))
+            if res.pooled is not None:
+                pooled.append(res.pooled.to("cpu", torch.bfloat16))
             if bar is not None:
                 bar.update(len(batch))
-        _atomic_save(
-            {"hidden": torch.cat(hidden)}, wd.path("teacher", f"shard-{s:05d}.safetensors")
-        )
+        shard = {"hidden": torch.cat(hidden)}
+        if pooled:
+            shard["pooled"] = torch.cat(pooled)
+        _atomic_save(shard, wd.path("teacher", f"shard-{s:05d}.safetensors"))
         # The JSONL is written last: its presence marks the shard complete.
         _atomic_write_text(
             wd.path("teacher", f"shard-{s:05d}.jsonl"),
@@ -199,18 +228,45 @@ def stage_teacher(
     return {"n_shards": n_shards, "model_id": ctx.lm.model_id, "fingerprint": ctx.lm.fingerprint}
 
 
+def prefix_length(tokenizer: Any, few_shot: str) -> int:
+    """Tokens a prompt spends on the few-shot prefix (and special tokens) before its question."""
+    alone = tokenizer(few_shot, add_special_tokens=True)["input_ids"]
+    joined = tokenizer(few_shot + "Question:", add_special_tokens=True)["input_ids"]
+    n = 0
+    while n < min(len(alone), len(joined)) and alone[n] == joined[n]:
+        n += 1
+    return n
+
+
 class _Interrupted(RuntimeError):
     """Raised in tests to simulate a crash in the middle of sampling."""
 
 
 def load_teacher(wd: Workdir) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    records, hidden, _ = load_teacher_all(wd)
+    return records, hidden
+
+
+def load_teacher_all(
+    wd: Workdir,
+) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor | None]:
+    """Records, last-token states ``[N, L+1, H]`` and pooled states (``None`` if any
+    shard lacks them)."""
     records: list[dict[str, Any]] = []
     hidden: list[torch.Tensor] = []
+    pooled: list[torch.Tensor] = []
+    all_pooled = True
     for path in sorted(wd.path("teacher").glob("shard-*.jsonl")):
         with path.open(encoding="utf-8") as fh:
             records.extend(json.loads(line) for line in fh)
-        hidden.append(load_file(str(path.with_suffix(".safetensors")))["hidden"])
-    return records, torch.cat(hidden) if hidden else torch.empty(0)
+        shard = load_file(str(path.with_suffix(".safetensors")))
+        hidden.append(shard["hidden"])
+        if "pooled" in shard:
+            pooled.append(shard["pooled"])
+        else:
+            all_pooled = False
+    h = torch.cat(hidden) if hidden else torch.empty(0)
+    return records, h, torch.cat(pooled) if pooled and all_pooled else None
 
 
 Stage = Callable[..., dict[str, Any]]

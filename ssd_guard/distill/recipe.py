@@ -17,12 +17,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataConfig(_Strict):
+class SourceConfig(_Strict):
+    """One question set of a pooled prompt pool."""
+
+    #: Short name; row ids become ``<name>:<row>`` and reports break results down by it.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
+    #: ``qa``: TriviaQA-style rows; ``open_mc``: a multiple-choice set asked as open
+    #: questions (choices removed; the gold choice's text is the accepted answer).
+    format: Literal["qa", "open_mc"] = "qa"
+    limit: int | None = Field(default=None, ge=1)
+
+
+class DataConfig(_Strict):
+    #: A single data file (the original layout) ...
+    path: str | None = None
     format: Literal["qa", "mc"] = "qa"
     limit: int | None = Field(default=None, ge=1)
+    #: ... or several question sets pooled into one prompt pool. Each set is split on its
+    #: own (same fractions and seed), so a set's test split does not depend on the others.
+    sources: list[SourceConfig] | None = None
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> DataConfig:
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("give exactly one of 'path' or 'sources'")
+        if self.sources is not None:
+            names = [s.name for s in self.sources]
+            if not names or len(set(names)) != len(names):
+                raise ValueError("'sources' needs at least one set, with unique names")
+        return self
 
 
 class PromptConfig(_Strict):
@@ -46,6 +72,9 @@ class TeacherConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
     shard_size: int = Field(default=64, ge=1)
     seed: int = 0
+    #: Also store the hidden states mean-pooled over the question's tokens (the prompt
+    #: without the few-shot prefix), at every layer, for students that read them.
+    pool: bool = True
 
 
 class LabelConfig(_Strict):
@@ -67,6 +96,9 @@ class EmbeddingConfig(_Strict):
     pca_dim_answer: int = Field(default=32, ge=1, le=1024)
     whiten: bool = True
     batch_size: int = Field(default=256, ge=1)
+    #: Normalise answer texts before embedding (first line, "The answer is" and similar
+    #: boilerplate, a final period); the artifact records it and the scorer does the same.
+    normalise: bool = True
 
     @model_validator(mode="after")
     def _order(self) -> EmbeddingConfig:
@@ -80,6 +112,11 @@ class LayerConfig(_Strict):
     candidates: list[int] | None = None
     #: Pin the layer instead of selecting it by probes.
     fixed: int | None = None
+    #: The student's input beyond the probe-selected layer (null: that layer alone, the
+    #: original SSD input). ``last``: last-token states at these layers; ``pooled``:
+    #: question-mean-pooled states at these layers (needs ``teacher.pool``).
+    last: list[int] | None = None
+    pooled: list[int] | None = None
 
 
 class StudentGrid(_Strict):
@@ -104,6 +141,25 @@ class StudentConfig(_Strict):
     #: because whitening inflates the dispersion along minor components that carry
     #: little meaning.
     whiten_risk: bool = False
+    #: Weight of the auxiliary term tying the risk head's entropy to the teacher's
+    #: dispersion (``1 - corr(H, log TD)`` per batch); 0 = pure maximum likelihood.
+    rank_weight: float = Field(default=0.0, ge=0)
+    #: How the grid point of each head is chosen on the validation split: ``val_nll``
+    #: (likelihood only), or ``val_fidelity`` for the risk head (Spearman correlation of
+    #: its entropy with the teacher's dispersion; the answer head keeps ``val_nll``).
+    select_by: Literal["val_nll", "val_fidelity"] = "val_nll"
+    #: Floor on every component's standard deviation (target units), per head: keeps a
+    #: component from collapsing onto one training answer.
+    min_scale_risk: float = Field(default=1e-3, gt=0)
+    min_scale_answer: float = Field(default=1e-3, gt=0)
+    #: Train on these sources of a pooled prompt pool only (null: all).
+    train_sources: list[str] | None = None
+    #: Components of the unconditional answer density (for the ``pmi`` signal); 0 = none.
+    marginal_components: int = Field(default=16, ge=0)
+    #: Score sentence-length answers on their core span too (see ssd_guard.answers).
+    core_span: bool = True
+    #: The answer signal recorded as the artifact's default (chosen on validation).
+    answer_signal: Literal["loglik", "pmi", "consensus"] = "loglik"
 
 
 class Recipe(_Strict):

@@ -42,6 +42,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         arc_workdir=arc,
         artifact=args.artifact,
         arc_artifact=args.arc_artifact,
+        mc_data=args.mc_data,
+        mc_skip=args.mc_skip,
+        mc_limit=args.mc_limit,
+        source=args.source,
+        answer_signal=args.answer_signal,
         cost_prompts=args.cost_prompts,
         n_boot=args.n_boot,
         seed=args.seed,
@@ -75,6 +80,17 @@ def add_commands(subparsers: Any) -> None:
     src.add_argument("--arc-workdir", help="multiple-choice work directory (e.g. ARC-Easy)")
     src.add_argument("--arc-config", help="the MC recipe instead of --arc-workdir")
     src.add_argument("--arc-artifact", help="MC student artifact (default: <arc-workdir>/artifact)")
+    p.add_argument(
+        "--mc-data", help="multiple-choice JSONL (ARC format)"
+    )
+    p.add_argument("--mc-skip", type=int, default=0, help="skip the first rows of --mc-data")
+    p.add_argument("--mc-limit", type=int, help="rows of --mc-data to use")
+    p.add_argument("--source", help="evaluate one source of a pooled work directory")
+    p.add_argument(
+        "--answer-signal",
+        choices=["loglik", "pmi", "consensus"],
+        help="SSD answer signal for mismatch / MC (default: the artifact's)",
+    )
     p.add_argument("--out", required=True, help="output directory (e.g. benchmarks/results/NAME)")
     p.add_argument(
         "--cost-prompts", type=int, default=20, help="prompts timed per scorer (0: skip)"

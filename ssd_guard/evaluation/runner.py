@@ -243,6 +243,66 @@ def _mc_section(
     return out
 
 
+def _mc_file_section(
+    path: str | Path,
+    skip: int,
+    limit: int | None,
+    ssd: Any,
+    lm: Any,
+    signal: str,
+    idx_seed: int,
+    n_boot: int,
+    log: Logger,
+) -> dict[str, Any]:
+    """Multiple choice on rows ``skip .. skip + limit`` of an MC file (never trained on),
+    scored with the main student's answer signals and the base model's log-probs."""
+    from ssd_guard.distill.data import load_open_from_mc
+    from ssd_guard.evaluation.mc import choice_logprobs
+
+    rows = load_open_from_mc(path, None)[skip:]
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise ValueError(f"{path}: no multiple-choice rows after skipping {skip}")
+    texts = [ssd.format_prompt(r.prompt) for r in rows]
+    choices = [list(r.choices) for r in rows]
+    gold = np.array([r.choices.index(r.answer) for r in rows])
+    t0 = time.perf_counter()
+    sig = ssd.answer_signals(texts, choices, formatted=True)
+    t_ssd = time.perf_counter() - t0
+    c_max = max(len(c) for c in choices)
+    per_signal: dict[str, np.ndarray] = {}
+    for k, lists in sig.items():
+        arr = np.full((len(rows), c_max), -np.inf)
+        for i, lst in enumerate(lists):
+            arr[i, : len(lst)] = lst
+        per_signal[k] = arr
+    log(f"MC: SSD ranked {len(rows)} questions in {t_ssd:.1f} s; base model log-probs ...")
+    t0 = time.perf_counter()
+    lp_sum, lp_mean = choice_logprobs(lm.model, lm.tokenizer, texts, choices)
+    t_base = time.perf_counter() - t0
+    idx = M.bootstrap_indices(len(rows), n_boot, idx_seed)
+    n_choices = np.array([len(c) for c in choices])
+    accuracy = {
+        "SSD": _interval(M.mc_accuracy, per_signal[signal], gold, idx=idx),
+        **{f"SSD-{k}": _interval(M.mc_accuracy, v, gold, idx=idx) for k, v in per_signal.items()},
+        "base-logprob-sum": _interval(M.mc_accuracy, lp_sum, gold, idx=idx),
+        "base-logprob-mean": _interval(M.mc_accuracy, lp_mean, gold, idx=idx),
+    }
+    return {
+        "data": str(path),
+        "rows": [skip, skip + len(rows)],
+        "n_test": len(rows),
+        "signal": signal,
+        "random_baseline": float(np.mean(1.0 / n_choices)),
+        "accuracy": accuracy,
+        "agreement_ssd_vs_base_sum": float(
+            np.mean(per_signal[signal].argmax(1) == lp_sum.argmax(1))
+        ),
+        "seconds": {"SSD": t_ssd, "base-logprob": t_base},
+    }
+
+
 def _measure_cost(
     prompts: Sequence[str],
     defaults: Sequence[str],
@@ -271,6 +331,7 @@ def _measure_cost(
     calls: dict[str, Callable[[str, str], object]] = {
         "SSD": lambda p, d: ssd.score_prompts([p], formatted=True),
         "SSD-loglik": lambda p, d: ssd.score_answers([p], [d], formatted=True),
+        "SSD-answer-signals": lambda p, d: ssd.answer_signals([p], [d], formatted=True),
     }
 
     def live_call(scorer: Scorer) -> Callable[[str, str], object]:
@@ -315,6 +376,11 @@ def run_evaluation(
     out_dir: str | Path,
     *,
     arc_workdir: str | Path | None = None,
+    mc_data: str | Path | None = None,
+    mc_skip: int = 0,
+    mc_limit: int | None = None,
+    source: str | None = None,
+    answer_signal: str | None = None,
     artifact: str | Path | None = None,
     arc_artifact: str | Path | None = None,
     cost_prompts: int = 20,
@@ -340,6 +406,13 @@ def run_evaluation(
             ``risk_coverage.png`` and the fitted probes go.
         arc_workdir: a multiple-choice work directory (e.g. ARC-Easy) for the selection
             check; skipped when ``None``.
+        mc_data, mc_skip, mc_limit: a multiple-choice JSONL file (ARC format) for the
+            selection check, its rows ``mc_skip .. mc_skip + mc_limit`` (rows a pooled
+            student never saw); scored with the main student.
+        source: evaluate one source of a pooled work directory (every split restricted
+            to it: probes train on that source's training rows).
+        answer_signal: the SSD answer signal behind ``mismatch.auroc`` and the
+            multiple-choice ``SSD`` entry (default: the artifact's own default).
         artifact, arc_artifact: student artifacts (default ``<workdir>/artifact``).
         cost_prompts: test prompts timed per scorer (0 skips the cost section).
         n_boot: bootstrap resamples of every interval (paired across scorers).
@@ -356,6 +429,12 @@ def run_evaluation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_workdir(workdir, embedder=embedder)
+    if source is not None:
+        keep = np.array([str(p.get("source")) == source for p in data.prompts])
+        if not keep.any():
+            have = sorted({str(p.get("source")) for p in data.prompts})
+            raise ValueError(f"{data.root}: no rows of source {source!r}; sources: {have}")
+        data.split = {k: v[keep[v]] for k, v in data.split.items()}
     if data.stats.sample_embeddings is None:
         raise ValueError(f"{data.root}: no embeddings.safetensors; run the distill stage embed")
     if ssd is None:
@@ -389,7 +468,14 @@ def run_evaluation(
         score_seconds[name] = time.perf_counter() - t0
     ssd_sc = scorers["SSD"]
     assert isinstance(ssd_sc, SSDStatsScorer)
-    answer_scores: dict[str, np.ndarray] = {"SSD-loglik": ssd_sc.score_answers(test)}
+    signal = answer_signal or str(
+        getattr(
+            getattr(getattr(ssd, "manifest", None), "answers", None), "default_signal", "loglik"
+        )
+    )
+    assert test.default_embeddings is not None
+    own_signals = ssd_sc.answer_signals(test, test.default_embeddings)
+    answer_scores: dict[str, np.ndarray] = {f"SSD-{k}": -v for k, v in own_signals.items()}
     for key, name in (("SE-cos", "SE-cos-answer"), ("TD-std", "TD-answer")):
         a = scorers[key].score_answers(test)
         if a is not None:
@@ -404,6 +490,12 @@ def run_evaluation(
             "recipe": data.recipe.get("name"),
             "base_model": _base_model_id(ssd),
             "ssd_layer": int(ssd.layer),
+            "ssd_features": ssd.features.describe() if hasattr(ssd, "features") else None,
+            "ssd_trained_on": (getattr(getattr(ssd, "manifest", None), "training", {}) or {}).get(
+                "trained_on_sources"
+            ),
+            "source": source,
+            "answer_signal": signal,
             "n_test": n,
             "n_train": len(data.split["train"]),
             "n_validation": len(data.split["validation"]),
@@ -481,14 +573,19 @@ def run_evaluation(
 
     # ------------------------------------------------------------------ mismatch
     other = _derangement(n, seed)
-    assert test.default_embeddings is not None
-    ll_own = -answer_scores["SSD-loglik"]
-    ll_other = ssd_sc.loglik(test, test.default_embeddings[other])
+    other_signals = ssd_sc.answer_signals(test, test.default_embeddings[other])
+    by_signal = {
+        k: _interval(_mismatch_auroc, own_signals[k], other_signals[k], idx=idx)
+        for k in own_signals
+    }
+    ll_own, ll_other = own_signals[signal], other_signals[signal]
     results["mismatch"] = {
-        "description": "SSD log-likelihood of the prompt's own default answer vs the "
-        "default answer of another test prompt (a seeded derangement); AUROC of -loglik "
-        "for detecting the foreign answer",
-        "auroc": _interval(_mismatch_auroc, ll_own, ll_other, idx=idx),
+        "description": f"SSD answer signal ({signal}) of the prompt's own default answer vs "
+        "the default answer of another test prompt (a seeded derangement); AUROC of minus "
+        "the signal for detecting the foreign answer",
+        "signal": signal,
+        "auroc": by_signal[signal],
+        "by_signal": by_signal,
         "pairwise_accuracy": float(np.mean(ll_own > ll_other)),
         "roc": _roc_points(np.r_[np.zeros(n), np.ones(n)], -np.r_[ll_own, ll_other]),
     }
@@ -500,6 +597,16 @@ def run_evaluation(
         if arc_ssd is None:
             arc_ssd = _load_ssd(arc, arc_artifact, lm, embedder, device, dtype)
         results["multiple_choice"] = _mc_section(arc, arc_ssd, lm, seed, n_boot, say)
+        acc = results["multiple_choice"]["accuracy"]
+        say(
+            f"MC accuracy: SSD {acc['SSD']['value']:.3f}, "
+            f"base {acc['base-logprob-sum']['value']:.3f}"
+        )
+
+    if mc_data is not None:
+        results["multiple_choice"] = _mc_file_section(
+            mc_data, mc_skip, mc_limit, ssd, lm, signal, seed, n_boot, say
+        )
         acc = results["multiple_choice"]["accuracy"]
         say(
             f"MC accuracy: SSD {acc['SSD']['value']:.3f}, "

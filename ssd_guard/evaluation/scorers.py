@@ -16,7 +16,16 @@ import torch
 
 from ssd_guard.scoring.stats import Scorer, Stats
 
-__all__ = ["SSDStatsScorer"]
+__all__ = ["SSDStatsScorer", "features_from_stats"]
+
+
+def features_from_stats(spec: Any, stats: Stats) -> torch.Tensor:
+    """The student's ``[N, F]`` input features from stored per-layer states."""
+    if stats.hidden is not None:
+        return spec.assemble(stats.hidden, stats.pooled)  # type: ignore[no-any-return]
+    if spec.pooled_layers:
+        raise ValueError("these stats hold no pooled hidden states, which the student reads")
+    return torch.cat([torch.from_numpy(stats.layer(ly)) for ly in spec.layers], dim=-1)
 
 
 class SSDStatsScorer(Scorer):
@@ -39,11 +48,11 @@ class SSDStatsScorer(Scorer):
 
     @property
     def layers(self) -> set[int] | None:
-        return {int(self.ssd.layer)}
+        return set(self.ssd.features.all_layers)
 
     def _hidden(self, stats: Stats) -> torch.Tensor:
         stats.require(self.needs, self.name)
-        return torch.from_numpy(stats.layer(int(self.ssd.layer)))
+        return features_from_stats(self.ssd.features, stats)
 
     def project(self, embeddings: np.ndarray) -> torch.Tensor:
         """Raw L2-normalised embeddings ``[..., E]`` -> the answer head's PCA space."""
@@ -65,11 +74,25 @@ class SSDStatsScorer(Scorer):
         ll = self.ssd.loglik_from_hidden(self._hidden(stats), self.project(answer_embeddings))
         return ll.detach().double().cpu().numpy()
 
-    def score_answers(self, stats: Stats) -> np.ndarray:
-        """Risk of the default answer: its negative log-likelihood."""
+    @torch.no_grad()
+    def answer_signals(self, stats: Stats, answer_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """Every answer signal (``loglik``, ``pmi``, ``consensus``; higher = more
+        plausible) of answers given by their raw embeddings ``[N, E]``."""
+        mix = self.ssd.mixture(self._hidden(stats), "answer")
+        z = self.project(answer_embeddings).to(mix.means.device)
+        if not self.ssd.manifest.heads["answer"].whitened:
+            dim = z.shape[-1]
+            z = z * self.ssd.embedder.pca.scale[:dim].to(z.device)
+        sig = self.ssd.signals_of(mix, z.unsqueeze(1))
+        return {k: v[:, 0].detach().double().cpu().numpy() for k, v in sig.items()}
+
+    def score_answers(self, stats: Stats, signal: str = "loglik") -> np.ndarray:
+        """Risk of the default answer: minus its answer signal (log-likelihood default)."""
         stats.require(self.answer_needs, self.name)
         assert stats.default_embeddings is not None
-        return -self.loglik(stats, stats.default_embeddings)
+        if signal == "loglik":
+            return -self.loglik(stats, stats.default_embeddings)
+        return -self.answer_signals(stats, stats.default_embeddings)[signal]
 
     def score_prompts(self, prompts: Sequence[str]) -> list[float]:
         return list(self.ssd.score_prompts(list(prompts), formatted=True))

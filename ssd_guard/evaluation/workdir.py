@@ -116,9 +116,12 @@ def load_workdir(
     samples = [[str(s) for s in records[i]["samples"]] for i in ids]
 
     hidden: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
     if need_hidden:
         if fpath.exists():
-            hidden = load_file(str(fpath))["hidden"]
+            feats = load_file(str(fpath))
+            hidden = feats["hidden"]
+            pooled = feats.get("pooled")
         elif shard_hidden:
             hidden = torch.stack([shard_hidden[i] for i in ids])
         if hidden is not None and hidden.shape[0] != len(ids):
@@ -166,6 +169,7 @@ def load_workdir(
         prompts=[str(p.get("text", p["prompt"])) for p in prompts],
         ids=ids,
         hidden=hidden,
+        pooled=pooled,
         default=default,
         samples=samples,
         default_embeddings=default_emb,

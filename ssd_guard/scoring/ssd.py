@@ -6,7 +6,11 @@ the embeddings of the answers the model would give:
 
 * ``score_prompts`` — Rényi-2 entropy of the risk head (pre-generation risk);
 * ``score_answers`` — log-likelihood of answers under the answer head (post-generation
-  check, poisoned content, multiple-choice selection);
+  check, poisoned content, multiple-choice selection); with ``signal="pmi"`` the
+  pointwise mutual information ``log p(a | prompt) - log p(a)`` against the artifact's
+  unconditional answer density, so answers that are likely *everywhere* stop winning;
+* ``answer_signals`` — every answer signal of one pass (``loglik``, ``pmi``,
+  ``consensus``: minus the distance to the mixture mean);
 * ``consensus`` — the mixture mean (semantic consensus, PCA space).
 """
 
@@ -16,17 +20,33 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from ssd_guard.answers import core_span, normalise_answer, question_of
 from ssd_guard.artifact import Manifest, check_compatible, load_artifact
 from ssd_guard.encoding import AnswerEmbedder, PCAProjection, PromptEncoder
 from ssd_guard.errors import ArtifactError
 from ssd_guard.mixture import GaussianMixture
 from ssd_guard.student import SSDStudent
 
-__all__ = ["SSDScorer", "build_heads"]
+__all__ = ["ANSWER_SIGNALS", "SSDScorer", "build_heads", "load_marginal"]
+
+#: Answer signals of one pass (higher = more plausible for each).
+ANSWER_SIGNALS = ("loglik", "pmi", "consensus")
+
+
+def load_marginal(tensors: dict[str, torch.Tensor]) -> GaussianMixture | None:
+    """The unconditional answer density stored as ``marginal.{weights,means,scales}``."""
+    if "marginal.weights" not in tensors:
+        return None
+    return GaussianMixture(
+        tensors["marginal.weights"].float().unsqueeze(0),
+        tensors["marginal.means"].float().unsqueeze(0),
+        tensors["marginal.scales"].float().unsqueeze(0),
+    )
+
 
 HiddenProvider = Callable[[list[str]], torch.Tensor]
 _HIDDEN_PROVIDER: ContextVar[tuple[object, HiddenProvider] | None] = ContextVar(
@@ -44,7 +64,7 @@ def build_heads(
         if not state:
             raise ArtifactError(f"artifact lists head {name!r} but holds no tensors for it")
         config = {
-            "in_dim": manifest.base_model.hidden_size,
+            "in_dim": manifest.feature_spec.in_dim(manifest.base_model.hidden_size),
             "out_dim": info.dim,
             "n_components": info.n_components,
             "hidden": info.hidden,
@@ -101,9 +121,13 @@ class SSDScorer:
             )
         self.manifest = manifest
         self.device = next(model.parameters()).device
-        self.encoder = PromptEncoder(model, tokenizer, manifest.layer, batch_size=batch_size)
+        self.encoder = PromptEncoder(
+            model, tokenizer, features=manifest.feature_spec, batch_size=batch_size
+        )
         self.embedder = AnswerEmbedder(embedder, PCAProjection.from_tensors(tensors))
         self.heads = build_heads(manifest, tensors, device=self.device)
+        marginal = load_marginal(tensors)
+        self.marginal = marginal.to(self.device) if marginal is not None else None
         self.calibration: dict[str, list[float]] = {
             key.split(".", 1)[1]: sorted(v.tolist())
             for key, v in tensors.items()
@@ -180,6 +204,11 @@ class SSDScorer:
             return active[1](texts)
         return self.encoder.encode(texts)
 
+    @property
+    def features(self) -> Any:
+        """The :class:`~ssd_guard.features.FeatureSpec` the student reads."""
+        return self.manifest.feature_spec
+
     @contextlib.contextmanager
     def hidden_provider(self, provider: HiddenProvider) -> Iterator[None]:
         """Within this context (thread / task), :meth:`hidden` asks *provider* for the
@@ -210,17 +239,107 @@ class SSDScorer:
 
     def score_prompts(self, prompts: Sequence[str], *, formatted: bool = False) -> list[float]:
         """Pre-generation risk: Rényi-2 entropy per prompt (higher = riskier)."""
+        _check_sequence("prompts", prompts)
         if not prompts:
             return []
         return self.entropy_from_hidden(self.hidden(prompts, formatted=formatted)).cpu().tolist()  # type: ignore[no-any-return]
 
+    def prepare_answers(self, answers: Sequence[str]) -> list[str]:
+        """The answer texts as the student's teacher saw them (normalised if the
+        artifact says so)."""
+        if self.manifest.answers.normalise:
+            return [normalise_answer(a) for a in answers]
+        return [a.strip() for a in answers]
+
     def embed_answers(self, answers: Sequence[str], head: str = "answer") -> torch.Tensor:
         """Answers projected into *head*'s target space (``[N, d]``)."""
         dim = self.heads[head].dim_
-        z = self.embedder.embed(answers, dim=dim)
+        z = self.embedder.embed(self.prepare_answers(answers), dim=dim)
         if not self.manifest.heads[head].whitened and self.embedder.pca is not None:
             z = z * self.embedder.pca.scale[:dim]  # plain PCA coordinates
         return z
+
+    def signals_of(self, mix: GaussianMixture, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every answer signal for ``z [B, N, d]`` under ``mix`` (``[B]`` mixtures)."""
+        z = z.to(self.device)
+        ll = mix.log_prob(z)
+        out = {"loglik": ll}
+        if self.marginal is not None:
+            b, n, d = z.shape
+            marg = self.marginal.log_prob(z.reshape(1, b * n, d)).reshape(b, n)
+            out["pmi"] = ll - marg
+        else:
+            out["pmi"] = ll
+        out["consensus"] = -(z - mix.mean().unsqueeze(1)).pow(2).sum(-1).sqrt()
+        return out
+
+    def answer_signals(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str] | Sequence[Sequence[str]],
+        *,
+        formatted: bool = False,
+        hidden: torch.Tensor | None = None,
+    ) -> dict[str, list[float]] | dict[str, list[list[float]]]:
+        """All answer signals of one pass: ``{"loglik", "pmi", "consensus"}``, each shaped
+        like :meth:`score_answers`' result (higher = more plausible for every signal).
+
+        A sentence-length answer is also scored on its core span (the words that do not
+        restate the question) when the artifact enables it; each signal takes the better
+        of the two, so the form of an answer matters less than its content.
+        """
+        _check_sequence("prompts", prompts)
+        _check_sequence("answers", answers)
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer entries")
+        if not prompts:
+            empty: dict[str, list[float]] = {k: [] for k in ANSWER_SIGNALS}
+            return empty
+        single = all(isinstance(a, str) for a in answers)
+        lists = [[a] if isinstance(a, str) else list(a) for a in answers]
+        for lst in lists:
+            _check_sequence("answers", lst, strings=True)
+        h = self.hidden(prompts, formatted=formatted) if hidden is None else hidden
+        mix = self.mixture(h, "answer")
+        # Candidate texts per answer: the answer itself, plus its core span.
+        texts: list[str] = []
+        owner: list[tuple[int, int]] = []
+        use_core = self.manifest.answers.core_span
+        for i, (p, lst) in enumerate(zip(prompts, lists)):
+            question = question_of(p)
+            for j, a in enumerate(lst):
+                texts.append(a)
+                owner.append((i, j))
+                if use_core:
+                    core = core_span(question, self.prepare_answers([a])[0])
+                    if core is not None:
+                        texts.append(core)
+                        owner.append((i, j))
+        z_flat = self.embed_answers(texts) if texts else torch.empty(0)
+        n_max = max((len(lst) for lst in lists), default=0)
+        best = {k: torch.full((len(lists), max(n_max, 1)), -torch.inf) for k in ANSWER_SIGNALS}
+        # Group the candidate embeddings per prompt: [B, M, d] with padding.
+        per_prompt: list[list[int]] = [[] for _ in lists]
+        for row, (i, _j) in enumerate(owner):
+            per_prompt[i].append(row)
+        m_max = max((len(r) for r in per_prompt), default=0)
+        if m_max:
+            d = z_flat.shape[-1]
+            z = torch.zeros(len(lists), m_max, d, device=z_flat.device)
+            for i, rows in enumerate(per_prompt):
+                if rows:
+                    z[i, : len(rows)] = z_flat[rows]
+            sig = {k: v.cpu() for k, v in self.signals_of(mix, z).items()}
+            for i, rows in enumerate(per_prompt):
+                for col, row in enumerate(rows):
+                    j = owner[row][1]
+                    for k in ANSWER_SIGNALS:
+                        best[k][i, j] = torch.maximum(best[k][i, j], sig[k][i, col])
+        if single:
+            return {k: v[:, 0].tolist() for k, v in best.items()}
+        return {
+            k: [v[i, : len(lst)].tolist() for i, lst in enumerate(lists)] for k, v in best.items()
+        }
 
     def score_answers(
         self,
@@ -229,36 +348,19 @@ class SSDScorer:
         *,
         formatted: bool = False,
         hidden: torch.Tensor | None = None,
+        signal: str = "loglik",
     ) -> list[float] | list[list[float]]:
-        """Post-generation check: log-likelihood of each answer under its prompt's mixture.
+        """Post-generation check: one answer signal per answer (higher = more plausible).
 
-        ``answers`` holds one string per prompt (returns ``list[float]``) or a list of
-        candidate strings per prompt (returns ``list[list[float]]``; lists may differ
-        in length).
+        ``signal`` is ``"loglik"`` (log-likelihood under the prompt's mixture),
+        ``"pmi"`` (that minus the unconditional answer log-density) or ``"consensus"``
+        (minus the distance to the mixture mean). ``answers`` holds one string per
+        prompt (returns ``list[float]``) or a list of candidate strings per prompt
+        (returns ``list[list[float]]``; lists may differ in length).
         """
-        if len(prompts) != len(answers):
-            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer entries")
-        if not prompts:
-            return []
-        h = self.hidden(prompts, formatted=formatted) if hidden is None else hidden
-        if all(isinstance(a, str) for a in answers):
-            z = self.embed_answers([str(a) for a in answers])
-            return self.loglik_from_hidden(h, z).cpu().tolist()  # type: ignore[no-any-return]
-        lists = [[a] if isinstance(a, str) else list(a) for a in answers]
-        flat = [a for lst in lists for a in lst]
-        z_flat = self.embed_answers(flat)
-        mix = self.mixture(h, "answer")
-        out: list[list[float]] = []
-        pos = 0
-        for i, lst in enumerate(lists):
-            n = len(lst)
-            if n == 0:
-                out.append([])
-                continue
-            lp = mix[i].log_prob(z_flat[pos : pos + n].unsqueeze(0).to(self.device))
-            out.append(lp[0].cpu().tolist())
-            pos += n
-        return out
+        if signal not in ANSWER_SIGNALS:
+            raise ValueError(f"unknown answer signal {signal!r}; choose from {ANSWER_SIGNALS}")
+        return self.answer_signals(prompts, answers, formatted=formatted, hidden=hidden)[signal]
 
     def consensus(self, prompts: Sequence[str], *, formatted: bool = False) -> torch.Tensor:
         """Mixture mean ``[B, d]`` of the answer head, in PCA space."""
@@ -270,3 +372,20 @@ class SSDScorer:
             f"heads={ {k: v.dim_ for k, v in self.heads.items()} }, "
             f"fingerprint={self.fingerprint!r})"
         )
+
+
+def _check_sequence(name: str, value: object, *, strings: bool = False) -> None:
+    """A list of prompts / answers must not be a bare string (it would be split into
+    characters) and must hold strings."""
+    from ssd_guard.errors import GuardInputError
+
+    if isinstance(value, (str, bytes)):
+        raise GuardInputError(
+            name, f"{name}: expected a list of strings, got a single {type(value).__name__}"
+        )
+    if strings or name == "prompts":
+        for i, v in enumerate(cast(Sequence[object], value)):
+            if not isinstance(v, str):
+                raise GuardInputError(
+                    f"{name}[{i}]", f"{name}[{i}]: expected a string, got {type(v).__name__}"
+                )

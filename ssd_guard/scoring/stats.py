@@ -45,6 +45,8 @@ class Stats:
             (index 0 = embeddings), any dtype.
         hidden_layers: hidden states of single layers ``{layer: [N, H]}`` when only
             some were computed (a truncated prefill).
+        pooled: question-mean-pooled hidden states ``[N, L+1, H]`` (for students that
+            read them; see :class:`~ssd_guard.features.FeatureSpec`).
         default: the low-temperature default answer per prompt.
         samples: ``K`` stochastic answers per prompt.
         default_embeddings: ``[N, E]`` L2-normalised sentence embeddings of ``default``.
@@ -58,6 +60,7 @@ class Stats:
     ids: list[str] | None = None
     hidden: torch.Tensor | None = None
     hidden_layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    pooled: torch.Tensor | None = None
     default: list[str] | None = None
     samples: list[list[str]] | None = None
     default_embeddings: np.ndarray | None = None
@@ -115,6 +118,7 @@ class Stats:
             ids=pick(self.ids),
             hidden=None if self.hidden is None else self.hidden[t_idx],
             hidden_layers={k: v[t_idx] for k, v in self.hidden_layers.items()},
+            pooled=None if self.pooled is None else self.pooled[t_idx],
             default=pick(self.default),
             samples=pick(self.samples),
             default_embeddings=None
