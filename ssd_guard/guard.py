@@ -69,6 +69,7 @@ from ssd_guard.audit import bind_run, emit_decision
 from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_key
 from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
 from ssd_guard.policy import Decision, Policy, Scope, load_policy
+from ssd_guard.policy.schema import ANSWER_SIGNALS
 from ssd_guard.scoring.base import RiskScorer
 
 __all__ = [
@@ -311,6 +312,9 @@ class _Lookup:
     entropy_hit: bool | None = None
     logliks: list[float] = field(default_factory=list)
     loglik_hits: list[bool] = field(default_factory=list)
+    answer_scores: list[dict[str, float]] = field(default_factory=list)
+    """Every answer signal of each item (``loglik`` and, from an SSD scorer, ``pmi`` and
+    ``consensus``)."""
     cache_ms: float = 0.0
     scoring_ms: float = 0.0
     cache_error: str | None = None
@@ -523,10 +527,37 @@ class Guard:
                 plan.entropy, plan.entropy_hit = entropy, True
         plan.logliks = [float("nan")] * len(plan.keys)
         plan.loglik_hits = [False] * len(plan.keys)
+        plan.answer_scores = [{} for _ in plan.keys]
         for i, hit in enumerate(values):
-            loglik = self._cached_score(hit, "loglik", plan.keys[i])
-            if loglik is not None:
-                plan.logliks[i], plan.loglik_hits[i] = loglik, True
+            got = self._cached_answer_scores(hit, plan.keys[i])
+            if got is not None:
+                plan.logliks[i], plan.loglik_hits[i] = got["loglik"], True
+                plan.answer_scores[i] = got
+
+    @staticmethod
+    def _cached_answer_scores(hit: Mapping[str, Any] | None, key: str) -> dict[str, float] | None:
+        """An answer entry: ``loglik`` plus optional ``pmi`` / ``consensus``, every value a
+        finite number and no other key; anything else is a logged miss."""
+        if hit is None:
+            return None
+        ok = (
+            isinstance(hit, Mapping)
+            and "loglik" in hit
+            and set(hit) <= set(ANSWER_SIGNALS)
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in hit.values()
+            )
+        )
+        if ok:
+            return {str(k): float(v) for k, v in hit.items()}
+        _log.warning(
+            "guard.cache.invalid_value",
+            key=key,
+            expected="{'loglik': finite float, optional 'pmi' / 'consensus'}",
+            got=repr(hit)[:200],
+        )
+        return None
 
     def _misses(self, plan: _Lookup) -> tuple[bool, list[int]]:
         need_entropy = plan.want_entropy and plan.entropy_hit is not True
@@ -546,12 +577,23 @@ class Guard:
             assert plan.entropy_key is not None
             if math.isfinite(plan.entropy):  # only finite scores are cached
                 new[plan.entropy_key] = {"entropy": plan.entropy}
+        if len(plan.answer_scores) != len(plan.keys):
+            plan.answer_scores = [{} for _ in plan.keys]
         if missing:
-            out = self.scorer.score_answers([plan.prompt], [[answers[i] for i in missing]])
-            for i, value in zip(missing, _first_row(out), strict=True):
-                plan.logliks[i] = float(value)
-                if math.isfinite(plan.logliks[i]):
-                    new[plan.keys[i]] = {"loglik": plan.logliks[i]}
+            texts = [[answers[i] for i in missing]]
+            signals_fn = getattr(self.scorer, "answer_signals", None)
+            if callable(signals_fn):
+                # One pass gives every answer signal (loglik, pmi, consensus).
+                out_all = signals_fn([plan.prompt], texts)
+                rows = {k: _first_row(v) for k, v in out_all.items() if k in ANSWER_SIGNALS}
+            else:
+                rows = {"loglik": _first_row(self.scorer.score_answers([plan.prompt], texts))}
+            for n, i in enumerate(missing):
+                entry = {k: float(v[n]) for k, v in rows.items()}
+                plan.logliks[i] = entry["loglik"]
+                plan.answer_scores[i] = entry
+                if all(math.isfinite(v) for v in entry.values()):
+                    new[plan.keys[i]] = entry
         plan.scoring_ms += _ms(t0)
         return new
 
@@ -679,6 +721,9 @@ class Guard:
                     hits.append(bool(plan.entropy_hit))
             if scope != "prompt":
                 scores["loglik"] = plan.logliks[i]
+                if plan.answer_scores:
+                    for k, v in plan.answer_scores[i].items():
+                        scores[k] = v
                 hits.append(plan.loglik_hits[i])
             d0 = time.perf_counter()
             decision = self.policy.decide(

@@ -80,9 +80,7 @@ def add_commands(subparsers: Any) -> None:
     src.add_argument("--arc-workdir", help="multiple-choice work directory (e.g. ARC-Easy)")
     src.add_argument("--arc-config", help="the MC recipe instead of --arc-workdir")
     src.add_argument("--arc-artifact", help="MC student artifact (default: <arc-workdir>/artifact)")
-    p.add_argument(
-        "--mc-data", help="multiple-choice JSONL (ARC format)"
-    )
+    p.add_argument("--mc-data", help="multiple-choice JSONL (ARC format)")
     p.add_argument("--mc-skip", type=int, default=0, help="skip the first rows of --mc-data")
     p.add_argument("--mc-limit", type=int, help="rows of --mc-data to use")
     p.add_argument("--source", help="evaluate one source of a pooled work directory")

@@ -40,7 +40,7 @@ def _describe_bound(
             share = f"the riskiest {100 - pct:g} %"
     else:
         share = f"the bottom {pct:g} %"
-        if metric == "loglik":
+        if metric in ("loglik", "pmi", "consensus"):
             share = f"the least likely {pct:g} %"
     text = f"{metric} {sym} its {_ordinal(pct)} percentile on the calibration set ({share}"
     values = None if calibration is None else calibration.get(metric)

@@ -48,6 +48,7 @@ from ssd_guard.policy.parsing import (
 )
 
 __all__ = [
+    "ANSWER_SIGNALS",
     "BLOCKING_ACTIONS",
     "MAX_TTL_S",
     "METRICS",
@@ -67,18 +68,25 @@ __all__ = [
 Scope = Literal["prompt", "answer", "document"]
 ActionName = Literal["allow", "abstain", "retrieve", "reject_answer", "flag_poisoned", "log_only"]
 Source = Literal["retrieval", "tool", "cache"]
-Metric = Literal["entropy", "loglik"]
+Metric = Literal["entropy", "loglik", "pmi", "consensus"]
 
 #: The scores a condition can test. ``entropy``: pre-generation risk of the prompt (higher is
-#: riskier). ``loglik``: log-likelihood of an answer / document under the prompt's predicted
-#: answer distribution (lower is more suspicious).
-METRICS: tuple[str, ...] = ("entropy", "loglik")
+#: riskier). The answer signals (lower is more suspicious for each): ``loglik``:
+#: log-likelihood of an answer / document under the prompt's predicted answer distribution;
+#: ``pmi``: that minus its log-density under the student's *unconditional* answer
+#: distribution (pointwise mutual information: an answer that is likely for *any* question
+#: no longer passes); ``consensus``: minus the distance of the answer to the predicted
+#: mixture mean (the semantic consensus of the answers the model would give).
+METRICS: tuple[str, ...] = ("entropy", "loglik", "pmi", "consensus")
+
+#: The answer-side signals one scorer pass gives.
+ANSWER_SIGNALS: tuple[str, ...] = ("loglik", "pmi", "consensus")
 
 #: Which scores exist at each scope.
 SCOPE_METRICS: Mapping[str, frozenset[str]] = {
     "prompt": frozenset({"entropy"}),
-    "answer": frozenset({"entropy", "loglik"}),
-    "document": frozenset({"entropy", "loglik"}),
+    "answer": frozenset({"entropy", *ANSWER_SIGNALS}),
+    "document": frozenset({"entropy", *ANSWER_SIGNALS}),
 }
 
 #: Which actions make sense at each scope.
@@ -277,13 +285,15 @@ class Condition(_Model):
 
     entropy: Threshold | None = None
     loglik: Threshold | None = None
+    pmi: Threshold | None = None
+    consensus: Threshold | None = None
     all_: list[Condition] | None = Field(default=None, alias="all", min_length=1)
     any_: list[Condition] | None = Field(default=None, alias="any", min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> Condition:
-        if self.entropy is None and self.loglik is None and not self.all_ and not self.any_:
-            raise ValueError("expected at least one of entropy, loglik, all, any")
+        if all(getattr(self, m) is None for m in METRICS) and not self.all_ and not self.any_:
+            raise ValueError("expected at least one of entropy, loglik, pmi, consensus, all, any")
         return self
 
     def leaves(
