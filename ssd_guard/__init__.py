@@ -7,7 +7,7 @@ LangChain.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssd_guard._version import __version__
 from ssd_guard.artifact import Manifest, check_compatible, load_artifact, save_artifact
@@ -21,6 +21,7 @@ from ssd_guard.errors import (
     CacheUnavailableError,
     ConfigError,
     GuardBlockedError,
+    GuardInputError,
     ModelLoadError,
     PolicyError,
     SSDGuardError,
@@ -31,8 +32,13 @@ from ssd_guard.mixture import GaussianMixture
 from ssd_guard.models import load_causal_lm, load_embedder
 from ssd_guard.policy import Decision, Policy, describe_policy, load_default_policy, load_policy
 from ssd_guard.scoring.batcher import BatchingScorer, MicroBatcher
+from ssd_guard.scoring.callstats import CallStats
 from ssd_guard.scoring.ssd import SSDScorer
 from ssd_guard.student import SSDStudent
+
+if TYPE_CHECKING:  # the real types for type checkers; at run time they load lazily
+    from ssd_guard.integrations.langchain import AsyncSSDGuard, SSDGuard
+    from ssd_guard.integrations.langchain.middleware import SSDGuardMiddleware
 
 _LAZY = {"SSDGuard", "AsyncSSDGuard", "SSDGuardMiddleware"}
 
@@ -44,11 +50,13 @@ __all__ = [
     "AsyncSSDGuard",
     "BatchingScorer",
     "CacheUnavailableError",
+    "CallStats",
     "ConfigError",
     "Decision",
     "GaussianMixture",
     "Guard",
     "GuardBlockedError",
+    "GuardInputError",
     "GuardResult",
     "GuardedLocalModel",
     "Manifest",

@@ -225,7 +225,11 @@ def run_demo(
             from ssd_guard.local import GuardedLocalModel
 
             runner = GuardedLocalModel(guard.guard, max_new_tokens=24)
-            ask, source, mode = _local_asker(runner), "guarded-model", "GuardedLocalModel"
+            ask, source, mode = (
+                _local_asker(runner),
+                runner.guard.hidden_state_source,
+                "GuardedLocalModel",
+            )
         elif agent:
             ask, source = _agent_asker(guard, chat_model), guarded.hidden_state_source
             mode = "create_agent + SSDGuardMiddleware"
@@ -260,10 +264,10 @@ def _wrap_asker(guarded: Any) -> Callable[[str], Any]:
 
 
 def _local_asker(runner: Any) -> Callable[[str], Any]:
-    from ssd_guard.integrations.langchain import _result_message
+    from ssd_guard.integrations.langchain import result_message
 
     def ask(question: str) -> Any:
-        return _result_message(runner.invoke(question))
+        return result_message(runner.invoke(question))
 
     return ask
 

@@ -60,7 +60,8 @@ class _StopForward(Exception):
 
 
 def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+    first: torch.Tensor = output[0] if isinstance(output, tuple) else output
+    return first
 
 
 class _Collect:
@@ -180,7 +181,8 @@ class PromptEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        dev: torch.device = next(self.model.parameters()).device
+        return dev
 
     @property
     def out_dim(self) -> int:
@@ -190,7 +192,7 @@ class PromptEncoder:
         if layer == 0:
             return cast(nn.Module, self.model.get_input_embeddings())
         if layer < self.num_layers:
-            return cast(nn.Module, self.layers[layer - 1])
+            return self.layers[layer - 1]
         # The last entry of hidden_states has the final norm applied: hook the norm.
         decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         module = getattr(decoder, "norm", None)
@@ -209,10 +211,20 @@ class PromptEncoder:
         return self._module_for(self.layer)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Left-padded ids and attention mask of *texts*, each cut to its last
+        ``max_tokens`` tokens (see :meth:`tokenize_checked`)."""
+        return self.tokenize_checked(texts)[0]
+
+    def tokenize_checked(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
+        """:meth:`tokenize`, plus whether each text was cut to its last ``max_tokens``
+        tokens (counted in :attr:`truncated` and logged)."""
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True)
         ids, attn = enc["input_ids"], enc["attention_mask"]
+        cut = [False] * int(ids.shape[0])
         if ids.shape[1] > self.max_tokens:
-            long_rows = int((attn.sum(1) > self.max_tokens).sum())
+            rows = (attn.sum(1) > self.max_tokens).tolist()
+            cut = [bool(r) for r in rows]
+            long_rows = sum(cut)
             self.truncated += long_rows
             log.warning(
                 "ssd_guard: %d prompt(s) longer than %d tokens were cut to their last %d "
@@ -222,7 +234,7 @@ class PromptEncoder:
                 self.max_tokens,
             )
             ids, attn = ids[:, -self.max_tokens :], attn[:, -self.max_tokens :]
-        return {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
+        return {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}, cut
 
     @contextlib.contextmanager
     def _hooks(self, state: _Collect) -> Iterator[None]:
@@ -266,13 +278,16 @@ class PromptEncoder:
             raise RuntimeError("the forward pass finished without reaching every layer read")
         return state.features()
 
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[N, F]`` float32 features, on the model's device, batched."""
+    def encode(self, texts: Sequence[str], *, cut: list[bool] | None = None) -> torch.Tensor:
+        """``[N, F]`` float32 features, on the model's device, batched. *cut*, when given,
+        receives one flag per text: whether it was cut to its last ``max_tokens`` tokens."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of prompts, not a single string")
         outs = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenize(texts[i : i + self.batch_size])
+            enc, flags = self.tokenize_checked(texts[i : i + self.batch_size])
+            if cut is not None:
+                cut.extend(flags)
             outs.append(self.encode_ids(enc["input_ids"], enc["attention_mask"]))
         if not outs:
             return torch.empty(0, self.out_dim, device=self.device)
@@ -445,7 +460,8 @@ class AnswerEmbedder:
             normalize_embeddings=True,
             show_progress_bar=False,
         )
-        return emb.float().cpu()
+        out: torch.Tensor = emb.float().cpu()
+        return out
 
     def embed(self, texts: Sequence[str], dim: int | None = None) -> torch.Tensor:
         """``[N, d]`` PCA-projected embeddings (``dim`` truncates the projection)."""

@@ -11,10 +11,11 @@
   ``abstain``
       the policy's abstention message is returned and ``generate`` is never called;
   ``retrieve``
-      the retriever is called with the question, its documents are checked (document
-      scope: poisoned ones are flagged), the kept ones are put in the prompt with
-      :data:`DEFAULT_CONTEXT_TEMPLATE`, and the augmented prompt is scored again (an
-      ``abstain`` there abstains; anything else proceeds);
+      the retriever is called with the question, its documents are checked against the
+      question (document scope: poisoned ones are flagged), the kept ones are put in the
+      prompt with :data:`DEFAULT_CONTEXT_TEMPLATE`, and the prompt decision is made again
+      with retrieval done (``retrieve`` rules left out, the event says
+      ``after_retrieval: true``): an ``abstain`` there abstains, anything else proceeds;
   ``reject_answer``
       the answer is discarded and ``generate`` is called again, at most
       ``max_regenerations`` times; if the last answer is still rejected the guard abstains.
@@ -35,6 +36,20 @@
   ``allow`` / ``log_only``
       pass through (both are audited).
 
+**What is scored.** The student was distilled on bare questions, so the guard scores
+only those: the prompt's entropy is the question's (documents given with ``documents=``
+or retrieved never enter the scored text), and documents and answers are scored against
+the question's predicted answer distribution, also when the model was given the
+documents. The events of such a call say how many documents were in the model's prompt
+(``context_documents``).
+
+**One prefill per call.** Each call (:meth:`Guard.run`, :meth:`Guard.prepare` +
+:meth:`Guard.complete`) carries a :class:`~ssd_guard.scoring.callstats.CallStats`: the
+question's hidden state is computed once, by the first check that needs it, and reused by
+the document checks, the answer check and every regeneration's answer check (a scorer
+that accepts ``stats=``, such as :class:`~ssd_guard.scoring.ssd.SSDScorer`). A prompt cut
+to the encoder's ``max_tokens`` puts ``truncated: true`` on the call's events.
+
 Every argument is checked: a prompt / answer that is not a ``str`` (or holds a lone
 surrogate), or a single string where a list of strings is expected (``documents``,
 ``tags``, a retriever's result), raises :class:`~ssd_guard.errors.GuardInputError` naming
@@ -52,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import threading
@@ -70,12 +86,15 @@ from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_
 from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
 from ssd_guard.policy import Decision, Policy, Scope, load_policy
 from ssd_guard.policy.schema import ANSWER_SIGNALS
+from ssd_guard.provenance import model_name, resolve_hidden_state_source, validate_source
 from ssd_guard.scoring.base import RiskScorer
+from ssd_guard.scoring.callstats import CallStats
 
 __all__ = [
     "CACHE_BLOCK_RULE",
     "DEFAULT_CONTEXT_TEMPLATE",
     "REGEN_TEMPERATURE",
+    "CallStats",
     "Guard",
     "GuardResult",
     "RetrievedContext",
@@ -177,6 +196,28 @@ def _accepts_temperature(fn: Callable[..., Any]) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _takes_stats_fn(fn: Callable[..., Any]) -> bool:
+    try:
+        param = inspect.signature(fn).parameters.get("stats")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def _stats_kw(method: Callable[..., Any], stats: CallStats) -> dict[str, Any]:
+    """``{"stats": stats}`` when the scorer *method* accepts the call's statistics."""
+    fn = getattr(method, "__func__", method)
+    try:
+        takes = _takes_stats_fn(fn)
+    except TypeError:  # unhashable callable
+        takes = False
+    return {"stats": stats} if takes else {}
+
+
 #: ``sample``: pass ``temperature=``; ``skip``: deterministic, never call again; ``own``: the
 #: generator samples by itself; ``repeat``: unknown, call again, stop on a repeated answer.
 RegenMode = Literal["sample", "skip", "own", "repeat"]
@@ -238,10 +279,19 @@ class GuardResult:
     raw: Any = None
     """What ``generate`` returned for the accepted answer (e.g. an ``AIMessage``)."""
     entropy: float | None = None
-    """Entropy of :attr:`final_prompt` (reused by the answer checks)."""
+    """Entropy of :attr:`prompt` (the question: documents put in the prompt are never
+    scored with it), reused by the answer checks."""
     regeneration: str | None = None
     """After the last ``reject_answer``: ``sample``, ``same-settings``,
     ``skipped-deterministic``, ``stopped-identical`` or ``exhausted`` (see the module doc)."""
+    stats: CallStats | None = field(default=None, repr=False, compare=False)
+    """What this call computed (the question's hidden state...), reused by its later
+    checks (:meth:`Guard.complete`)."""
+
+    @property
+    def truncated(self) -> bool:
+        """Whether a prompt of this call was cut to the encoder's ``max_tokens``."""
+        return bool(self.stats is not None and self.stats.truncated)
 
     @property
     def decision(self) -> Decision | None:
@@ -322,19 +372,12 @@ class _Lookup:
     cache_error_detail: str | None = None
     keys: list[str] = field(default_factory=list)
     entropy_key: str | None = None
+    stats: CallStats = field(default_factory=CallStats)
+    """The call's statistics (the prompt's hidden state, computed once per call)."""
 
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
-
-
-def _valid_source(label: str) -> str:
-    if label in ("guarded-model", "scorer") or (label.startswith("proxy:") and len(label) > 6):
-        return label
-    raise ConfigError(
-        f"hidden_state_source must be 'guarded-model', 'scorer' or 'proxy:<model id>', "
-        f"got {label!r}"
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -346,7 +389,10 @@ class Guard:
     Parameters
     ----------
     scorer:
-        any :class:`~ssd_guard.scoring.base.RiskScorer` (e.g. ``SSDScorer.load("bundled")``).
+        any :class:`~ssd_guard.scoring.base.RiskScorer` (e.g. ``SSDScorer.load("bundled")``);
+        ``None`` loads what the policy names: its ``student`` artifact, on its
+        ``proxy_model`` when it names one (see :meth:`SSDScorer.from_policy
+        <ssd_guard.scoring.ssd.SSDScorer.from_policy>`).
     policy:
         a :class:`~ssd_guard.policy.Policy` or the path of a YAML policy.
     cache:
@@ -356,7 +402,10 @@ class Guard:
     hidden_state_source:
         recorded in every audit event: ``"guarded-model"`` (the hidden state is the guarded
         model's own), ``"proxy:<model id>"`` (a local model stands in for an API-only one)
-        or ``"scorer"`` (default: the scorer's base model, no guarded model known).
+        or ``"scorer"`` (no guarded model known). Default: decided by
+        :func:`~ssd_guard.provenance.resolve_hidden_state_source` (``proxy:<scorer model>``
+        when the policy names a ``proxy_model``, else ``scorer``; :meth:`for_model` decides
+        it for a known guarded model).
     context_template:
         how retrieved documents are put in the prompt (see :func:`format_context`).
     regen_temperature:
@@ -366,7 +415,7 @@ class Guard:
 
     def __init__(
         self,
-        scorer: RiskScorer,
+        scorer: RiskScorer | None,
         policy: Policy | str | Path,
         *,
         cache: ScoreCache | None = None,
@@ -379,16 +428,26 @@ class Guard:
         if not (isinstance(regen_temperature, int | float) and regen_temperature >= 0):
             raise ConfigError(f"regen_temperature must be a number >= 0, got {regen_temperature!r}")
         self.regen_temperature = float(regen_temperature)
-        self.scorer = scorer
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        if scorer is None:
+            from ssd_guard.scoring.ssd import SSDScorer
+
+            scorer = SSDScorer.from_policy(self.policy)
+        self.scorer: RiskScorer = scorer
         self.cache: ScoreCache = (
             cache if cache is not None else cache_from_config(self.policy.cache)
         )
         self.retriever = retriever
         self.aretriever = aretriever
-        self.hidden_state_source = _valid_source(hidden_state_source or "scorer")
         self.context_template = context_template
         self.guarded_model: str | None = None
+        # What decides hidden_state_source (see for_model); the label itself is derived.
+        self._explicit_source = (
+            validate_source(hidden_state_source) if hidden_state_source else None
+        )
+        self._model: Any = None
+        self._proxy = self.policy.proxy_model is not None
+        self.hidden_state_source = self._resolve_source()
         self._steps = _StepCounter()
         self._entropy_scopes = {
             rule.scope
@@ -416,13 +475,46 @@ class Guard:
         mode = getattr(self.cache, "fail_mode", None)
         return str(mode) if mode in ("open", "closed") else self.policy.cache.fail_mode
 
-    def with_hidden_state_source(self, label: str, *, guarded_model: str | None = None) -> Guard:
-        """A view of this guard recording another ``hidden_state_source`` (and the guarded
-        model's id); scorer, cache and step counters are shared."""
+    def _resolve_source(self) -> str:
+        return resolve_hidden_state_source(
+            self.scorer, model=self._model, explicit=self._explicit_source, proxy=self._proxy
+        )
+
+    def for_model(
+        self,
+        model: Any = None,
+        *,
+        source: str | None = None,
+        name: str | None = None,
+        integration: bool = True,
+    ) -> Guard:
+        """A view of this guard for the calls of *model* (scorer, cache and step counters
+        are shared).
+
+        ``hidden_state_source`` is decided by
+        :func:`~ssd_guard.provenance.resolve_hidden_state_source` from *model* (``None``:
+        keep the model this view knows), an explicit *source* (else this guard's), and
+        *integration* (``True``: the guard stands around a model, so with none known the
+        source is ``proxy:<scorer model>``). *name* is the guarded model's id in the
+        audit (default: *model*'s name).
+        """
         other = copy.copy(self)
-        other.hidden_state_source = _valid_source(label)
-        other.guarded_model = guarded_model if guarded_model is not None else self.guarded_model
+        if model is not None:
+            other._model = model
+        if source:
+            other._explicit_source = validate_source(source)
+        other._proxy = self._proxy or integration
+        if name is not None:
+            other.guarded_model = name
+        elif model is not None:
+            other.guarded_model = model_name(model)
+        other.hidden_state_source = other._resolve_source()
         return other
+
+    def with_hidden_state_source(self, label: str, *, guarded_model: str | None = None) -> Guard:
+        """A view of this guard recording *label* as ``hidden_state_source`` (unless the
+        guarded model it knows is the scorer's base model: see :meth:`for_model`)."""
+        return self.for_model(source=label, name=guarded_model, integration=False)
 
     def __repr__(self) -> str:
         return (
@@ -469,11 +561,23 @@ class Guard:
         )
 
     def _plan(
-        self, scope: Scope, prompt: str, items: Sequence[str | None], entropy: float | None
+        self,
+        scope: Scope,
+        prompt: str,
+        items: Sequence[str | None],
+        entropy: float | None,
+        stats: CallStats | None,
     ) -> _Lookup:
-        want_entropy = scope == "prompt" or (entropy is None and scope in self._entropy_scopes)
-        plan = _Lookup(prompt=prompt, items=list(items), want_entropy=want_entropy)
-        if entropy is not None and scope != "prompt":
+        """What a check looks up: the prompt's entropy unless given (a prompt check, or a
+        rule of *scope* that reads it) and one answer entry per item."""
+        want_entropy = entropy is None and (scope == "prompt" or scope in self._entropy_scopes)
+        plan = _Lookup(
+            prompt=prompt,
+            items=list(items),
+            want_entropy=want_entropy,
+            stats=stats if stats is not None else CallStats(),
+        )
+        if entropy is not None:
             plan.entropy, plan.entropy_hit = float(entropy), True
         if want_entropy:
             plan.entropy_key = self._key(prompt, None)
@@ -571,8 +675,10 @@ class Guard:
         answers = [a for a in plan.items if a is not None]
         new: dict[str, dict[str, float]] = {}
         t0 = time.perf_counter()
+        scorer, stats = self.scorer, plan.stats
         if need_entropy:
-            plan.entropy = float(self.scorer.score_prompts([plan.prompt])[0])
+            kw = _stats_kw(scorer.score_prompts, stats)
+            plan.entropy = float(scorer.score_prompts([plan.prompt], **kw)[0])
             plan.entropy_hit = False
             assert plan.entropy_key is not None
             if math.isfinite(plan.entropy):  # only finite scores are cached
@@ -581,13 +687,14 @@ class Guard:
             plan.answer_scores = [{} for _ in plan.keys]
         if missing:
             texts = [[answers[i] for i in missing]]
-            signals_fn = getattr(self.scorer, "answer_signals", None)
+            signals_fn = getattr(scorer, "answer_signals", None)
             if callable(signals_fn):
                 # One pass gives every answer signal (loglik, pmi, consensus).
-                out_all = signals_fn([plan.prompt], texts)
+                out_all = signals_fn([plan.prompt], texts, **_stats_kw(signals_fn, stats))
                 rows = {k: _first_row(v) for k, v in out_all.items() if k in ANSWER_SIGNALS}
             else:
-                rows = {"loglik": _first_row(self.scorer.score_answers([plan.prompt], texts))}
+                kw = _stats_kw(scorer.score_answers, stats)
+                rows = {"loglik": _first_row(scorer.score_answers([plan.prompt], texts, **kw))}
             for n, i in enumerate(missing):
                 entry = {k: float(v[n]) for k, v in rows.items()}
                 plan.logliks[i] = entry["loglik"]
@@ -599,6 +706,9 @@ class Guard:
 
     def _lookup(self, plan: _Lookup) -> _Lookup:
         keys = self._all_keys(plan)
+        if not keys:  # every score was given (e.g. a decision made again): nothing to do
+            self._apply_cached(plan, [])
+            return plan
         t0 = time.perf_counter()
         with collect_errors() as absorbed:
             try:
@@ -625,6 +735,9 @@ class Guard:
 
     async def _alookup(self, plan: _Lookup) -> _Lookup:
         keys = self._all_keys(plan)
+        if not keys:
+            self._apply_cached(plan, [])
+            return plan
         t0 = time.perf_counter()
         with collect_errors() as absorbed:
             try:
@@ -704,9 +817,11 @@ class Guard:
         run_name: str | None,
         extra: Mapping[str, Any] | None = None,
         on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
+        skip_actions: Sequence[str] = (),
     ) -> list[Decision]:
         """One decision (and one audit event) per item of *plan*; *on_reject* adds fields
-        to the event of a ``reject_answer`` decision."""
+        to the event of a ``reject_answer`` decision; rules whose action is in
+        *skip_actions* are left out."""
         calibration = getattr(self.scorer, "calibration", None) or None
         n = max(1, len(plan.keys)) if scope != "prompt" else 1
         share = 1.0 / n  # a batch's cache / scoring time is shared by its documents
@@ -727,7 +842,13 @@ class Guard:
                 hits.append(plan.loglik_hits[i])
             d0 = time.perf_counter()
             decision = self.policy.decide(
-                scope, scores, calibration=calibration, tags=tags, run_name=run_name, source=source
+                scope,
+                scores,
+                calibration=calibration,
+                tags=tags,
+                run_name=run_name,
+                source=source,
+                skip_actions=skip_actions,
             )
             decide_ms = _ms(d0)
             per_doc: dict[str, Any] = {}
@@ -735,9 +856,12 @@ class Guard:
                 per_doc = {"source": source, "doc_index": i, "batch_size": n}
             if on_reject is not None and decision.action == "reject_answer":
                 per_doc.update(on_reject(decision))
+            if plan.stats.truncated:
+                per_doc["truncated"] = True
             self._emit(
                 decision,
-                cache_hit=bool(hits) and all(hits),
+                # None: nothing was looked up (every score was given)
+                cache_hit=all(hits) if hits else None,
                 latency_ms={
                     "scoring": plan.scoring_ms * share,
                     "cache": plan.cache_ms * share,
@@ -800,6 +924,7 @@ class Guard:
         source: str | None,
         tags: Sequence[str],
         run_name: str | None,
+        stats: CallStats | None,
     ) -> Iterator[tuple[_Lookup, float]]:
         """The part of a check shared by the sync and async paths: check the arguments,
         bind the run, plan the cache lookup, and turn a fail-closed cache error into the
@@ -811,7 +936,7 @@ class Guard:
         _check_meta(tags, run_name)
         t0 = time.perf_counter()
         with self.bind():
-            plan = self._plan(scope, prompt, items, entropy)
+            plan = self._plan(scope, prompt, items, entropy, stats)
             try:
                 yield plan, t0
             except _CacheBlocked as exc:
@@ -831,8 +956,13 @@ class Guard:
         run_name: str | None = None,
         extra: Mapping[str, Any] | None = None,
         on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
+        stats: CallStats | None = None,
+        skip_actions: Sequence[str] = (),
     ) -> list[Decision]:
-        with self._checking(scope, prompt, items, entropy, source, tags, run_name) as (plan, t0):
+        with self._checking(scope, prompt, items, entropy, source, tags, run_name, stats) as (
+            plan,
+            t0,
+        ):
             self._lookup(plan)
             return self._decide(
                 scope,
@@ -843,6 +973,7 @@ class Guard:
                 run_name=run_name,
                 extra=extra,
                 on_reject=on_reject,
+                skip_actions=skip_actions,
             )
 
     async def _acheck(
@@ -857,8 +988,13 @@ class Guard:
         run_name: str | None = None,
         extra: Mapping[str, Any] | None = None,
         on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
+        stats: CallStats | None = None,
+        skip_actions: Sequence[str] = (),
     ) -> list[Decision]:
-        with self._checking(scope, prompt, items, entropy, source, tags, run_name) as (plan, t0):
+        with self._checking(scope, prompt, items, entropy, source, tags, run_name, stats) as (
+            plan,
+            t0,
+        ):
             await self._alookup(plan)
             return self._decide(
                 scope,
@@ -869,13 +1005,22 @@ class Guard:
                 run_name=run_name,
                 extra=extra,
                 on_reject=on_reject,
+                skip_actions=skip_actions,
             )
 
     def check_prompt(
-        self, prompt: str, *, tags: Sequence[str] = (), run_name: str | None = None
+        self,
+        prompt: str,
+        *,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        stats: CallStats | None = None,
     ) -> Decision:
-        """Pre-generation check: the prompt's entropy -> a prompt-scope decision."""
-        return self._check("prompt", prompt, [None], tags=tags, run_name=run_name)[0]
+        """Pre-generation check: the prompt's entropy -> a prompt-scope decision.
+
+        *stats* (a :class:`CallStats`) carries what the call computed to its later checks
+        (pass the same one to :meth:`check_answer`: the prompt's hidden state is reused)."""
+        return self._check("prompt", prompt, [None], tags=tags, run_name=run_name, stats=stats)[0]
 
     def check_answer(
         self,
@@ -885,11 +1030,18 @@ class Guard:
         entropy: float | None = None,
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        stats: CallStats | None = None,
     ) -> Decision:
         """Post-generation check: the answer's loglik (plus the prompt's entropy when a
         rule needs it, or when given as *entropy*) -> an answer-scope decision."""
         return self._check(
-            "answer", prompt, [answer], entropy=entropy, tags=tags, run_name=run_name
+            "answer",
+            prompt,
+            [answer],
+            entropy=entropy,
+            tags=tags,
+            run_name=run_name,
+            stats=stats,
         )[0]
 
     def check_documents(
@@ -901,6 +1053,7 @@ class Guard:
         entropy: float | None = None,
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        stats: CallStats | None = None,
     ) -> tuple[list[str], list[str], list[Decision]]:
         """Document-scope check of *docs* (one batched cache lookup and scorer call).
 
@@ -918,15 +1071,24 @@ class Guard:
             source=source,
             tags=tags,
             run_name=run_name,
+            stats=stats,
         )
         return _split(docs, decisions)
 
     # ------------------------------------------------------------------ checks (async)
     async def acheck_prompt(
-        self, prompt: str, *, tags: Sequence[str] = (), run_name: str | None = None
+        self,
+        prompt: str,
+        *,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        stats: CallStats | None = None,
     ) -> Decision:
         """Async :meth:`check_prompt`."""
-        return (await self._acheck("prompt", prompt, [None], tags=tags, run_name=run_name))[0]
+        decisions = await self._acheck(
+            "prompt", prompt, [None], tags=tags, run_name=run_name, stats=stats
+        )
+        return decisions[0]
 
     async def acheck_answer(
         self,
@@ -936,10 +1098,17 @@ class Guard:
         entropy: float | None = None,
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        stats: CallStats | None = None,
     ) -> Decision:
         """Async :meth:`check_answer`."""
         decisions = await self._acheck(
-            "answer", prompt, [answer], entropy=entropy, tags=tags, run_name=run_name
+            "answer",
+            prompt,
+            [answer],
+            entropy=entropy,
+            tags=tags,
+            run_name=run_name,
+            stats=stats,
         )
         return decisions[0]
 
@@ -952,6 +1121,7 @@ class Guard:
         entropy: float | None = None,
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        stats: CallStats | None = None,
     ) -> tuple[list[str], list[str], list[Decision]]:
         """Async :meth:`check_documents`."""
         docs = _check_texts("docs", docs)
@@ -965,6 +1135,7 @@ class Guard:
             source=source,
             tags=tags,
             run_name=run_name,
+            stats=stats,
         )
         return _split(docs, decisions)
 
@@ -991,11 +1162,12 @@ class Guard:
         source: Literal["retrieval", "tool", "cache"] = "retrieval",
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        stats: CallStats | None = None,
     ) -> RetrievedContext:
         """:meth:`check_documents`, applying each ``flag_poisoned`` rule's ``mode``."""
         docs = _check_texts("docs", docs)
         _, _, decisions = self.check_documents(
-            prompt, docs, source=source, tags=tags, run_name=run_name
+            prompt, docs, source=source, tags=tags, run_name=run_name, stats=stats
         )
         return self._sort_context(docs, decisions)
 
@@ -1007,11 +1179,12 @@ class Guard:
         source: Literal["retrieval", "tool", "cache"] = "retrieval",
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        stats: CallStats | None = None,
     ) -> RetrievedContext:
         """Async :meth:`screen_documents`."""
         docs = _check_texts("docs", docs)
         _, _, decisions = await self.acheck_documents(
-            prompt, docs, source=source, tags=tags, run_name=run_name
+            prompt, docs, source=source, tags=tags, run_name=run_name, stats=stats
         )
         return self._sort_context(docs, decisions)
 
@@ -1069,14 +1242,19 @@ class Guard:
         run_name: str | None = None,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        stats: CallStats | None = None,
     ) -> GuardResult:
         """The pre-generation half of :meth:`run`: check *documents*, the prompt, and act
         on ``abstain`` / ``retrieve``. The result is either abstained or carries the
-        :attr:`~GuardResult.final_prompt` to generate from (pass it to :meth:`complete`)."""
+        :attr:`~GuardResult.final_prompt` to generate from (pass it to :meth:`complete`).
+
+        The question (*prompt*) is what is scored, never the prompt with documents (see
+        the module doc); *stats* (default: a new :class:`CallStats`) is kept on the result
+        for :meth:`complete`."""
         prompt, documents = self._check_call(prompt, documents, tags, run_name)
         with self.bind(run_id, parent_run_id) as rid:
-            res = self._new_result(prompt, rid)
-            kw: dict[str, Any] = {"tags": tags, "run_name": run_name}
+            res = self._new_result(prompt, rid, stats)
+            kw: dict[str, Any] = {"tags": tags, "run_name": run_name, "stats": res.stats}
             ctx = RetrievedContext()
             if documents:
                 ctx.extend(self.screen_documents(prompt, documents, source=source, **kw))
@@ -1085,7 +1263,7 @@ class Guard:
             final_prompt = format_context(prompt, ctx.documents, self.context_template)
             if not check_prompt:
                 return self._finish(res, ctx, final_prompt=final_prompt)
-            d = self.check_prompt(final_prompt, **kw)
+            d = self._check("prompt", prompt, [None], extra=_context_field(ctx.documents), **kw)[0]
             ctx.decisions.append(d)
             res.entropy = d.scores.get("entropy")
             if d.action == "retrieve":
@@ -1096,9 +1274,10 @@ class Guard:
                         return self._finish(res, ctx, abstain=ctx.abstain)
                     if ctx.documents:
                         final_prompt = format_context(prompt, ctx.documents, self.context_template)
-                        d = self.check_prompt(final_prompt, **kw)
+                        d = self._check(
+                            "prompt", prompt, [None], **self._after_retrieval(res, ctx), **kw
+                        )[0]
                         ctx.decisions.append(d)
-                        res.entropy = d.scores.get("entropy")
             return self._finish(
                 res, ctx, final_prompt=final_prompt, abstain=d if d.action == "abstain" else None
             )
@@ -1114,12 +1293,13 @@ class Guard:
         run_name: str | None = None,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        stats: CallStats | None = None,
     ) -> GuardResult:
         """Async :meth:`prepare`."""
         prompt, documents = self._check_call(prompt, documents, tags, run_name)
         with self.bind(run_id, parent_run_id) as rid:
-            res = self._new_result(prompt, rid)
-            kw: dict[str, Any] = {"tags": tags, "run_name": run_name}
+            res = self._new_result(prompt, rid, stats)
+            kw: dict[str, Any] = {"tags": tags, "run_name": run_name, "stats": res.stats}
             ctx = RetrievedContext()
             if documents:
                 ctx.extend(await self.ascreen_documents(prompt, documents, source=source, **kw))
@@ -1128,7 +1308,10 @@ class Guard:
             final_prompt = format_context(prompt, ctx.documents, self.context_template)
             if not check_prompt:
                 return self._finish(res, ctx, final_prompt=final_prompt)
-            d = await self.acheck_prompt(final_prompt, **kw)
+            decisions = await self._acheck(
+                "prompt", prompt, [None], extra=_context_field(ctx.documents), **kw
+            )
+            d = decisions[0]
             ctx.decisions.append(d)
             res.entropy = d.scores.get("entropy")
             if d.action == "retrieve":
@@ -1139,12 +1322,25 @@ class Guard:
                         return self._finish(res, ctx, abstain=ctx.abstain)
                     if ctx.documents:
                         final_prompt = format_context(prompt, ctx.documents, self.context_template)
-                        d = await self.acheck_prompt(final_prompt, **kw)
+                        decisions = await self._acheck(
+                            "prompt", prompt, [None], **self._after_retrieval(res, ctx), **kw
+                        )
+                        d = decisions[0]
                         ctx.decisions.append(d)
-                        res.entropy = d.scores.get("entropy")
             return self._finish(
                 res, ctx, final_prompt=final_prompt, abstain=d if d.action == "abstain" else None
             )
+
+    @staticmethod
+    def _after_retrieval(res: GuardResult, ctx: RetrievedContext) -> dict[str, Any]:
+        """How the prompt decision is made again once documents were retrieved: on the
+        question's entropy (what the student was trained on; no new pass), with the
+        ``retrieve`` rules left out (retrieval is done)."""
+        return {
+            "entropy": res.entropy,
+            "skip_actions": ("retrieve",),
+            "extra": {"after_retrieval": True, **_context_field(ctx.documents)},
+        }
 
     # ------------------------------------------------------------------ regeneration
     def _regen_mode(self, generate: Callable[..., Any], deterministic: bool | None) -> RegenMode:
@@ -1215,11 +1411,13 @@ class Guard:
         """The generation half of :meth:`run`: ``generate(res.final_prompt)``, check the
         answer, regenerate on ``reject_answer`` (at most ``max_regenerations`` times; see
         the module doc for how), then accept or abstain. *res* (from :meth:`prepare`) is
-        updated and returned."""
+        updated and returned; the answers are scored against its question with its
+        :attr:`~GuardResult.stats` (the question's hidden state is not computed again)."""
         if res.abstained:
             return res
         _check_meta(tags, run_name)
         mode = self._regen_mode(generate, deterministic)
+        stats = self._stats_of(res)
         with self.bind(res.run_id, res.parent_run_id):
             attempt = 0
             while True:
@@ -1229,12 +1427,14 @@ class Guard:
                     return res
                 (d,) = self._check(
                     "answer",
-                    res.final_prompt,
+                    res.prompt,  # the question: the student never saw the context prompt
                     [text],
                     entropy=res.entropy,
                     tags=tags,
                     run_name=run_name,
                     on_reject=self._on_reject(res, mode, attempt, text),
+                    stats=stats,
+                    extra=_context_field(res.documents),
                 )
                 res.decisions.append(d)
                 if self._verdict(res, d, text, raw):
@@ -1256,6 +1456,7 @@ class Guard:
             return res
         _check_meta(tags, run_name)
         mode = self._regen_mode(generate, deterministic)
+        stats = self._stats_of(res)
         with self.bind(res.run_id, res.parent_run_id):
             attempt = 0
             while True:
@@ -1267,12 +1468,14 @@ class Guard:
                     return res
                 (d,) = await self._acheck(
                     "answer",
-                    res.final_prompt,
+                    res.prompt,  # the question: the student never saw the context prompt
                     [text],
                     entropy=res.entropy,
                     tags=tags,
                     run_name=run_name,
                     on_reject=self._on_reject(res, mode, attempt, text),
+                    stats=stats,
+                    extra=_context_field(res.documents),
                 )
                 res.decisions.append(d)
                 if self._verdict(res, d, text, raw):
@@ -1293,6 +1496,7 @@ class Guard:
         run_id: str | None = None,
         parent_run_id: str | None = None,
         deterministic: bool | None = None,
+        stats: CallStats | None = None,
     ) -> GuardResult:
         """Guard one generation: check, act, generate, check, act (see the module doc).
 
@@ -1303,7 +1507,9 @@ class Guard:
         a later step of the same turn). *run_id* defaults to the bound run, else a uuid.
         ``deterministic=True`` says *generate* always gives the same answer (it is then not
         called again after ``reject_answer``); a *generate* with a ``temperature=`` keyword
-        is called with ``temperature=regen_temperature`` to regenerate.
+        is called with ``temperature=regen_temperature`` to regenerate. *stats* (default:
+        a new :class:`CallStats`) holds what the call computes, e.g. the question's hidden
+        state: computed once, by the first check that needs it.
         """
         with self.bind(run_id, parent_run_id) as rid:
             res = self.prepare(
@@ -1314,6 +1520,7 @@ class Guard:
                 tags=tags,
                 run_name=run_name,
                 run_id=rid,
+                stats=stats,
             )
             return self.complete(
                 res,
@@ -1338,6 +1545,7 @@ class Guard:
         run_id: str | None = None,
         parent_run_id: str | None = None,
         deterministic: bool | None = None,
+        stats: CallStats | None = None,
     ) -> GuardResult:
         """Async :meth:`run`; *generate* may be sync or return an awaitable."""
         with self.bind(run_id, parent_run_id) as rid:
@@ -1349,6 +1557,7 @@ class Guard:
                 tags=tags,
                 run_name=run_name,
                 run_id=rid,
+                stats=stats,
             )
             return await self.acomplete(
                 res,
@@ -1359,7 +1568,7 @@ class Guard:
                 deterministic=deterministic,
             )
 
-    def _new_result(self, prompt: str, run_id: str) -> GuardResult:
+    def _new_result(self, prompt: str, run_id: str, stats: CallStats | None) -> GuardResult:
         parent = structlog.contextvars.get_contextvars().get("parent_run_id")
         return GuardResult(
             output="",
@@ -1368,7 +1577,14 @@ class Guard:
             final_prompt=prompt,
             run_id=run_id,
             parent_run_id=None if parent is None else str(parent),
+            stats=stats if stats is not None else CallStats(),
         )
+
+    @staticmethod
+    def _stats_of(res: GuardResult) -> CallStats:
+        if res.stats is None:  # a result made by hand (e.g. from a stored agent turn)
+            res.stats = CallStats()
+        return res.stats
 
     def _finish(
         self,
@@ -1402,6 +1618,11 @@ class Guard:
             return True
         res.output, res.answer, res.raw = text, text, raw
         return True
+
+
+def _context_field(documents: Sequence[str]) -> dict[str, Any]:
+    """``context_documents``: how many documents the model's prompt holds (audit)."""
+    return {"context_documents": len(documents)} if documents else {}
 
 
 def _first_row(out: Sequence[Any]) -> list[float]:

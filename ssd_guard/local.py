@@ -18,13 +18,21 @@ Prompts are put in the artifact's prompt format (few-shot prefix + template, as 
 distillation), so the hidden state is exactly the kind the student was trained on, and
 answers are the first line of the continuation (short answers, like the teacher's).
 
-When the generation is *not* under the guard's control (an API model, a LangChain chat
-model the guard only wraps) the scorer falls back to its truncated prefill (layers
-``<= l`` only): see :class:`ssd_guard.scoring.ssd.SSDScorer`.
+The captured state reaches the scorer through the call's
+:class:`~ssd_guard.scoring.callstats.CallStats` (its ``hidden_provider``): nothing is
+shared between calls or threads. When the generation is *not* under the guard's control
+(an API model, a LangChain chat model the guard only wraps) the scorer falls back to its
+truncated prefill (layers ``<= l`` only): see :class:`ssd_guard.scoring.ssd.SSDScorer`.
+
+For LangChain, :class:`ssd_guard.integrations.langchain.LocalGuardedChatModel` wraps a
+:class:`GuardedLocalModel` (this module imports no integration).
 
 Cost notes: when the policy abstains, the prefill that was run is a full one (the
-truncated prefill would have stopped at layer ``l``); documents checked against the bare
-question need that question's state, which costs one prefill of the question.
+truncated prefill would have stopped at layer ``l``). The guard scores the bare question
+(see :mod:`ssd_guard.guard`): with documents in the prompt, the question's state costs
+one prefill of the question besides the generation's own. A prompt longer than the
+encoder's ``max_tokens`` keeps its last ``max_tokens`` tokens, as in the scorer's own
+prefill, and the call's events say ``truncated: true``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,8 +51,22 @@ import torch
 
 from ssd_guard.generation import decode_loop, left_pad_positions, stop_token_table
 from ssd_guard.guard import Guard, GuardResult
+from ssd_guard.scoring.callstats import CallStats
 
 __all__ = ["GuardedLocalModel", "LocalStats"]
+
+
+def _takes_stats(scorer: Any) -> bool:
+    """Whether *scorer* can take a call's :class:`CallStats` (``score_prompts(stats=)``)."""
+    import inspect
+
+    fn = getattr(scorer, "score_prompts", None)
+    if fn is None:
+        return False
+    try:
+        return "stats" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -61,6 +84,7 @@ class _Session:
     kv: dict[str, _Prefill] = field(default_factory=dict)
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)
     attempts: Counter[str] = field(default_factory=Counter)
+    stats: CallStats = field(default_factory=CallStats)
 
 
 @dataclass
@@ -72,7 +96,9 @@ class LocalStats:
     decoded_from_scoring_prefill: int = 0
     """generations that decoded from the KV cache of the prefill the scorer used"""
     hidden_reuses: int = 0
-    """scorer requests served from an already captured state (e.g. the answer check)"""
+    """states served from a prefill already run for the generation (a check after the
+    generation; the answer check of a call reuses the prompt check's state through the
+    call's CallStats and does not ask again)"""
     generations: int = 0
     model_seconds: float = 0.0
     """wall time spent in the base model (prefills + decode loops)"""
@@ -102,10 +128,12 @@ class GuardedLocalModel:
         seed: int | None = None,
     ) -> None:
         scorer: Any = guard.scorer
+        # A wrapper that cannot take the call's statistics (a BatchingScorer) would run a
+        # prefill of its own: score with the scorer it wraps (the state here is free).
+        while not _takes_stats(scorer) and _takes_stats(getattr(scorer, "scorer", None)):
+            scorer = scorer.scorer
         missing = [
-            attr
-            for attr in ("encoder", "format_prompt", "hidden_provider")
-            if not hasattr(scorer, attr)
+            attr for attr in ("encoder", "format_prompt", "hidden") if not hasattr(scorer, attr)
         ]
         if missing:
             raise TypeError(
@@ -118,7 +146,10 @@ class GuardedLocalModel:
         self.model = scorer.encoder.model
         self.tokenizer = scorer.encoder.tokenizer
         self.model_id = str(scorer.model_id)
-        self.guard = guard.with_hidden_state_source("guarded-model", guarded_model=self.model_id)
+        view = guard.for_model(self.model, name=self.model_id)
+        if view.scorer is not scorer:
+            view.scorer = scorer
+        self.guard = view
         self.max_new_tokens = max_new_tokens
         self.temperature = float(temperature)
         self.regen_temperature = float(regen_temperature)
@@ -142,11 +173,15 @@ class GuardedLocalModel:
         return self._stop_table
 
     @torch.inference_mode()
-    def _prefill(self, text: str, *, capture: bool = True) -> tuple[_Prefill, torch.Tensor | None]:
-        """One full prefill of *text* with a KV cache; with *capture*, also the layer-``l``
-        state of its last token (``[1, H]`` float32) recorded by a forward hook."""
+    def _prefill(
+        self, text: str, *, capture: bool = True
+    ) -> tuple[_Prefill, torch.Tensor | None, bool]:
+        """One full prefill of *text* with a KV cache; with *capture*, also the student's
+        features (``[1, F]`` float32) recorded by forward hooks; and whether *text* was cut
+        to its last ``max_tokens`` tokens."""
         t0 = time.perf_counter()
-        enc = self.tokenizer([text], return_tensors="pt")
+        # Cut like the scorer's own prefill (last max_tokens tokens; counted and logged).
+        enc, cut = self.scorer.encoder.tokenize_checked([text])
         ids = enc["input_ids"].to(self._device)
         attn = enc["attention_mask"].to(self._device)
         pos = left_pad_positions(attn)
@@ -165,7 +200,7 @@ class GuardedLocalModel:
         self._count("prefills", time.perf_counter() - t0)
         if capture and hidden is None:
             raise RuntimeError("the prefill did not reach the student's layer")
-        return pre, hidden
+        return pre, hidden, bool(cut[0])
 
     @torch.inference_mode()
     def _decode(self, pre: _Prefill, temperature: float) -> str:
@@ -190,13 +225,21 @@ class GuardedLocalModel:
         self._count("generations", time.perf_counter() - t0)
         return str(text).split("\n", 1)[0].strip()
 
+    def _prefill_into(self, text: str, session: _Session) -> tuple[_Prefill, torch.Tensor]:
+        pre, h, cut = self._prefill(text)
+        assert h is not None
+        if cut:
+            session.stats.truncated = True
+        return pre, h
+
     def _hidden_for(self, texts: list[str], session: _Session) -> torch.Tensor:
+        """The call's ``hidden_provider``: states captured by the generation's prefill
+        (a prompt not prefilled yet is prefilled now, its KV cache kept for the decode)."""
         rows = []
         for text in texts:
             h = session.hidden.get(text)
             if h is None:
-                pre, h = self._prefill(text)
-                assert h is not None
+                pre, h = self._prefill_into(text, session)
                 session.kv[text] = pre
                 session.hidden[text] = h
             else:
@@ -210,8 +253,7 @@ class GuardedLocalModel:
         session.attempts[text] += 1
         pre = session.kv.pop(text, None)
         if pre is None:
-            pre, h = self._prefill(text)
-            assert h is not None
+            pre, h = self._prefill_into(text, session)
             session.hidden.setdefault(text, h)
         else:
             self._count("decoded_from_scoring_prefill")
@@ -223,7 +265,7 @@ class GuardedLocalModel:
     def generate(self, prompt: str, *, temperature: float | None = None) -> str:
         """An *unguarded* generation (prefill + decode, no hook, no scoring): the
         baseline the guard's overhead is measured against."""
-        pre, _ = self._prefill(self.scorer.format_prompt(prompt), capture=False)
+        pre, _, _ = self._prefill(self.scorer.format_prompt(prompt), capture=False)
         return self._decode(pre, self.temperature if temperature is None else temperature)
 
     def invoke(
@@ -238,25 +280,27 @@ class GuardedLocalModel:
         parent_run_id: str | None = None,
     ) -> GuardResult:
         """Guard one generation (see :meth:`Guard.run`): check, act, generate, check, act,
-        with the hidden state taken from the generation's own prefill."""
+        with the hidden state taken from the generation's own prefill (handed to the scorer
+        through the call's :class:`~ssd_guard.scoring.callstats.CallStats`)."""
         session = _Session()
+        session.stats.hidden_provider = lambda texts: self._hidden_for(texts, session)
 
         def generate(p: str, temperature: float | None = None) -> str:
             # Regenerations after reject_answer come with the guard's sampling temperature.
             return self._generate(p, session, temperature)
 
         try:
-            with self.scorer.hidden_provider(lambda texts: self._hidden_for(texts, session)):
-                return self.guard.run(
-                    prompt,
-                    generate,
-                    documents=documents,
-                    source=source,
-                    tags=tags,
-                    run_name=run_name,
-                    run_id=run_id,
-                    parent_run_id=parent_run_id,
-                )
+            return self.guard.run(
+                prompt,
+                generate,
+                documents=documents,
+                source=source,
+                tags=tags,
+                run_name=run_name,
+                run_id=run_id,
+                parent_run_id=parent_run_id,
+                stats=session.stats,
+            )
         finally:
             session.kv.clear()  # free the KV caches of prefills nobody decoded from
 
@@ -284,11 +328,19 @@ class GuardedLocalModel:
         )
 
     def as_chat_model(self, *, tags: Sequence[str] = ()) -> Any:
-        """This model as a LangChain Runnable (messages in, ``AIMessage`` out):
-        :class:`ssd_guard.integrations.langchain.LocalGuardedChatModel`."""
-        from ssd_guard.integrations.langchain import LocalGuardedChatModel
+        """Deprecated: use ``LocalGuardedChatModel(local)`` from
+        :mod:`ssd_guard.integrations.langchain` (the integration builds on this class; this
+        core module does not import it). Kept working for one release."""
+        warnings.warn(
+            "GuardedLocalModel.as_chat_model() is deprecated; use "
+            "ssd_guard.integrations.langchain.LocalGuardedChatModel(local) instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        import importlib
 
-        return LocalGuardedChatModel(self, tags=tags)
+        integration = importlib.import_module("ssd_guard.integrations.langchain")
+        return integration.LocalGuardedChatModel(self, tags=tags)
 
     def __repr__(self) -> str:
         return (

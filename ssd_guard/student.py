@@ -65,7 +65,7 @@ class MixtureDensityNetwork(nn.Module):
         self.input_mean.copy_(mean)
         self.input_std.copy_(std.clamp_min(1e-6))
 
-    def forward(self, x: torch.Tensor) -> GaussianMixture:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> GaussianMixture:  # type: ignore[override,unused-ignore]
         x = (x.to(self.input_mean.dtype) - self.input_mean) / self.input_std
         out = self.head(self.body(x))
         b, k, d = x.shape[0], self.n_components, self.out_dim
@@ -100,7 +100,8 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of two 1-D tensors (differentiable)."""
     a = a - a.mean()
     b = b - b.mean()
-    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-8)
+    corr: torch.Tensor = (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-8)
+    return corr
 
 
 class SSDStudent:
@@ -274,7 +275,8 @@ class SSDStudent:
         model = self._check_fitted()
         dev = next(model.parameters()).device
         with torch.no_grad():
-            return model(X.to(dev))
+            mix: GaussianMixture = model(X.to(dev))
+        return mix
 
     def nll(self, X: torch.Tensor, Z: torch.Tensor) -> float:
         """Mean negative log-likelihood per teacher sample."""

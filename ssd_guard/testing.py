@@ -64,8 +64,9 @@ DEFAULT_CALIBRATION: dict[str, list[float]] = {
 class FakeScorer:
     """A deterministic :class:`~ssd_guard.scoring.base.RiskScorer` for tests.
 
-    *entropy* maps a prompt (the exact text the guard scores: after retrieval that is the
-    prompt with its context) to its entropy, or is a function ``prompt -> entropy``.
+    *entropy* maps a prompt (the exact text the guard scores: the bare question, also
+    when documents are put in the model's prompt) to its entropy, or is a function
+    ``prompt -> entropy``.
     *loglik* maps an answer / document -- or a ``(prompt, answer)`` pair -- to its
     log-likelihood, or is a function ``(prompt, answer) -> loglik``. A text missing from
     a mapping gets ``default_entropy`` / ``default_loglik``; with no default the scorer

@@ -115,9 +115,7 @@ def test_long_prompt_is_truncated_not_silent(tiny_lm, caplog) -> None:
     assert enc.truncated == 1
     assert "cut to their last 8 tokens" in caplog.text
     ids = tiny_lm.tokenizer([long], return_tensors="pt")["input_ids"][:, -8:]
-    ref = PromptEncoder(tiny_lm.model, tiny_lm.tokenizer, 2).encode_ids(
-        ids, torch.ones_like(ids)
-    )
+    ref = PromptEncoder(tiny_lm.model, tiny_lm.tokenizer, 2).encode_ids(ids, torch.ones_like(ids))
     assert torch.allclose(got, ref, atol=1e-5)
 
 

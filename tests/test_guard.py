@@ -124,12 +124,19 @@ def test_retrieve_calls_retriever_puts_documents_in_prompt_and_rescores() -> Non
     scorer, gen = make_scorer(), Gen("good answer")
     retriever = Retr([GOOD_DOC, POISON_DOC])
     guard = Guard(scorer, make_policy(), retriever=retriever)
-    res = guard.run("medium", gen)
+    with capture_logs() as logs:
+        res = guard.run("medium", gen)
     assert retriever.queries == ["medium"]
     augmented = format_context("medium", [GOOD_DOC])
-    # the scorer saw the bare question, then the augmented prompt
-    assert scorer.prompts_scored == ["medium", augmented]
+    # The student only ever scores the bare question (what it was trained on): the
+    # context prompt goes to the model, never to the scorer.
+    assert scorer.prompts_scored == ["medium"]
+    assert all(p == ["medium"] for p, _ in scorer.answer_calls)
     assert gen.prompts == [augmented]
+    again = decisions_of(logs)[3]
+    assert again["scope"] == "prompt" and again["after_retrieval"] is True
+    assert again["context_documents"] == 1 and again["scores"] == {"entropy": 2.0}
+    assert again["cache_hit"] is None  # the question's entropy was reused, not looked up
     assert GOOD_DOC in res.final_prompt and POISON_DOC not in res.final_prompt
     assert res.documents == [GOOD_DOC] and res.dropped == 1
     assert [(d.scope, d.action) for d in res.decisions] == [
@@ -150,12 +157,51 @@ def test_retrieve_respects_k() -> None:
     assert res.documents == ["doc 0", "doc 1", "doc 2"]  # rule k: 3
 
 
+RETRIEVE_THEN_ABSTAIN = """
+version: 1
+name: retrieve-then-abstain
+abstain_message: ABSTAIN
+default_action: allow
+rules:
+  - {name: uncertain, scope: prompt, when: {entropy: {gt: 1.5}}, action: retrieve, k: 3}
+  - {name: risky-even-with-context, scope: prompt, when: {entropy: {gt: 1.8}}, action: abstain}
+"""
+
+
 def test_retrieve_then_still_risky_abstains() -> None:
-    scorer, gen = make_scorer(entropy_contains={"Context:": 2.9}), Gen()
-    guard = Guard(scorer, make_policy(), retriever=Retr([GOOD_DOC]))
+    # After retrieval the prompt decision is made again on the question's entropy without
+    # the retrieve rules: a later abstain rule can still stop the call.
+    scorer, gen = make_scorer(), Gen()
+    guard = Guard(scorer, make_policy(RETRIEVE_THEN_ABSTAIN), retriever=Retr([GOOD_DOC]))
     res = guard.run("medium", gen)
     assert res.abstained and gen.calls == 0
     assert [d.action for d in res.decisions] == ["retrieve", "allow", "abstain"]
+    assert res.decisions[-1].rule == "risky-even-with-context"
+    assert scorer.prompts_scored == ["medium"]
+
+
+def test_a_context_prompt_never_reaches_the_scorer_so_retrieval_cannot_make_it_riskier() -> None:
+    # Issue 11 item 17: the long context prompt scored riskier than the question and the
+    # guard abstained although the retrieved document held the answer. The student now
+    # scores the question only; the document and the answer are scored against the
+    # question's answer distribution.
+    scorer = make_scorer(entropy_contains={"Context:": 2.9})  # a context prompt looks risky
+    gen = Gen("good answer")
+    guard = Guard(scorer, make_policy(), retriever=Retr([GOOD_DOC]))
+    with capture_logs() as logs:
+        res = guard.run("medium", gen)
+    assert not res.abstained and res.output == "good answer"
+    assert GOOD_DOC in gen.prompts[0]  # the model got the document
+    assert [(d.scope, d.action) for d in res.decisions] == [
+        ("prompt", "retrieve"),
+        ("document", "allow"),
+        ("prompt", "allow"),
+        ("answer", "allow"),
+    ]
+    assert scorer.prompts_scored == ["medium"]
+    assert [p for p, _ in scorer.answer_calls] == [["medium"], ["medium"]]  # doc, answer
+    answer = decisions_of(logs)[-1]
+    assert answer["scope"] == "answer" and answer["context_documents"] == 1
 
 
 def test_retrieve_without_retriever_proceeds() -> None:
@@ -284,7 +330,10 @@ def test_every_decision_emits_exactly_one_event_with_all_fields() -> None:
         assert ev["hidden_state_source"] == "scorer"
         assert ev["policy_name"] == "test-policy" and ev["policy_sha256"] == policy.sha256
         assert {"scoring", "cache", "total"} <= ev["latency_ms"].keys()
-        assert isinstance(ev["cache_hit"], bool)
+        if ev.get("after_retrieval"):  # the question's entropy reused: nothing looked up
+            assert ev["cache_hit"] is None
+        else:
+            assert isinstance(ev["cache_hit"], bool)
         assert ev["tags"] == ["t1"] and ev["run_name"] == "qa"
     assert [e["step"] for e in events] == [1, 2, 3, 4, 5, 6]
     docs = [e for e in events if e["scope"] == "document"]

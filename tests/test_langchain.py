@@ -219,7 +219,7 @@ def test_wrap_retrieve_puts_documents_in_the_last_human_message() -> None:
     augmented = format_context("medium", [GOOD_DOC])
     assert model.last_human() == augmented
     assert isinstance(model.inputs[0][0], SystemMessage)
-    assert scorer.prompts_scored == ["medium", augmented]
+    assert scorer.prompts_scored == ["medium"]  # the question only, never the context prompt
     meta = out.response_metadata["ssd_guard"]
     assert meta["documents"] == 1 and meta["dropped"] == 1
 

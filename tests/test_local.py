@@ -120,7 +120,9 @@ def test_guarded_call_runs_one_prefill_and_reference_scores(scorer) -> None:
         assert {e["hidden_state_source"] for e in logs if "scope" in e} == {"guarded-model"}
     assert local.stats.prefills == 4
     assert local.stats.decoded_from_scoring_prefill == 4
-    assert local.stats.hidden_reuses == 4  # every answer check reused the captured state
+    # Every answer check reused the captured state through the call's CallStats: the
+    # provider was asked once per call (by the prompt check) and never again.
+    assert local.stats.hidden_reuses == 0
 
 
 def test_abstain_never_decodes(scorer) -> None:
@@ -217,8 +219,10 @@ def test_langchain_runnable_over_the_local_model(scorer) -> None:
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
     from langchain_core.prompts import ChatPromptTemplate
 
+    from ssd_guard.integrations.langchain import LocalGuardedChatModel
+
     local = GuardedLocalModel(Guard(scorer, LOG_ONLY, cache=MemoryCache()), max_new_tokens=4)
-    chat = local.as_chat_model(tags=["demo"])
+    chat = LocalGuardedChatModel(local, tags=["demo"])
     reference = GuardedLocalModel(Guard(scorer, LOG_ONLY, cache=MemoryCache()), max_new_tokens=4)
     msg = chat.invoke([SystemMessage("be brief"), HumanMessage(QUESTIONS[0])])
     assert isinstance(msg, AIMessage)
@@ -242,6 +246,15 @@ def test_langchain_runnable_over_the_local_model(scorer) -> None:
   - {name: all, scope: prompt, when: {entropy: {gt: -1000}}, action: abstain}
 """
     )
-    blocked = GuardedLocalModel(Guard(scorer, abstain, cache=MemoryCache())).as_chat_model()
+    blocked = LocalGuardedChatModel(GuardedLocalModel(Guard(scorer, abstain, cache=MemoryCache())))
     out = blocked.invoke(QUESTIONS[0])
     assert out.content == "ABSTAIN" and out.response_metadata["ssd_guard"]["abstained"]
+
+
+def test_as_chat_model_is_deprecated_but_still_works(scorer) -> None:
+    from ssd_guard.integrations.langchain import LocalGuardedChatModel
+
+    local = GuardedLocalModel(Guard(scorer, LOG_ONLY, cache=MemoryCache()), max_new_tokens=2)
+    with pytest.warns(DeprecationWarning, match="LocalGuardedChatModel"):
+        chat = local.as_chat_model(tags=["x"])
+    assert isinstance(chat, LocalGuardedChatModel) and chat.local is local

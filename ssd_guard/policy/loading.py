@@ -19,6 +19,8 @@ __all__ = [
     "default_policy_path",
     "load_default_policy",
     "load_policy",
+    "resolve_proxy_model",
+    "resolve_student",
 ]
 
 
@@ -129,6 +131,36 @@ def _proxy_problem(proxy: str | None, base_dir: Path | None) -> str | None:
         f"unknown model {proxy!r}: not a bundled model ({known}, or an alias), a local "
         "model directory with config.json, or a Hugging Face model in the local cache"
     )
+
+
+def resolve_student(policy: Policy, base_dir: str | Path | None = None) -> str:
+    """Where the policy's ``student`` is: ``"bundled"`` or an artifact directory (a
+    relative path is looked up beside the policy file, then in the working directory).
+    Raises :class:`~ssd_guard.errors.PolicyError` when there is no such artifact."""
+    if policy.student == "bundled":
+        return "bundled"
+    where = _base_dir(policy, base_dir)
+    problem = _student_problem(policy.student, where)
+    if problem is not None:
+        raise policy_errors(policy.source, [("student", problem)])
+    from ssd_guard.artifact import MANIFEST
+
+    for place in _candidates(policy.student, where):
+        if (place / MANIFEST).is_file():
+            return str(place)
+    raise policy_errors(policy.source, [("student", "student artifact not found")])
+
+
+def resolve_proxy_model(policy: Policy, base_dir: str | Path | None = None) -> str | None:
+    """The policy's ``proxy_model`` as :func:`ssd_guard.models.load_causal_lm` takes it (a
+    relative directory resolved like the student's), or ``None``."""
+    proxy = policy.proxy_model
+    if proxy is None:
+        return None
+    for place in _candidates(proxy, _base_dir(policy, base_dir)):
+        if (place / "config.json").is_file():
+            return str(place)
+    return proxy
 
 
 def check_policy_references(policy: Policy, base_dir: str | Path | None = None) -> None:

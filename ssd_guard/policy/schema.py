@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Annotated, Any, ClassVar, Literal
@@ -569,8 +569,12 @@ class Policy(_Model):
         tags: Sequence[str] = (),
         run_name: str | None = None,
         source: str | None = None,
+        skip_actions: Collection[str] = (),
     ) -> Decision:
         """Evaluate the rules of *scope* in order; the first match decides.
+
+        Rules whose action is in *skip_actions* are left out (the guard decides again
+        after retrieval without the ``retrieve`` rules).
 
         *scores* maps metric names to values (``None`` / NaN = missing). Quantile bounds are
         resolved against *calibration* (values per metric, treated as immutable); a rule of
@@ -590,6 +594,8 @@ class Policy(_Model):
         tags = tuple(tags)
         for rule in self.rules:
             if rule.scope != scope or not rule.filters_match(tags, run_name, source):
+                continue
+            if rule.action in skip_actions:
                 continue
             thresholds: dict[str, float] = {}
             matched = True

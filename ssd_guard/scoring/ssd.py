@@ -12,12 +12,17 @@ the embeddings of the answers the model would give:
 * ``answer_signals`` — every answer signal of one pass (``loglik``, ``pmi``,
   ``consensus``: minus the distance to the mixture mean);
 * ``consensus`` — the mixture mean (semantic consensus, PCA space).
+
+Every method that needs a prompt's hidden state takes ``stats=``, a
+:class:`~ssd_guard.scoring.callstats.CallStats` of the guarded call: the state is then
+computed once per call (or handed over by the call's ``hidden_provider``, e.g. from the
+generation's own prefill) and reused by every later check of that call.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +34,7 @@ from ssd_guard.artifact import Manifest, check_compatible, load_artifact
 from ssd_guard.encoding import AnswerEmbedder, PCAProjection, PromptEncoder
 from ssd_guard.errors import ArtifactError
 from ssd_guard.mixture import GaussianMixture
+from ssd_guard.scoring.callstats import CallStats, HiddenProvider
 from ssd_guard.student import SSDStudent
 
 __all__ = ["ANSWER_SIGNALS", "SSDScorer", "build_heads", "load_marginal"]
@@ -48,7 +54,8 @@ def load_marginal(tensors: dict[str, torch.Tensor]) -> GaussianMixture | None:
     )
 
 
-HiddenProvider = Callable[[list[str]], torch.Tensor]
+# Deprecated, never set: hidden states now travel in a per-call CallStats. Kept only so
+# that code still reading it (ssd_guard.scoring.batcher) sees "no provider".
 _HIDDEN_PROVIDER: ContextVar[tuple[object, HiddenProvider] | None] = ContextVar(
     "ssd_guard_hidden_provider", default=None
 )
@@ -182,6 +189,24 @@ class SSDScorer:
             batch_size=batch_size,
         )
 
+    @classmethod
+    def from_policy(cls, policy: Any, **kwargs: Any) -> SSDScorer:
+        """Load what *policy* (a :class:`~ssd_guard.policy.Policy`) names: its ``student``
+        artifact (``bundled`` or a directory, relative to the policy file), with its
+        ``proxy_model`` as the base model when it names one. *kwargs* go to :meth:`load`
+        (``device``, ``dtype``...).
+
+        **A proxy's scores describe the proxy, not the model that answers**: the guard
+        then reads the hidden states of ``proxy_model`` for prompts an API model
+        answers, and records ``hidden_state_source: proxy:<model>``.
+        """
+        from ssd_guard.policy.loading import resolve_proxy_model, resolve_student
+
+        proxy = resolve_proxy_model(policy)
+        if proxy is not None:
+            kwargs.setdefault("base_model", proxy)
+        return cls.load(resolve_student(policy), **kwargs)
+
     # ------------------------------------------------------------------ text helpers
     def format_prompt(self, prompt: str) -> str:
         """Few-shot prefix + template, as during distillation.
@@ -196,32 +221,44 @@ class SSDScorer:
         fmt = self.manifest.prompt
         return fmt.few_shot + fmt.template.replace("{question}", text)
 
-    def hidden(self, prompts: Sequence[str], *, formatted: bool = False) -> torch.Tensor:
-        """``[B, H]`` prompt representations (truncated prefill up to the layer)."""
+    def hidden(
+        self,
+        prompts: Sequence[str],
+        *,
+        formatted: bool = False,
+        stats: CallStats | None = None,
+    ) -> torch.Tensor:
+        """``[B, F]`` prompt representations: the student's input features.
+
+        Without *stats*, a truncated prefill up to the deepest layer read. With the call's
+        *stats*, each prompt's state is computed once per call (by its ``hidden_provider``
+        when it has one, e.g. a generation's own prefill) and reused afterwards; a prompt
+        cut to the encoder's ``max_tokens`` sets ``stats.truncated``.
+        """
         texts = list(prompts) if formatted else [self.format_prompt(p) for p in prompts]
-        active = _HIDDEN_PROVIDER.get()
-        if active is not None and active[0] is self:
-            return active[1](texts)
-        return self.encoder.encode(texts)
+        if stats is None:
+            return self.encoder.encode(texts)
+        rows = stats.compute(
+            f"hidden:{self.fingerprint}", texts, lambda missing: self._hidden_rows(missing, stats)
+        )
+        return torch.cat([r.to(self.device) for r in rows]) if rows else self.encoder.encode([])
+
+    def _hidden_rows(self, texts: list[str], stats: CallStats) -> list[torch.Tensor]:
+        if stats.hidden_provider is not None:
+            h = stats.hidden_provider(texts)
+        else:
+            cut: list[bool] = []
+            h = self.encoder.encode(texts, cut=cut)
+            stats.forwards += math.ceil(len(texts) / self.encoder.batch_size)
+            if any(cut):
+                stats.truncated = True
+        rows = torch.as_tensor(h).float()
+        return [rows[i : i + 1] for i in range(int(rows.shape[0]))]
 
     @property
     def features(self) -> Any:
         """The :class:`~ssd_guard.features.FeatureSpec` the student reads."""
         return self.manifest.feature_spec
-
-    @contextlib.contextmanager
-    def hidden_provider(self, provider: HiddenProvider) -> Iterator[None]:
-        """Within this context (thread / task), :meth:`hidden` asks *provider* for the
-        formatted prompts' ``[B, H]`` states instead of running a truncated prefill.
-
-        :class:`ssd_guard.local.GuardedLocalModel` uses it to hand over the state it
-        captured during the generation's own prefill (zero extra forward pass).
-        """
-        token = _HIDDEN_PROVIDER.set((self, provider))
-        try:
-            yield
-        finally:
-            _HIDDEN_PROVIDER.reset(token)
 
     # ------------------------------------------------------------------ signals
     def mixture(self, hidden: torch.Tensor, head: str = "risk") -> GaussianMixture:
@@ -237,12 +274,15 @@ class SSDScorer:
         """Log-likelihood of projected answers ``[B, d]`` or ``[B, N, d]``."""
         return self.mixture(hidden, "answer").log_prob(answer_z.to(self.device))
 
-    def score_prompts(self, prompts: Sequence[str], *, formatted: bool = False) -> list[float]:
+    def score_prompts(
+        self, prompts: Sequence[str], *, formatted: bool = False, stats: CallStats | None = None
+    ) -> list[float]:
         """Pre-generation risk: Rényi-2 entropy per prompt (higher = riskier)."""
         _check_sequence("prompts", prompts)
         if not prompts:
             return []
-        return self.entropy_from_hidden(self.hidden(prompts, formatted=formatted)).cpu().tolist()  # type: ignore[no-any-return]
+        h = self.hidden(prompts, formatted=formatted, stats=stats)
+        return [float(v) for v in self.entropy_from_hidden(h).cpu().tolist()]
 
     def prepare_answers(self, answers: Sequence[str]) -> list[str]:
         """The answer texts as the student's teacher saw them (normalised if the
@@ -280,13 +320,15 @@ class SSDScorer:
         *,
         formatted: bool = False,
         hidden: torch.Tensor | None = None,
+        stats: CallStats | None = None,
     ) -> dict[str, list[float]] | dict[str, list[list[float]]]:
         """All answer signals of one pass: ``{"loglik", "pmi", "consensus"}``, each shaped
         like :meth:`score_answers`' result (higher = more plausible for every signal).
 
         A sentence-length answer is also scored on its core span (the words that do not
         restate the question) when the artifact enables it; each signal takes the better
-        of the two, so the form of an answer matters less than its content.
+        of the two, so the form of an answer matters less than its content. The prompts'
+        states are *hidden* when given, else :meth:`hidden` (with the call's *stats*).
         """
         _check_sequence("prompts", prompts)
         _check_sequence("answers", answers)
@@ -299,7 +341,7 @@ class SSDScorer:
         lists = [[a] if isinstance(a, str) else list(a) for a in answers]
         for lst in lists:
             _check_sequence("answers", lst, strings=True)
-        h = self.hidden(prompts, formatted=formatted) if hidden is None else hidden
+        h = self.hidden(prompts, formatted=formatted, stats=stats) if hidden is None else hidden
         mix = self.mixture(h, "answer")
         # Candidate texts per answer: the answer itself, plus its core span.
         texts: list[str] = []
@@ -349,6 +391,7 @@ class SSDScorer:
         formatted: bool = False,
         hidden: torch.Tensor | None = None,
         signal: str = "loglik",
+        stats: CallStats | None = None,
     ) -> list[float] | list[list[float]]:
         """Post-generation check: one answer signal per answer (higher = more plausible).
 
@@ -360,11 +403,16 @@ class SSDScorer:
         """
         if signal not in ANSWER_SIGNALS:
             raise ValueError(f"unknown answer signal {signal!r}; choose from {ANSWER_SIGNALS}")
-        return self.answer_signals(prompts, answers, formatted=formatted, hidden=hidden)[signal]
+        return self.answer_signals(
+            prompts, answers, formatted=formatted, hidden=hidden, stats=stats
+        )[signal]
 
-    def consensus(self, prompts: Sequence[str], *, formatted: bool = False) -> torch.Tensor:
+    def consensus(
+        self, prompts: Sequence[str], *, formatted: bool = False, stats: CallStats | None = None
+    ) -> torch.Tensor:
         """Mixture mean ``[B, d]`` of the answer head, in PCA space."""
-        return self.mixture(self.hidden(prompts, formatted=formatted), "answer").mean()
+        h = self.hidden(prompts, formatted=formatted, stats=stats)
+        return self.mixture(h, "answer").mean()
 
     def __repr__(self) -> str:
         return (

@@ -26,11 +26,18 @@ least to the most invasive:
     ``langchain`` (v1) is an optional extra: the middleware module is imported on first
     use.
 
+``LocalGuardedChatModel(GuardedLocalModel(guard))`` (:mod:`.runnable`)
+    The zero-extra-pass guard as a LangChain Runnable: the local model generates under
+    the guard and the scores come from its own prefill.
+
 Every path audits LangChain's own ``run_id`` / ``parent_run_id`` and the run's tags and
-metadata (``metadata`` in the audit event). Whose hidden states are read is recorded as
-``hidden_state_source``: ``guarded-model`` when the guarded model is a local Hugging Face
-model (``ChatHuggingFace`` / ``HuggingFacePipeline``) that *is* the scorer's base model,
-else ``proxy:<scorer model>``.
+metadata (``metadata`` in the audit event), and runs one truncated prefill of the
+scorer's base model per guarded call (the prompt check's hidden state is reused by the
+answer check: see :class:`~ssd_guard.scoring.callstats.CallStats`). Whose hidden states
+are read is recorded as ``hidden_state_source``, decided by
+:func:`ssd_guard.provenance.resolve_hidden_state_source`: ``guarded-model`` when the
+guarded model is a local Hugging Face model (``ChatHuggingFace`` /
+``HuggingFacePipeline``) that *is* the scorer's base model, else ``proxy:<scorer model>``.
 """
 
 from __future__ import annotations
@@ -45,8 +52,8 @@ from ssd_guard.integrations.langchain._common import (
     answer_can_block,
     local_hf_model,
     resolve_hidden_state_source,
+    result_message,
 )
-from ssd_guard.integrations.langchain._common import result_message as _result_message
 from ssd_guard.integrations.langchain.callbacks import AsyncSSDGuard, SSDGuard
 from ssd_guard.integrations.langchain.runnable import GuardedChatModel, LocalGuardedChatModel
 
@@ -66,10 +73,11 @@ __all__ = [
     "answer_can_block",
     "local_hf_model",
     "resolve_hidden_state_source",
+    "result_message",
 ]
 
 _LAZY = frozenset({"SSDGuardMiddleware", "SSDGuardState"})
-_ = _result_message  # kept importable: ssd_guard.cli_demo uses it
+_result_message = result_message  # the old private name, kept importable
 
 
 def __getattr__(name: str) -> Any:

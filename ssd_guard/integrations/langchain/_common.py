@@ -19,11 +19,13 @@ from langchain_core.messages import (
 )
 from langchain_core.prompt_values import PromptValue
 
+from ssd_guard import provenance
 from ssd_guard.audit import bind_run
 from ssd_guard.errors import ConfigError, GuardBlockedError
 from ssd_guard.guard import Guard, GuardResult
 from ssd_guard.integrations.langchain._flow import Call
 from ssd_guard.policy import BLOCKING_ACTIONS, Decision
+from ssd_guard.provenance import base_model_of, model_name
 from ssd_guard.scoring.base import RiskScorer
 
 T = TypeVar("T")
@@ -306,79 +308,23 @@ def answer_can_block(guard: Guard, tags: Sequence[str] = (), run_name: str | Non
 
 
 # --------------------------------------------------------------------------------------
-# Whose hidden states are read
+# Whose hidden states are read: decided by ssd_guard.provenance (one place)
 # --------------------------------------------------------------------------------------
 class WrapsModel:
     """Marker of the guard's Runnables around a model (``.model`` is the inner one)."""
 
     model: Any
+    _ssd_guard_wraps_model = True  # ssd_guard.provenance.WRAPS_MODEL_ATTR
 
 
-def local_hf_model(model: Any) -> Any | None:
-    """The ``transformers`` model behind a ``ChatHuggingFace`` / ``HuggingFacePipeline``
-    (possibly bound with ``bind_tools`` / ``bind`` or wrapped by the guard), else ``None``
-    (API-only models)."""
-    obj = model
-    for _ in range(8):
-        if isinstance(obj, WrapsModel):
-            obj = obj.model
-            continue
-        bound = getattr(obj, "bound", None)  # RunnableBinding
-        if bound is not None and bound is not obj:
-            obj = bound
-            continue
-        break
-    llm = getattr(obj, "llm", None)
-    pipe = getattr(llm if llm is not None else obj, "pipeline", None)
-    hf = getattr(pipe, "model", None)
-    return hf if hf is not None and hasattr(hf, "config") else None
-
-
-def model_name(model: Any) -> str | None:
-    for attr in ("model_id", "model_name", "model"):
-        value = getattr(model, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    bound = getattr(model, "bound", None)
-    if bound is not None and bound is not model:
-        return model_name(bound)
-    return type(model).__name__ if model is not None else None
-
-
-def _scorer_base_model(scorer: Any) -> tuple[Any | None, str | None]:
-    """(the scorer's in-memory base model, its recorded fingerprint), when it has them."""
-    lm = getattr(getattr(scorer, "encoder", None), "model", None)
-    manifest = getattr(scorer, "manifest", None)
-    fp = getattr(getattr(manifest, "base_model", None), "fingerprint", None)
-    return lm, fp if isinstance(fp, str) else getattr(scorer, "base_fingerprint", None)
+#: The ``transformers`` model behind a ``ChatHuggingFace`` / ``HuggingFacePipeline``
+#: (possibly bound or wrapped by the guard), else ``None``.
+local_hf_model = base_model_of
 
 
 def resolve_hidden_state_source(model: Any, scorer: RiskScorer) -> tuple[str, str | None]:
-    """``(hidden_state_source, guarded model id)`` for *model* guarded with *scorer*.
-
-    ``guarded-model`` when *model* is a local HF model that is the scorer's base model
-    (the same object, or the same weights by :func:`ssd_guard.models.model_fingerprint`);
-    otherwise ``proxy:<scorer.model_id>``.
-    """
-    name = model_name(model)
-    hf = local_hf_model(model)
-    if hf is not None:
-        base, fingerprint = _scorer_base_model(scorer)
-        if base is not None and base is hf:
-            return "guarded-model", name
-        if fingerprint:
-            try:
-                from ssd_guard.models import model_fingerprint
-
-                if model_fingerprint(hf) == fingerprint:
-                    return "guarded-model", name
-            except Exception:  # an exotic model without input embeddings: not the same
-                pass
-    return f"proxy:{scorer.model_id}", name
-
-
-def default_source(guard: Guard) -> Guard:
-    """*guard* recording ``proxy:<scorer>`` when nothing said whose hidden states it reads."""
-    if guard.hidden_state_source == "scorer":
-        return guard.with_hidden_state_source(f"proxy:{guard.scorer.model_id}")
-    return guard
+    """``(hidden_state_source, guarded model id)`` for *model* guarded with *scorer*
+    (:func:`ssd_guard.provenance.resolve_hidden_state_source`)."""
+    return provenance.resolve_hidden_state_source(scorer, model=model, proxy=True), model_name(
+        model
+    )

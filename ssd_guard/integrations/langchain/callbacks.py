@@ -41,7 +41,7 @@ from langchain_core.outputs import (
 from langchain_core.runnables import Runnable
 
 from ssd_guard.cache import ScoreCache
-from ssd_guard.guard import Guard, Retriever
+from ssd_guard.guard import CallStats, Guard, Retriever
 from ssd_guard.integrations.langchain._common import (
     NOSTREAM_TAG,
     GuardStreamingError,
@@ -49,7 +49,6 @@ from ssd_guard.integrations.langchain._common import (
     answer_can_block,
     answer_text,
     blocked_error,
-    default_source,
     last_human,
     text_of,
 )
@@ -72,13 +71,16 @@ class _Pending:
     guard: Guard
     info: RunInfo
     hold: bool
+    stats: CallStats
+    """The call's statistics: the answer check reuses the prompt check's hidden state."""
 
 
 class SSDGuard(BaseCallbackHandler):
     """LangChain callback handler scoring every model call with SSD signals.
 
     ``SSDGuard(scorer, policy)`` (policy: a :class:`Policy`, a YAML path, or ``None`` for
-    the default policy) or ``SSDGuard(guard=Guard(...))``. Attach it with
+    the default policy; scorer ``None``: the student the policy names, on its
+    ``proxy_model`` if it names one) or ``SSDGuard(guard=Guard(...))``. Attach it with
     ``config={"callbacks": [guard]}``; see the module doc for what it does, including
     streaming (``stream_unchecked``). ``wrap`` and ``middleware`` give the acting
     integrations with the same guard. Works in sync and async runs.
@@ -100,8 +102,6 @@ class SSDGuard(BaseCallbackHandler):
         stream_unchecked: bool = False,
     ) -> None:
         if guard is None:
-            if scorer is None:
-                raise TypeError("pass a scorer (and a policy), or guard=Guard(...)")
             guard = Guard(
                 scorer,
                 policy if policy is not None else load_default_policy(),
@@ -109,12 +109,8 @@ class SSDGuard(BaseCallbackHandler):
                 retriever=retriever,
                 aretriever=aretriever,
             )
-        self._explicit_source = hidden_state_source
-        self.guard = (
-            guard.with_hidden_state_source(hidden_state_source)
-            if hidden_state_source
-            else default_source(guard)
-        )
+        # A callback sees no model object: without an explicit source, proxy:<scorer>.
+        self.guard = guard.for_model(source=hidden_state_source)
         self.raise_error = self.guard.has_blocking_rules if raise_error is None else raise_error
         self.tags = tuple(tags)
         self.run_name = run_name
@@ -125,9 +121,7 @@ class SSDGuard(BaseCallbackHandler):
     # -- the other integrations ----------------------------------------------------------
     def wrap(self, model: Runnable[Any, Any]) -> GuardedChatModel:
         """A Runnable around *model* that performs the policy's actions."""
-        return GuardedChatModel(
-            model, self.guard, hidden_state_source=self._explicit_source, tags=self.tags
-        )
+        return GuardedChatModel(model, self.guard, tags=self.tags)
 
     def middleware(self, *, model: Any = None) -> SSDGuardMiddleware:
         """An :class:`SSDGuardMiddleware` for ``langchain.agents.create_agent``."""
@@ -143,9 +137,7 @@ class SSDGuard(BaseCallbackHandler):
             name = str(ident[-1])
         if not name:
             return self.guard
-        return self.guard.with_hidden_state_source(
-            self.guard.hidden_state_source, guarded_model=str(name)
-        )
+        return self.guard.for_model(name=str(name))
 
     def _forget(self, run_id: UUID) -> _Pending | None:
         with self._lock:
@@ -193,8 +185,9 @@ class SSDGuard(BaseCallbackHandler):
             metadata=metadata,
             run_name=kwargs.get("name") or self.run_name,
         )
+        stats = CallStats()
         with info.bound():
-            decision = guard.check_prompt(prompt, **info.kw)
+            decision = guard.check_prompt(prompt, stats=stats, **info.kw)
         self._raise_if_blocking(decision)  # a blocked call never starts: nothing to remember
         hold = (
             self.raise_error
@@ -202,7 +195,7 @@ class SSDGuard(BaseCallbackHandler):
             and NOSTREAM_TAG not in (tags or ())
             and answer_can_block(guard, info.tags, info.run_name)
         )
-        pending = _Pending(prompt, decision.scores.get("entropy"), guard, info, hold)
+        pending = _Pending(prompt, decision.scores.get("entropy"), guard, info, hold, stats)
         with self._lock:
             self._pending[run_id] = pending
 
@@ -282,7 +275,11 @@ class SSDGuard(BaseCallbackHandler):
             return
         with pending.info.bound():
             decision = pending.guard.check_answer(
-                pending.prompt, answer, entropy=pending.entropy, **pending.info.kw
+                pending.prompt,
+                answer,
+                entropy=pending.entropy,
+                stats=pending.stats,
+                **pending.info.kw,
             )
         self._raise_if_blocking(decision)
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any, NotRequired, TypeVar
 
@@ -63,7 +65,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         f"(or pip install 'langchain>=1.0'). Original error: {exc}"
     ) from exc
 
-from ssd_guard.guard import Guard, GuardResult, RetrievedContext
+from ssd_guard.guard import CallStats, Guard, GuardResult, RetrievedContext
 from ssd_guard.integrations.langchain import _flow as flow
 from ssd_guard.integrations.langchain._common import (
     NOSTREAM_TAG,
@@ -73,9 +75,7 @@ from ssd_guard.integrations.langchain._common import (
     answer_can_block,
     answer_text,
     decision_from_dict,
-    default_source,
     last_human,
-    resolve_hidden_state_source,
     result_message,
     text_of,
     with_prompt,
@@ -88,6 +88,8 @@ __all__ = ["SSDGuardMiddleware", "SSDGuardState"]
 T = TypeVar("T")
 #: Name of the LangChain run each hook's checks run in.
 GUARD_RUN_NAME = "SSDGuard"
+#: How many recent turns keep their statistics (the question's hidden state) in memory.
+MAX_TURN_STATS = 1024
 
 
 class SSDGuardState(AgentState[Any]):
@@ -127,21 +129,17 @@ class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
     ) -> None:
         super().__init__()
         if isinstance(guard, SSDGuard):
-            hidden_state_source = hidden_state_source or guard._explicit_source
             tags = tuple(tags) or guard.tags
             run_name = run_name or guard.run_name
             core = guard.guard
         else:
             core = guard
-        self._explicit = hidden_state_source
-        if hidden_state_source:
-            self.guard = core.with_hidden_state_source(hidden_state_source)
-        elif model is not None:
-            source, name = resolve_hidden_state_source(model, core.scorer)
-            self.guard = core.with_hidden_state_source(source, guarded_model=name)
-        else:
-            self.guard = default_source(core)
+        self.guard = core.for_model(model, source=hidden_state_source)
         self._by_model: dict[int, Guard] = {}
+        # The statistics of each recent turn (the question's hidden state), so that the
+        # answer and tool-output checks of a turn reuse what its prompt check computed.
+        self._turn_stats: OrderedDict[str, CallStats] = OrderedDict()
+        self._turn_stats_lock = threading.Lock()
         self._last: Guard | None = None
         self.tags = tuple(tags)
         self.run_name = run_name
@@ -227,6 +225,8 @@ class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
             return res
 
         res = yield from self._in_run({"prompt": prompt}, body, _result_outputs)
+        if not res.abstained and res.stats is not None:
+            self._keep_stats(res.run_id, res.stats)
         update: dict[str, Any] = {TURN_KEY: self._turn(res, messages[index])}
         if res.abstained:
             update["messages"] = [result_message(res)]
@@ -248,6 +248,7 @@ class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
         def body(info: RunInfo, run_manager: Any, config: RunnableConfig) -> Flow[GuardResult]:
             if turn is not None:
                 res = self._result_from_turn(turn)
+                res.stats = self._stats_of_turn(turn)  # the prompt check's hidden state
                 req = self._request_with_context(request, turn["prompt"], turn["final_prompt"])
             else:
                 assert new is not None
@@ -287,16 +288,17 @@ class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
         result = yield Call(lambda: handler(request))
         if not isinstance(result, ToolMessage):
             return result
-        question = self._tool_question(request)
+        question, stats = self._tool_question(request)
         text = text_of(result)
         if not question or not text.strip():
             return result
         guard, tool = self.guard, str(request.tool_call.get("name", "?"))
+        kw: dict[str, Any] = {"source": "tool", "stats": stats}
 
         def body(info: RunInfo, _rm: Any, _config: RunnableConfig) -> Flow[RetrievedContext]:
             ctx: RetrievedContext = yield info.call(
-                lambda: guard.screen_documents(question, [text], source="tool", **info.kw),
-                lambda: guard.ascreen_documents(question, [text], source="tool", **info.kw),
+                lambda: guard.screen_documents(question, [text], **kw, **info.kw),
+                lambda: guard.ascreen_documents(question, [text], **kw, **info.kw),
             )
             return ctx
 
@@ -309,12 +311,11 @@ class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
 
     # -- helpers ---------------------------------------------------------------------------
     def _guard_for_model(self, model: Any) -> Guard:
-        if self._explicit or model is None:
+        if model is None:
             return self.guard
         key = id(model)
         if key not in self._by_model:
-            source, name = resolve_hidden_state_source(model, self.guard.scorer)
-            self._by_model[key] = self.guard.with_hidden_state_source(source, guarded_model=name)
+            self._by_model[key] = self.guard.for_model(model)
         # before_model does not see the model: it uses the last one seen here
         self._last = self._by_model[key]
         return self._last
@@ -398,14 +399,29 @@ class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
                 return ModelResponse(result=msgs, structured_response=response.structured_response)
         return response
 
-    def _tool_question(self, request: ToolCallRequest) -> str | None:
+    def _tool_question(self, request: ToolCallRequest) -> tuple[str | None, CallStats | None]:
+        """The question a tool output is checked against, and its turn's statistics."""
         state = request.state if isinstance(request.state, Mapping) else {}
         messages = state.get("messages", [])
         turn = self._current_turn(state, messages)
         if turn is not None:
-            return str(turn["prompt"])
+            return str(turn["prompt"]), self._stats_of_turn(turn)
         i = last_human(messages)
-        return text_of(messages[i]) if i is not None else None
+        return (text_of(messages[i]) if i is not None else None), None
+
+    def _keep_stats(self, run_id: str, stats: CallStats) -> None:
+        with self._turn_stats_lock:
+            self._turn_stats[run_id] = stats
+            self._turn_stats.move_to_end(run_id)
+            while len(self._turn_stats) > MAX_TURN_STATS:
+                self._turn_stats.popitem(last=False)
+
+    def _stats_of_turn(self, turn: Mapping[str, Any]) -> CallStats:
+        """The statistics the turn's prompt check computed (a new, empty one when this
+        process did not run it, e.g. a turn resumed from a checkpoint elsewhere)."""
+        with self._turn_stats_lock:
+            stats = self._turn_stats.get(str(turn.get("run_id")))
+        return stats if stats is not None else CallStats()
 
     @staticmethod
     def _screen_result(result: ToolMessage, ctx: RetrievedContext, tool_name: str) -> ToolMessage:

@@ -27,8 +27,6 @@ from ssd_guard.integrations.langchain._common import (
     as_chunk,
     last_human,
     merge_chunks,
-    model_name,
-    resolve_hidden_state_source,
     result_message,
     text_of,
     to_chunk,
@@ -36,6 +34,7 @@ from ssd_guard.integrations.langchain._common import (
     with_prompt,
 )
 from ssd_guard.integrations.langchain._flow import Call, Emit, Flow
+from ssd_guard.provenance import model_name
 
 __all__ = ["GuardedChatModel", "LocalGuardedChatModel"]
 
@@ -209,13 +208,7 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
         tags: Sequence[str] = (),
     ) -> None:
         self.model = model
-        if hidden_state_source:
-            self.guard = guard.with_hidden_state_source(
-                hidden_state_source, guarded_model=model_name(model)
-            )
-        else:
-            source, name = resolve_hidden_state_source(model, guard.scorer)
-            self.guard = guard.with_hidden_state_source(source, guarded_model=name)
+        self.guard = guard.for_model(model, source=hidden_state_source)
         self.tags = tuple(tags)
 
     @property
@@ -228,9 +221,7 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> GuardedChatModel:
         """Bind tools on the inner model; the guard stays around it."""
         inner: Runnable[Any, Any] = self.model.bind_tools(tools, **kwargs)
-        return GuardedChatModel(
-            inner, self.guard, hidden_state_source=self.guard.hidden_state_source, tags=self.tags
-        )
+        return GuardedChatModel(inner, self.guard, tags=self.tags)
 
     def __repr__(self) -> str:
         return f"GuardedChatModel({self.model!r}, {self.guard!r})"
