@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
+from ssd_guard.evaluation.metrics import spearman
 from ssd_guard.models import shared_embedder
 from ssd_guard.scoring.ssd import SSDScorer
 
@@ -64,9 +64,7 @@ def main() -> int:
     diff = np.abs(lls["fp32"] - lls["bf16"])
     out.update(
         {
-            "spearman_bf16_vs_fp32": round(
-                float(spearmanr(lls["fp32"], lls["bf16"]).correlation), 5
-            ),
+            "spearman_bf16_vs_fp32": round(spearman(lls["fp32"], lls["bf16"]), 5),
             "median_abs_diff": round(float(np.median(diff)), 4),
             "max_abs_diff": round(float(diff.max()), 4),
             "loglik_std_fp32": round(float(lls["fp32"].std()), 3),

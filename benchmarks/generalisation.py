@@ -16,23 +16,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
-from sklearn.metrics import roc_auc_score
 
+from ssd_guard.evaluation.baselines.dispersion import dispersion
+from ssd_guard.evaluation.metrics import auroc, spearman
 from ssd_guard.evaluation.scorers import SSDStatsScorer
 from ssd_guard.evaluation.workdir import load_workdir
-from ssd_guard.scoring.dispersion import dispersion
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
+    value = auroc(y, s)
+    return None if math.isnan(value) else value
 
 
 def _derange(n: int, seed: int = 0) -> np.ndarray:
@@ -92,7 +93,7 @@ def main() -> int:
             y = np.r_[np.zeros(len(rows)), np.ones(len(rows))]
             entry["students"][name] = {
                 "ssd_auroc": _auroc(wrong, ent),
-                "fidelity": float(spearmanr(ent, td).statistic),
+                "fidelity": spearman(ent, td),
                 "mismatch_auroc": {k: _auroc(y, -np.r_[own[k], other[k]]) for k in own},
                 "post_generation_auroc": {k: _auroc(wrong, -own[k]) for k in own},
             }

@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from scipy.stats import spearmanr
-from sklearn.metrics import roc_auc_score
 
-from ssd_guard.distill.pipeline import Workdir, load_prompts
 from ssd_guard.distill.stages_late import _split_index, load_features, load_pca
+from ssd_guard.distill.workdir import Workdir, load_prompts
+from ssd_guard.evaluation.metrics import auroc, spearman
 from ssd_guard.student import SSDStudent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +69,8 @@ def main() -> int:
             row = {
                 "seed": seed,
                 "val_nll": round(st.best_val_nll_, 4),
-                "auroc": round(float(roc_auc_score(wrong, ent)), 4),
-                "spearman_td": round(float(spearmanr(ent, td).correlation), 4),
+                "auroc": round(float(auroc(wrong, ent)), 4),
+                "spearman_td": round(spearman(ent, td), 4),
             }
             risk[name].append(row)
             print("risk", name, row, flush=True)
@@ -95,7 +94,7 @@ def main() -> int:
             y = np.r_[np.zeros(len(va)), np.ones(len(va))]
             row = {
                 "seed": seed,
-                "mismatch_auroc": round(float(roc_auc_score(y, -np.r_[own, other])), 4),
+                "mismatch_auroc": round(float(auroc(y, -np.r_[own, other])), 4),
             }
             answer[name].append(row)
             print("answer", name, row, flush=True)

@@ -32,10 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from scipy.stats import spearmanr
-from sklearn.metrics import roc_auc_score
 
-from ssd_guard.distill.pipeline import Workdir, load_prompts
 from ssd_guard.distill.stages_late import (
     _split_index,
     fit_marginal,
@@ -44,16 +41,14 @@ from ssd_guard.distill.stages_late import (
     load_pooled,
     teacher_dispersion,
 )
+from ssd_guard.distill.workdir import Workdir, load_prompts
+from ssd_guard.evaluation.metrics import auroc, spearman
 from ssd_guard.features import FeatureSpec
 from ssd_guard.mixture import GaussianMixture
 from ssd_guard.scoring.ssd import load_marginal
 from ssd_guard.student import SSDStudent
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def _derange(n: int, seed: int = 0) -> np.ndarray:
@@ -164,24 +159,22 @@ def main() -> int:
             "rank_weight": rank_weight,
             "min_scale_answer": floor,
             "val": {
-                "ssd_auroc": _auroc(wrong_all[va], ent[va]),
-                "fidelity": float(spearmanr(ent[va], td[va].numpy()).statistic),
+                "ssd_auroc": auroc(wrong_all[va], ent[va]),
+                "fidelity": spearman(ent[va], td[va].numpy()),
             },
             "val_triviaqa": {
-                "ssd_auroc": _auroc(wrong_all[va_trivia], ent[va_trivia]),
-                "fidelity": float(spearmanr(ent[va_trivia], td[va_trivia].numpy()).statistic),
+                "ssd_auroc": auroc(wrong_all[va_trivia], ent[va_trivia]),
+                "fidelity": spearman(ent[va_trivia], td[va_trivia].numpy()),
             },
             "seconds": 0.0,
         }
         for sig in own:
             y = np.r_[np.zeros(len(va)), np.ones(len(va))]
-            out["val"][f"mismatch_{sig}"] = _auroc(y, -np.r_[own[sig], other[sig]])
-            out["val"][f"post_{sig}"] = _auroc(wrong_all[va], -own[sig])
-            out["val_triviaqa"][f"post_{sig}"] = _auroc(wrong_all[va_trivia], -own[sig][tv])
+            out["val"][f"mismatch_{sig}"] = auroc(y, -np.r_[own[sig], other[sig]])
+            out["val"][f"post_{sig}"] = auroc(wrong_all[va], -own[sig])
+            out["val_triviaqa"][f"post_{sig}"] = auroc(wrong_all[va_trivia], -own[sig][tv])
             yt = np.r_[np.zeros(len(tv)), np.ones(len(tv))]
-            out["val_triviaqa"][f"mismatch_{sig}"] = _auroc(
-                yt, -np.r_[own[sig][tv], other[sig][tv]]
-            )
+            out["val_triviaqa"][f"mismatch_{sig}"] = auroc(yt, -np.r_[own[sig][tv], other[sig][tv]])
         out["seconds"] = round(time.perf_counter() - t0, 1)
         print(name, json.dumps(out["val"]), json.dumps(out["val_triviaqa"]), flush=True)
         return out

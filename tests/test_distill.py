@@ -14,6 +14,7 @@ from ssd_guard.distill.data import (
     split_ids,
 )
 from ssd_guard.distill.recipe import Recipe, load_recipe
+from ssd_guard.distill.workdir import Context, Workdir, load_teacher
 from ssd_guard.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
@@ -100,15 +101,15 @@ def test_resume_after_crash_matches_uninterrupted(tiny_lm_path, tmp_path) -> Non
 
     crashed = tiny_recipe(tiny_lm_path, tmp_path / "crash")
     pipeline.run_pipeline(crashed, progress=False, until="prompts")
-    wd = pipeline.Workdir(tmp_path / "crash")
-    ctx = pipeline.Context(crashed)
+    wd = Workdir(tmp_path / "crash")
+    ctx = Context(crashed)
     with pytest.raises(pipeline._Interrupted):
         pipeline.stage_teacher(wd, ctx, progress=False, stop_after_shards=2)
     assert len(list((tmp_path / "crash" / "teacher").glob("shard-*.jsonl"))) == 2
     assert not wd.is_done("teacher", "anything")
     pipeline.run_pipeline(crashed, progress=False, until="teacher")
-    a, ha = pipeline.load_teacher(pipeline.Workdir(tmp_path / "full"))
-    b, hb = pipeline.load_teacher(wd)
+    a, ha = load_teacher(Workdir(tmp_path / "full"))
+    b, hb = load_teacher(wd)
     assert a == b
     assert torch.equal(ha, hb)
 

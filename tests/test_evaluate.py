@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tiny import save_student_artifact
 
-from ssd_guard.scoring.stats import LiveStats, Stats, compute_stats
+from ssd_guard.evaluation.baselines.stats import LiveStats, Stats, compute_stats
 
 DATA = Path(__file__).parent / "data"
 FEW_SHOT = "Question: What is the capital of France?\nAnswer: Paris\n\n"
@@ -218,7 +218,13 @@ def test_evaluate_end_to_end(workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path
     pre = res["hallucination"]["pre_generation"]
     post = res["hallucination"]["post_generation"]
     assert set(pre) == {"SSD", "TD-std", "TD-trace", "SE-cos", "SE-string", "SEP", "PCP"}
-    assert set(post) == {"SSD-loglik", "SE-cos-answer", "TD-answer"}
+    assert set(post) == {
+        "SSD-loglik",
+        "SSD-pmi",
+        "SSD-consensus",
+        "SE-cos-answer",
+        "TD-answer",
+    }
     for block in (pre, post):
         for name, r in block.items():
             a = r["auroc"]
@@ -244,6 +250,7 @@ def test_evaluate_end_to_end(workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path
     assert set(cost) == {
         "SSD",
         "SSD-loglik",
+        "SSD-answer-signals",
         "TD-std",
         "TD-trace",
         "SE-cos",
@@ -316,9 +323,9 @@ def test_live_prefill_truncates_and_matches_full_hidden_states(tiny_lm: Any) -> 
 
 
 def test_live_generation_stats_are_shared_and_seeded(tiny_lm: Any) -> None:
-    from ssd_guard.scoring.dispersion import TeacherDispersion
-    from ssd_guard.scoring.probes import KnowProbe
-    from ssd_guard.scoring.semantic_entropy import SemanticEntropy
+    from ssd_guard.evaluation.baselines.dispersion import TeacherDispersion
+    from ssd_guard.evaluation.baselines.probes import KnowProbe
+    from ssd_guard.evaluation.baselines.semantic_entropy import SemanticEntropy
 
     prompts = ["Question: Who wrote Hamlet?\nAnswer:", "Question: What is 2+2?\nAnswer:"]
     live = LiveStats(tiny_lm, TrigramEmbedder(), n_samples=3, max_new_tokens=3, seed=5)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ssd_guard.scoring.dispersion import TeacherDispersion, dispersion
-from ssd_guard.scoring.probes import (
+from ssd_guard.evaluation.baselines.dispersion import TeacherDispersion, dispersion
+from ssd_guard.evaluation.baselines.probes import (
     KnowProbe,
     LinearProbe,
     SemanticEntropyProbe,
     best_split_threshold,
 )
-from ssd_guard.scoring.semantic_entropy import (
+from ssd_guard.evaluation.baselines.semantic_entropy import (
     EmbeddingEquivalence,
     NLIEquivalence,
     SemanticEntropy,
@@ -25,7 +25,7 @@ from ssd_guard.scoring.semantic_entropy import (
     greedy_clusters,
     make_equivalence,
 )
-from ssd_guard.scoring.stats import Scorer, Stats, compute_stats
+from ssd_guard.evaluation.baselines.stats import Scorer, Stats, compute_stats
 
 K = 6
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ssd_guard.answers import normalise_answer
 from ssd_guard.distill.data import is_correct
-from ssd_guard.distill.pipeline import (
+from ssd_guard.distill.workdir import (
     _atomic_save,
     _atomic_write_text,
     load_prompts,
@@ -26,10 +26,11 @@ from ssd_guard.distill.pipeline import (
 )
 from ssd_guard.encoding import AnswerEmbedder, PCAProjection
 from ssd_guard.errors import ConfigError
+from ssd_guard.evaluation.metrics import spearman
 from ssd_guard.features import FeatureSpec
 
 if TYPE_CHECKING:
-    from ssd_guard.distill.pipeline import Context, Workdir
+    from ssd_guard.distill.workdir import Context, Workdir
 
 log = logging.getLogger("ssd_guard.distill")
 
@@ -255,14 +256,6 @@ def stage_layers(wd: Workdir, ctx: Context) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- student + artifact
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if len(a) < 3:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
-
-
 def fit_marginal(z: torch.Tensor, n_components: int, seed: int) -> dict[str, torch.Tensor]:
     """An unconditional diagonal Gaussian mixture over answer targets ``[M, d]``
     (scikit-learn EM), stored as ``marginal.{weights,means,scales}``."""

@@ -1,4 +1,12 @@
-"""Evaluation metrics in plain numpy: ranking, selective prediction, bootstrap intervals.
+"""Evaluation metrics: the one place the package computes them.
+
+Ranking metrics are thin wrappers over scikit-learn and scipy (``roc_auc_score``,
+``roc_curve``, ``average_precision_score``, ``rankdata``, ``spearmanr``) that validate
+their inputs and return NaN, rather than warn, where a metric is undefined (a single
+class, a constant input). Selective prediction (risk–coverage) and the percentile
+bootstrap are small numpy code: ``scipy.stats.bootstrap`` can neither share one set
+of resamples across scorers (paired intervals) nor drop the resamples on which a
+metric is undefined (a resample without a positive has no AUROC), and both matter here.
 
 Conventions: ``y`` is 1 for the *positive* event (a wrong answer, a mismatched answer),
 scores are oriented so that higher means "more likely positive" (riskier). Ties are
@@ -8,10 +16,14 @@ order, so every function is deterministic and invariant to the input order.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import stats as _stats
+from sklearn import metrics as _sk
+from sklearn.exceptions import UndefinedMetricWarning
 
 __all__ = [
     "Interval",
@@ -39,77 +51,54 @@ def _as_arrays(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (like ``scipy.stats.rankdata``)."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    n = x.shape[0]
-    if n == 0:
-        return np.zeros(0)
-    sorter = np.argsort(x, kind="mergesort")
-    inv = np.empty(n, dtype=np.intp)
-    inv[sorter] = np.arange(n)
-    xs = x[sorter]
-    obs = np.r_[True, xs[1:] != xs[:-1]]
-    dense = np.cumsum(obs)[inv]
-    count = np.r_[np.nonzero(obs)[0], n]
-    return 0.5 * (count[dense] + count[dense - 1] + 1)
+    """1-based ranks with ties given their average rank (``scipy.stats.rankdata``)."""
+    return np.asarray(_stats.rankdata(np.asarray(x, dtype=np.float64).ravel()), dtype=np.float64)
 
 
 def auroc(y: np.ndarray, s: np.ndarray) -> float:
-    """Area under the ROC curve (Mann–Whitney U / (n₁n₀), ties count one half).
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``; ties count one half).
 
     NaN when only one class is present.
     """
     y, s = _as_arrays(y, s)
     n1 = int(y.sum())
-    n0 = y.shape[0] - n1
-    if n1 == 0 or n0 == 0:
+    if n1 == 0 or n1 == y.shape[0]:
         return float("nan")
-    r = rankdata(s)
-    return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+    return float(_sk.roc_auc_score(y, s))
 
 
 def roc_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)
+    (``sklearn.metrics.roc_curve`` without dropping intermediate points). A rate whose
+    class is absent stays 0."""
     y, s = _as_arrays(y, s)
-    order = np.argsort(-s, kind="mergesort")
-    ys, ss = y[order], s[order]
-    last = np.r_[np.nonzero(ss[1:] != ss[:-1])[0], ys.shape[0] - 1]
-    tp = np.cumsum(ys)[last]
-    fp = (last + 1) - tp
-    n1, n0 = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    return np.r_[0.0, fp / n0], np.r_[0.0, tp / n1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, _ = _sk.roc_curve(y, s, drop_intermediate=False)
+    return np.nan_to_num(fpr, nan=0.0), np.nan_to_num(tpr, nan=0.0)
 
 
 def auprc(y: np.ndarray, s: np.ndarray) -> float:
-    """Area under the precision–recall curve as average precision.
-
-    ``AP = Σ (Rₙ − Rₙ₋₁) Pₙ`` over distinct thresholds (scikit-learn's definition).
-    NaN when there is no positive.
+    """Area under the precision–recall curve as average precision
+    (``sklearn.metrics.average_precision_score``: ``AP = Σ (Rₙ − Rₙ₋₁) Pₙ`` over
+    distinct thresholds). NaN when there is no positive.
     """
     y, s = _as_arrays(y, s)
-    n1 = int(y.sum())
-    if n1 == 0:
+    if not y.any():
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    ys, ss = y[order], s[order]
-    last = np.r_[np.nonzero(ss[1:] != ss[:-1])[0], ys.shape[0] - 1]
-    tp = np.cumsum(ys)[last].astype(np.float64)
-    precision = tp / (last + 1)
-    recall = tp / n1
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(_sk.average_precision_score(y, s))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (Pearson correlation of average ranks); NaN if constant."""
+    """Spearman's rank correlation (``scipy.stats.spearmanr``); NaN if an input is
+    constant or there are fewer than 3 pairs (two points always correlate ±1)."""
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape:
         raise ValueError(f"length mismatch: {a.shape[0]} vs {b.shape[0]}")
-    ra, rb = rankdata(a), rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+    if a.shape[0] < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(_stats.spearmanr(a, b).statistic)
 
 
 def risk_coverage(error: np.ndarray, risk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ssd_guard.evaluation.reference import REFERENCE_MAP
+
 __all__ = ["render_report"]
 
 _WHEN = {"pre": "pre-generation", "post": "post-generation"}
@@ -55,8 +57,6 @@ def _verdict(ours: dict[str, Any], ref: float) -> str:
 
 
 def _comparison(results: dict[str, Any]) -> list[str]:
-    from ssd_guard.evaluation.runner import REFERENCE_MAP
-
     ref = results["reference"]
     pre = results["hallucination"]["pre_generation"]
     rows: list[list[str]] = []

@@ -23,23 +23,15 @@ import numpy as np
 import torch
 
 from ssd_guard.evaluation import metrics as M
+from ssd_guard.evaluation.baselines.dispersion import TeacherDispersion
+from ssd_guard.evaluation.baselines.probes import KnowProbe, SemanticEntropyProbe
+from ssd_guard.evaluation.baselines.semantic_entropy import SemanticEntropy
+from ssd_guard.evaluation.baselines.stats import LiveStats, Scorer
+from ssd_guard.evaluation.reference import REFERENCE
 from ssd_guard.evaluation.scorers import SSDStatsScorer
 from ssd_guard.evaluation.workdir import WorkdirData, load_workdir
-from ssd_guard.scoring.dispersion import TeacherDispersion
-from ssd_guard.scoring.probes import KnowProbe, SemanticEntropyProbe
-from ssd_guard.scoring.semantic_entropy import SemanticEntropy
-from ssd_guard.scoring.stats import LiveStats, Scorer
 
 __all__ = ["REFERENCE", "run_evaluation"]
-
-#: The SSD paper's numbers: macro AUROC over 3B–8B models, and the mismatch range.
-REFERENCE: dict[str, Any] = {
-    "source": "SSD paper: hallucination AUROC, macro average over 3B-8B base models",
-    "hallucination_auroc": {"SE": 0.804, "PCP": 0.771, "SEP": 0.759, "SSD": 0.708, "TD": 0.699},
-    "mismatch_auroc": [0.89, 0.99],
-}
-#: Which of our scorers each reference number corresponds to.
-REFERENCE_MAP = {"SE": "SE-cos", "PCP": "PCP", "SEP": "SEP", "SSD": "SSD", "TD": "TD-std"}
 
 Logger = Callable[[str], None]
 

@@ -1,7 +1,7 @@
 """SSD behind the stats-based scorer interface, so it is evaluated like TD, SE, SEP, PCP.
 
 :class:`SSDStatsScorer` reads the hidden state of the artifact's layer from a
-:class:`~ssd_guard.scoring.stats.Stats` (no LM pass when the stats came from the work
+:class:`~ssd_guard.evaluation.baselines.stats.Stats` (no LM pass when the stats came from the work
 directory) and the raw sentence embeddings of answers (projected by the artifact's
 PCA). Its live path is the :class:`~ssd_guard.scoring.ssd.SSDScorer` itself.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssd_guard.scoring.stats import Scorer, Stats
+from ssd_guard.evaluation.baselines.stats import Scorer, Stats
 
 __all__ = ["SSDStatsScorer", "features_from_stats"]
 
@@ -61,18 +61,19 @@ class SSDStatsScorer(Scorer):
         if dim < pca.dim:
             pca = pca.truncate(dim)
         x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
-        return pca.transform(x)
+        z: torch.Tensor = pca.transform(x)
+        return z
 
     @torch.no_grad()
     def score(self, stats: Stats) -> np.ndarray:
         ent = self.ssd.entropy_from_hidden(self._hidden(stats))
-        return ent.detach().double().cpu().numpy()
+        return np.asarray(ent.detach().double().cpu().numpy())
 
     @torch.no_grad()
     def loglik(self, stats: Stats, answer_embeddings: np.ndarray) -> np.ndarray:
         """Log-likelihood of answers given by their raw embeddings ``[N, E]`` or ``[N, C, E]``."""
         ll = self.ssd.loglik_from_hidden(self._hidden(stats), self.project(answer_embeddings))
-        return ll.detach().double().cpu().numpy()
+        return np.asarray(ll.detach().double().cpu().numpy())
 
     @torch.no_grad()
     def answer_signals(self, stats: Stats, answer_embeddings: np.ndarray) -> dict[str, np.ndarray]:

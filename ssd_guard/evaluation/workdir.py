@@ -1,4 +1,4 @@
-"""Read a distillation work directory into :class:`~ssd_guard.scoring.stats.Stats`.
+"""Read a distillation work directory into :class:`~ssd_guard.evaluation.baselines.stats.Stats`.
 
 The evaluation computes nothing the distillation already stored: hidden states come
 from ``features.safetensors`` (or the teacher shards), answers from the teacher
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from ssd_guard.distill.data import is_correct
 from ssd_guard.errors import ConfigError
-from ssd_guard.scoring.stats import Stats, embed_texts
+from ssd_guard.evaluation.baselines.stats import Stats, embed_texts
 
 __all__ = ["WorkdirData", "load_workdir"]
 
@@ -51,7 +51,7 @@ class WorkdirData:
         return self.stats.subset(self.split[name])
 
     def split_correct(self, name: str) -> np.ndarray:
-        return self.correct[self.split[name]]
+        return np.asarray(self.correct[self.split[name]])
 
     def split_rows(self, name: str) -> list[dict[str, Any]]:
         return [self.prompts[i] for i in self.split[name]]

@@ -1,1 +1,3 @@
-"""Uncertainty scorers behind one interface (SSD, TD, SE, SEP, PCP)."""
+"""The runtime scorer: protocols (:mod:`.base`), :class:`~.ssd.SSDScorer` and the
+micro-batcher (:mod:`.batcher`). The evaluation-only baselines (TD, SE, SEP, PCP) live
+in :mod:`ssd_guard.evaluation.baselines`."""

@@ -22,8 +22,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ssd_guard.scoring.semantic_entropy import SemanticEntropy
-from ssd_guard.scoring.stats import Scorer, Stats
+from ssd_guard.evaluation.baselines.semantic_entropy import SemanticEntropy
+from ssd_guard.evaluation.baselines.stats import Scorer, Stats
+from ssd_guard.evaluation.metrics import auroc
 
 __all__ = ["KnowProbe", "LinearProbe", "SemanticEntropyProbe", "best_split_threshold"]
 
@@ -53,12 +54,6 @@ def best_split_threshold(values: np.ndarray) -> float:
     right = rs2 - rs1**2 / (n - k)
     best = int(cuts[np.argmin(left + right)])
     return float((v[best] + v[best + 1]) / 2.0)
-
-
-def _auroc(t: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(t, p)) if 0 < t.sum() < t.size else float("nan")
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -164,7 +159,7 @@ class LinearProbe(Scorer):
                 tv = self._targets(vs, vy, fitting=False)
                 for ly in self._candidates(stats):
                     params = self._fit_lr(stats.layer(ly), t)
-                    scores[ly] = _auroc(tv, self._predict(vs.layer(ly), params))
+                    scores[ly] = auroc(tv, self._predict(vs.layer(ly), params))
             else:
                 rng = np.random.default_rng(self.seed)
                 folds = rng.permutation(len(t)) % 3
@@ -174,7 +169,7 @@ class LinearProbe(Scorer):
                     for f in range(3):
                         tr = folds != f
                         pred[~tr] = self._predict(x[~tr], self._fit_lr(x[tr], t[tr]))
-                    scores[ly] = _auroc(t, pred)
+                    scores[ly] = auroc(t, pred)
             finite = {k: v for k, v in scores.items() if np.isfinite(v)}
             chosen = max(finite, key=lambda k: finite[k]) if finite else min(scores)
             self.layer_scores_ = {int(k): float(v) for k, v in scores.items()}

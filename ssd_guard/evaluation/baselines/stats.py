@@ -280,7 +280,8 @@ class LiveStats:
 
     @property
     def device(self) -> torch.device:
-        return next(self.lm.model.parameters()).device
+        device: torch.device = next(self.lm.model.parameters()).device
+        return device
 
     def __call__(
         self, prompts: Sequence[str], needs: Iterable[str], layers: Iterable[int] | None = None

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ssd_guard.distill.data import normalize_answer
-from ssd_guard.scoring.stats import Scorer, Stats
+from ssd_guard.evaluation.baselines.stats import Scorer, Stats
 
 __all__ = [
     "EmbeddingEquivalence",
@@ -121,7 +121,7 @@ class EmbeddingEquivalence(_Pairwise):
         e = np.asarray(embeddings, dtype=np.float64)
         e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
         sim = e @ e.T
-        return (sim >= self.threshold - 1e-9) | np.eye(len(e), dtype=bool)
+        return np.asarray((sim >= self.threshold - 1e-9) | np.eye(len(e), dtype=bool))
 
 
 class StringEquivalence(_Pairwise):
@@ -359,7 +359,8 @@ class SemanticEntropy(Scorer):
             )
             return self.equivalence.cluster_many(stats.samples or [], embs)
 
-        return stats.cached(f"se-clusters:{self.equivalence.key}", compute)
+        clusters: list[np.ndarray] = stats.cached(f"se-clusters:{self.equivalence.key}", compute)
+        return clusters
 
     def score(self, stats: Stats) -> np.ndarray:
         return np.array([cluster_entropy(lab) for lab in self.clusters(stats)], dtype=np.float64)

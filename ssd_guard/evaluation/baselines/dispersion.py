@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from ssd_guard.scoring.stats import Scorer, Stats
+from ssd_guard.evaluation.baselines.stats import Scorer, Stats
 
 __all__ = ["TeacherDispersion", "dispersion"]
 
@@ -36,9 +36,9 @@ def dispersion(
         return np.zeros(x.shape[0])
     var = x.var(axis=1, ddof=ddof)  # [N, E]
     if statistic == "std":
-        return np.sqrt(var).mean(axis=1)
+        return np.asarray(np.sqrt(var).mean(axis=1))
     if statistic == "trace":
-        return var.sum(axis=1)
+        return np.asarray(var.sum(axis=1))
     raise ValueError(f"unknown statistic {statistic!r}; use 'std' or 'trace'")
 
 
@@ -84,7 +84,7 @@ class TeacherDispersion(Scorer):
         z = (x - np.asarray(mean)) @ np.asarray(comps).T
         if scale is not None:
             z = z / np.asarray(scale)
-        return z
+        return np.asarray(z)
 
     def score(self, stats: Stats) -> np.ndarray:
         stats.require(self.needs, self.name)
@@ -98,4 +98,4 @@ class TeacherDispersion(Scorer):
         centre /= np.maximum(np.linalg.norm(centre, axis=1, keepdims=True), 1e-12)
         d = np.asarray(stats.default_embeddings, dtype=np.float64)
         d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
-        return 1.0 - (centre * d).sum(axis=1)
+        return np.asarray(1.0 - (centre * d).sum(axis=1))
