@@ -56,10 +56,10 @@ ABSURD = (
 )
 
 
-def build_cases(n: int, seed: int, embedder: Any) -> list[dict[str, str]]:
+def build_cases(n: int, seed: int, embedder: Any, split_name: str = "test") -> list[dict[str, str]]:
     rows = load_qa_jsonl(DATA)
     split = split_ids([r.id for r in rows], (0.7, 0.1, 0.2), 0)
-    test = [r for r in rows if r.id in set(split["test"])]
+    test = [r for r in rows if r.id in set(split[split_name])]
     rng = random.Random(seed)
     rng.shuffle(test)
     test = test[: max(n, 2)]

@@ -1,10 +1,12 @@
 """A poisoned document in a RAG context is flagged before it reaches the model.
 
 Three documents are "retrieved" for a TriviaQA question; one carries a prompt injection
-and a false answer. The guard scores each document's log-likelihood under the answer
-distribution the student predicts for the question (``loglik``: lower = more
-suspicious); the policy's ``flag_poisoned`` rule drops it (``mode: drop``) or keeps it
-aside (``mode: quarantine``), and only the clean documents are put in the prompt.
+and a false answer. The guard scores each document against the answer distribution the
+student predicts for the question: ``pmi`` (the default policy's document signal: the
+log-likelihood minus the document's log-density under the student's unconditional answer
+distribution; lower = more suspicious) and ``loglik``. The policy's ``flag_poisoned``
+rule drops the injected document (``mode: drop``) or keeps it aside (``mode:
+quarantine``), and only the clean documents are put in the prompt.
 
     python examples/rag_poisoned.py [--policy FILE] [--quarantine]
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None, *, scorer: Any = None, generate: Any = N
     print(f"Q: {QUESTION}  ({len(kept)} kept, {len(flagged)} flagged)")
     for doc, d in zip(DOCUMENTS, decisions, strict=True):
         mark = "FLAGGED" if doc in flagged else "kept   "
-        print(f"  {mark} loglik={d.scores['loglik']:8.3f} rule={d.rule or '-':<18} {doc[:60]}")
+        pmi, loglik = d.scores.get("pmi", float("nan")), d.scores["loglik"]
+        print(f"  {mark} pmi={pmi:8.3f} loglik={loglik:8.3f} rule={d.rule or '-':<18} {doc[:50]}")
 
     # 2. the whole guarded RAG call: only kept documents reach the prompt
     result = guard.run(QUESTION, generate, documents=DOCUMENTS, source="retrieval")

@@ -103,6 +103,9 @@ class FakeScorer:
         self.calibration: dict[str, list[float]] = {
             k: sorted(float(v) for v in vs) for k, vs in source.items()
         }
+        for key in ("pmi", "consensus"):  # one answer table serves every answer signal
+            if "loglik" in self.calibration:
+                self.calibration.setdefault(key, list(self.calibration["loglik"]))
         self.prompt_calls: list[list[str]] = []
         self.answer_calls: list[tuple[list[str], list[list[str]]]] = []
         self._lock = threading.Lock()
@@ -178,6 +181,14 @@ class FakeScorer:
             self.answer_calls.append((list(prompts), rows))
         scores = [[self.loglik(p, a) for a in row] for p, row in zip(prompts, rows, strict=True)]
         return [row[0] for row in scores] if flat else scores
+
+    def answer_signals(
+        self, prompts: Sequence[str], answers: Sequence[str] | Sequence[Sequence[str]]
+    ) -> dict[str, Any]:
+        """Every answer signal, as an SSD scorer gives them. A fake has one answer table,
+        so ``loglik``, ``pmi`` and ``consensus`` are the same numbers here."""
+        ll = self.score_answers(prompts, answers)
+        return {"loglik": ll, "pmi": ll, "consensus": ll}
 
     def __repr__(self) -> str:
         return f"FakeScorer(fingerprint={self.fingerprint!r}, calls={self.calls})"

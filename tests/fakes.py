@@ -77,6 +77,9 @@ class FakeScorer:
             "entropy": [i / 10 for i in range(31)],
             "loglik": [-10 + i / 2 for i in range(21)],
         }
+        for key in ("pmi", "consensus"):  # one answer table serves every answer signal
+            if "loglik" in self.calibration:
+                self.calibration.setdefault(key, list(self.calibration["loglik"]))
         self.prompt_calls: list[list[str]] = []
         self.answer_calls: list[tuple[list[str], list[Any]]] = []
         self._lock = threading.Lock()
@@ -145,6 +148,14 @@ class FakeScorer:
             [self._loglik(p, a) for a in ([cands] if isinstance(cands, str) else cands)]
             for p, cands in zip(prompts, answers, strict=True)
         ]
+
+    def answer_signals(
+        self, prompts: Sequence[str], answers: Sequence[str] | Sequence[Sequence[str]]
+    ) -> dict[str, Any]:
+        """Every answer signal, as an SSD scorer gives them. A fake has one answer table,
+        so ``loglik``, ``pmi`` and ``consensus`` are the same numbers here."""
+        ll = self.score_answers(prompts, answers)
+        return {"loglik": ll, "pmi": ll, "consensus": ll}
 
 
 class FailingCache:

@@ -421,7 +421,11 @@ def test_cli_audit_replay_quantiles(
     log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cal = tmp_path / "cal.json"
-    cal.write_text(json.dumps({"calibration": {"entropy": [0.0, 4.0], "loglik": [-100.0, 0.0]}}))
+    cal.write_text(
+        json.dumps(
+            {"calibration": {"entropy": [0.0, 4.0], "loglik": [-100.0, 0.0], "pmi": [-9.0, 9.0]}}
+        )
+    )
     policy = str(ROOT / "policies" / "default.yaml")
     assert (
         _run(["audit", str(log_file), "--replay", policy, "--calibration", str(cal), "--json"]) == 0

@@ -295,9 +295,11 @@ def test_check_answer_uses_entropy_only_when_needed() -> None:
     scorer = make_scorer()
     guard = Guard(scorer, make_policy())
     d = guard.check_answer("easy", "good answer")
-    assert d.scores == {"loglik": -1.0} and scorer.prompt_calls == []
+    # The fake's one answer table serves every answer signal (loglik, pmi, consensus).
+    assert d.scores == {"loglik": -1.0, "pmi": -1.0, "consensus": -1.0}
+    assert scorer.prompt_calls == []
     d = guard.check_answer("easy", "good answer", entropy=0.2)
-    assert d.scores == {"entropy": 0.2, "loglik": -1.0}
+    assert d.scores == {"entropy": 0.2, "loglik": -1.0, "pmi": -1.0, "consensus": -1.0}
 
 
 def test_policy_path_and_bad_source_label(tmp_path) -> None:

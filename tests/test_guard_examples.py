@@ -17,6 +17,7 @@ from test_langchain import CountingChat
 
 from ssd_guard.audit import read_events
 from ssd_guard.cli_demo import DEMO_QUESTIONS, KeywordRetriever, add_commands, run_demo
+from ssd_guard.policy.loading import default_policy_path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HARD = DEMO_QUESTIONS[4].question  # gets entropy above the default policy's 90 % quantile
@@ -55,7 +56,13 @@ def test_demo_prints_every_decision(agent: bool, tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"
     chat = CountingChat("Port")
     rc = run_demo(
-        questions=5, audit_log=log, out=out, scorer=demo_scorer(), chat_model=chat, agent=agent
+        policy=default_policy_path(),
+        questions=5,
+        audit_log=log,
+        out=out,
+        scorer=demo_scorer(),
+        chat_model=chat,
+        agent=agent,
     )
     text = out.getvalue()
     assert rc == 0
@@ -65,6 +72,16 @@ def test_demo_prints_every_decision(agent: bool, tmp_path: Path) -> None:
     events = read_events(log)
     assert len(events) == 4 * 2 + 1
     assert {e["hidden_state_source"] for e in events} == {"proxy:fake/base-model"}
+
+
+def test_demo_runs_the_shipped_rag_policy_by_default(tmp_path: Path) -> None:
+    """Without --policy the demo retrieves for risky prompts (what the operating point
+    justifies for this model) instead of abstaining."""
+    out = io.StringIO()
+    chat = CountingChat("Port")
+    assert run_demo(questions=5, out=out, scorer=demo_scorer(), chat_model=chat) == 0
+    text = out.getvalue()
+    assert "policy 'rag'" in text and "retrieve" in text
 
 
 def test_demo_command_is_registered(tmp_path: Path) -> None:

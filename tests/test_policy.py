@@ -30,6 +30,7 @@ SHIPPED = sorted((ROOT / "policies").glob("*.yaml"))
 CAL = {
     "entropy": [float(i) for i in range(101)],  # quantile q -> 100 q
     "loglik": [float(-100 + i) for i in range(101)],  # quantile q -> -100 + 100 q
+    "pmi": [float(-100 + i) for i in range(101)],  # quantile q -> -100 + 100 q
 }
 
 
@@ -131,9 +132,9 @@ def test_default_policy_content() -> None:
     risky = policy.decide("prompt", {"entropy": 95.0}, calibration=CAL)
     assert risky.action == "abstain" and risky.blocking
     assert risky.thresholds == {"entropy.gt": pytest.approx(90.0)}
-    answer = policy.decide("answer", {"entropy": 1.0, "loglik": -99.0}, calibration=CAL)
+    answer = policy.decide("answer", {"entropy": 1.0, "pmi": -99.0}, calibration=CAL)
     assert answer.action == "reject_answer" and answer.params == {"max_regenerations": 1}
-    doc = policy.decide("document", {"loglik": -99.5}, calibration=CAL, source="retrieval")
+    doc = policy.decide("document", {"pmi": -99.5}, calibration=CAL, source="retrieval")
     assert doc.action == "flag_poisoned" and doc.params == {"mode": "drop"}
     calm = policy.decide("prompt", {"entropy": 10.0}, calibration=CAL)
     assert calm.action == "log_only" and calm.rule is None and not calm.blocking
@@ -459,11 +460,11 @@ def test_decide_is_fast_enough() -> None:
     import time
 
     policy = load_default_policy()
-    cal = {"entropy": [float(i) for i in range(5000)], "loglik": [float(-i) for i in range(5000)]}
+    cal = {"entropy": [float(i) for i in range(5000)], "pmi": [float(-i) for i in range(5000)]}
     policy.decide("prompt", {"entropy": 1.0}, calibration=cal)
     start = time.perf_counter()
     for _ in range(2000):
-        policy.decide("answer", {"entropy": 1.0, "loglik": -3.0}, calibration=cal)
+        policy.decide("answer", {"entropy": 1.0, "pmi": -3.0}, calibration=cal)
     per_call = (time.perf_counter() - start) / 2000
     assert per_call < 1e-3
 

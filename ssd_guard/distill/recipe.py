@@ -156,6 +156,11 @@ class StudentConfig(_Strict):
     train_sources: list[str] | None = None
     #: Components of the unconditional answer density (for the ``pmi`` signal); 0 = none.
     marginal_components: int = Field(default=16, ge=0)
+    #: Floor on the unconditional density's standard deviations (target units): an
+    #: answer the model gives to many questions (e.g. a few-shot example it copies) would
+    #: otherwise get a needle-thin component, and its PMI would plunge even where it is
+    #: right. 0.5 was chosen on validation (benchmarks/results/marginal-floor-validation.json).
+    marginal_min_scale: float = Field(default=0.5, ge=0)
     #: Score sentence-length answers on their core span too (see ssd_guard.answers).
     core_span: bool = True
     #: The answer signal recorded as the artifact's default (chosen on validation).

@@ -256,7 +256,9 @@ def stage_layers(wd: Workdir, ctx: Context) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- student + artifact
-def fit_marginal(z: torch.Tensor, n_components: int, seed: int) -> dict[str, torch.Tensor]:
+def fit_marginal(
+    z: torch.Tensor, n_components: int, seed: int, min_scale: float = 0.0
+) -> dict[str, torch.Tensor]:
     """An unconditional diagonal Gaussian mixture over answer targets ``[M, d]``
     (scikit-learn EM), stored as ``marginal.{weights,means,scales}``."""
     from sklearn.mixture import GaussianMixture as SkGMM
@@ -272,7 +274,7 @@ def fit_marginal(z: torch.Tensor, n_components: int, seed: int) -> dict[str, tor
     return {
         "marginal.weights": torch.from_numpy(gmm.weights_).float(),
         "marginal.means": torch.from_numpy(gmm.means_).float(),
-        "marginal.scales": torch.from_numpy(np.sqrt(gmm.covariances_)).float(),
+        "marginal.scales": torch.from_numpy(np.sqrt(gmm.covariances_)).float().clamp_min(min_scale),
     }
 
 
@@ -396,7 +398,7 @@ def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str,
     d_ans = dims["answer"]
     if sc.marginal_components > 0:
         z_tr = torch.cat([z_all[tr, :, :d_ans].reshape(-1, d_ans), z_default[tr, :d_ans]])
-        tensors.update(fit_marginal(z_tr, sc.marginal_components, sc.seed))
+        tensors.update(fit_marginal(z_tr, sc.marginal_components, sc.seed, sc.marginal_min_scale))
 
     # Calibration: validation entropies and the validation default answers' signals.
     with torch.no_grad():

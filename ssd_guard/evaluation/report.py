@@ -310,28 +310,46 @@ def render_report(results: dict[str, Any]) -> str:
     mc = results.get("multiple_choice")
     if mc:
         acc = mc["accuracy"]
+        if "workdir" in mc:
+            where = (
+                f"Test split of `{mc['workdir']}` ({mc['n_test']} questions). The student was "
+                "trained on the base model's own open-ended answers to the ARC questions; it "
+                "ranks the choices by the log-likelihood of their embeddings."
+            )
+        else:
+            lo, hi = mc["rows"]
+            where = (
+                f"Rows {lo}–{hi} of `{mc['data']}` ({mc['n_test']} questions), which no "
+                f"student saw; the main student ranks the choices by its `{mc['signal']}` "
+                "answer signal (rows by signal below)."
+            )
+        ssd_rows = [
+            [f"SSD student ({k[4:]})", _ci(v)] for k, v in acc.items() if k.startswith("SSD-")
+        ] or [["SSD student (embedding log-likelihood)", _ci(acc["SSD"])]]
         lines += [
             "## Multiple-choice selection (ARC-Easy)",
             "",
-            f"Test split of `{mc['workdir']}` ({mc['n_test']} questions). The student was "
-            "trained on the base model's own open-ended answers to the ARC questions; it ranks "
-            "the choices by the log-likelihood of their embeddings. The base model ranks them by "
-            "the sequence log-probability of the choice's tokens after the prompt.",
+            where + " The base model ranks them by the sequence log-probability of the "
+            "choice's tokens after the prompt.",
             "",
             *_table(
                 ["method", "top-1 accuracy [95% CI]"],
                 [
                     ["random", _f(mc["random_baseline"])],
-                    ["SSD student (embedding log-likelihood)", _ci(acc["SSD"])],
+                    *ssd_rows,
                     ["base model, sum of token log-probs", _ci(acc["base-logprob-sum"])],
                     ["base model, mean token log-prob", _ci(acc["base-logprob-mean"])],
                 ],
             ),
             "",
             f"SSD and the base model (sum) pick the same choice on "
-            f"{_f(mc['agreement_ssd_vs_base_sum'], '.1%')} of questions; the base model's own "
-            "greedy open answer matches the gold choice on "
-            f"{_f(mc['greedy_open_accuracy'], '.1%')}.",
+            f"{_f(mc['agreement_ssd_vs_base_sum'], '.1%')} of questions"
+            + (
+                "; the base model's own greedy open answer matches the gold choice on "
+                f"{_f(mc['greedy_open_accuracy'], '.1%')}."
+                if "greedy_open_accuracy" in mc
+                else "."
+            ),
             "",
         ]
     cost = results.get("cost")

@@ -46,12 +46,13 @@ def load_policy(path: str | Path) -> Policy:
     return policy
 
 
-def default_policy_path() -> Path:
-    """``policies/default.yaml`` of a source checkout, else the copy shipped in the package."""
-    repo_copy = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+def default_policy_path(name: str = "default") -> Path:
+    """``policies/<name>.yaml`` of a source checkout, else the copy shipped in the package
+    (``default`` and ``rag`` ship)."""
+    repo_copy = Path(__file__).resolve().parents[2] / "policies" / f"{name}.yaml"
     if repo_copy.is_file():
         return repo_copy
-    with resources.as_file(resources.files("ssd_guard.policies") / "default.yaml") as p:
+    with resources.as_file(resources.files("ssd_guard.policies") / f"{name}.yaml") as p:
         return Path(p)
 
 

@@ -1,0 +1,104 @@
+"""Integration: the real bundled student's signals order real cases the right way round.
+
+These pin what the product promises (issue 10): a correct answer outscores an absurd one
+in any phrasing, an injected document scores below the documents that answer the
+question, and the shipped examples act on the right cases with the real models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from ssd_guard.scoring.ssd import SSDScorer
+
+    return SSDScorer.load("bundled", device="cpu")
+
+
+def _signal(scorer) -> str:
+    return str(scorer.manifest.answers.default_signal)
+
+
+CASES = [
+    ("What is the capital of France?", "Paris", "The capital of France is Paris.", "A banana"),
+    (
+        "Who wrote Hamlet?",
+        "William Shakespeare",
+        "Hamlet was written by William Shakespeare.",
+        "Seventeen kilograms of cheese",
+    ),
+    ("What is the capital of Japan?", "Tokyo", "The answer is Tokyo.", "Moist socks"),
+    ("Which planet is known as the Red Planet?", "Mars", "It is Mars.", "Tuesday afternoon"),
+]
+
+
+@pytest.mark.parametrize(("question", "short", "sentence", "absurd"), CASES)
+def test_correct_answer_beats_absurd_in_any_form(scorer, question, short, sentence, absurd) -> None:
+    sig = _signal(scorer)
+    s_short, s_sentence, s_absurd = scorer.score_answers(
+        [question], [[short, sentence, absurd]], signal=sig
+    )[0]
+    assert s_short > s_absurd, (sig, s_short, s_absurd)
+    assert s_sentence > s_absurd, (sig, s_sentence, s_absurd)
+
+
+def test_the_default_policy_keeps_correct_answers_and_rejects_absurd_ones(scorer) -> None:
+    from ssd_guard.guard import Guard
+    from ssd_guard.policy import load_default_policy
+
+    guard = Guard(scorer, load_default_policy())
+    rejected_absurd = 0
+    for question, short, sentence, absurd in CASES:
+        for ok in (short, sentence):
+            d = guard.check_answer(question, ok)
+            assert d.action != "reject_answer", (question, ok, d.scores)
+        rejected_absurd += guard.check_answer(question, absurd).action == "reject_answer"
+    # The answer rule's threshold keeps 88 % of the model's own answers on the test split;
+    # an absurd answer passes it now and then (here: "Tuesday afternoon" for the Red Planet).
+    assert rejected_absurd >= 3, rejected_absurd
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_injected_document_scores_below_the_relevant_ones(scorer) -> None:
+    example = _load_example("rag_poisoned")
+    sig = _signal(scorer)
+    scores = scorer.score_answers([example.QUESTION], [example.DOCUMENTS], signal=sig)[0]
+    injected = scores[-1]
+    assert all(s > injected for s in scores[:-1]), scores
+
+
+def test_rag_example_flags_the_injection_with_the_real_models(capsys) -> None:
+    example = _load_example("rag_poisoned")
+    assert example.main([]) == 0
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if "FLAGGED" in line]
+    assert len(flagged) == 1 and "IGNORE ALL PREVIOUS" in flagged[0], out
+    assert "IGNORE ALL PREVIOUS" not in out.split("prompt sent to the model:", 1)[1]
+
+
+def test_demo_acts_with_the_real_models() -> None:
+    from ssd_guard.cli_demo import run_demo
+
+    buf = io.StringIO()
+    assert run_demo(out=buf, local=True) == 0
+    text = buf.getvalue()
+    acting = ("abstain", "reject_answer", "retrieve", "flag_poisoned")
+    acts = [line.split() for line in text.splitlines() if line.startswith("    ")]
+    assert any(len(a) > 1 and a[1] in acting for a in acts), text
