@@ -26,6 +26,7 @@ from ssd_guard.errors import (
     PolicyError,
     SSDGuardError,
 )
+from ssd_guard.features import FeatureSpec
 from ssd_guard.guard import Guard, GuardResult
 from ssd_guard.local import GuardedLocalModel
 from ssd_guard.mixture import GaussianMixture
@@ -53,6 +54,7 @@ __all__ = [
     "CallStats",
     "ConfigError",
     "Decision",
+    "FeatureSpec",
     "GaussianMixture",
     "Guard",
     "GuardBlockedError",
