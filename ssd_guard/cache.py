@@ -26,19 +26,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
+import inspect
 import json
 import math
 import os
+import sys
 import threading
 import time
 import unicodedata
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 import redis
@@ -46,7 +57,9 @@ import redis.asyncio as aredis
 import structlog
 from redis.backoff import NoBackoff
 from tenacity import (
-    AsyncRetrying,
+    DoAttempt,
+    DoSleep,
+    RetryCallState,
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
@@ -216,6 +229,77 @@ class _Codec:
 
 def _canonical(value: Mapping[str, float]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------
+# Flows: each operation written once, run by a sync or an async driver
+# --------------------------------------------------------------------------------------
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Call(Generic[T]):
+    """An effect a flow yields (a Redis command, a scorer pass, a cache lookup...), in
+    both styles: the sync driver returns ``sync()``; the async driver awaits ``async_()``,
+    or without one calls ``sync()`` and awaits the result when it is awaitable. The result
+    is sent back into the flow at the ``yield``; an exception is thrown in there."""
+
+    __slots__ = ("async_", "sync")
+
+    def __init__(
+        self, sync: Callable[[], T], async_: Callable[[], Awaitable[T]] | None = None
+    ) -> None:
+        self.sync = sync
+        self.async_ = async_
+
+    async def arun(self) -> T:
+        if self.async_ is not None:
+            return await self.async_()
+        out: Any = self.sync()
+        if inspect.isawaitable(out):
+            out = await out
+        return out  # type: ignore[no-any-return]
+
+
+#: A flow: a generator yielding :class:`Call` effects and returning its result (the way
+#: httpx writes an auth flow once for its sync and async clients).
+Flow = Generator[Call[Any], Any, R]
+
+
+def drive(flow: Flow[R]) -> R:
+    """Run *flow* synchronously: each effect is called in this thread."""
+    value: Any = None
+    error: Exception | None = None
+    try:
+        while True:
+            try:
+                op = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            try:
+                value, error = op.sync(), None
+            except Exception as exc:  # thrown into the flow at its yield
+                value, error = None, exc
+    finally:
+        flow.close()
+
+
+async def adrive(flow: Flow[R]) -> R:
+    """Run *flow* asynchronously: each effect is awaited (see :class:`Call`)."""
+    value: Any = None
+    error: Exception | None = None
+    try:
+        while True:
+            try:
+                op = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            try:
+                value, error = await op.arun(), None
+            except Exception as exc:
+                value, error = None, exc
+    finally:
+        flow.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -439,7 +523,9 @@ class RedisCache:
 
     Each command gets *timeout_s* socket / connect timeouts and up to *retries* extra
     attempts (tenacity) on connection errors and timeouts. See the module docstring for
-    what happens when Redis is down.
+    what happens when Redis is down. Each operation is written once, as a flow of
+    :class:`Call` effects (:meth:`_op`: circuit breaker, retries, fail mode), driven by the
+    sync method with :func:`drive` and by the async one with :func:`adrive`.
 
     *hmac_key* signs every value (default: the ``SSD_GUARD_CACHE_HMAC_KEY`` environment
     variable, when set and not empty); with a key, unsigned or wrongly signed values are
@@ -564,7 +650,12 @@ class RedisCache:
             "reraise": True,
         }
 
-    def _run(self, op: str, fn: Callable[[], Any], fallback: Any) -> Any:
+    def _op(self, op: str, fn: Callable[[Any], Any], fallback: Any) -> Flow[Any]:
+        """One Redis command, written once for both drivers: ``fn(client)`` on the sync
+        client (its result) or the async one (an awaitable, bounded by a deadline), through
+        the circuit breaker, with up to ``retries`` retries on transient errors
+        (tenacity; exponential wait: 5 ms, 10 ms... at most 50 ms; a probe gets one
+        attempt)."""
         admit = self._admit()
         if admit == "skip":
             if self.fail_mode == "closed":
@@ -572,11 +663,27 @@ class RedisCache:
             report_error("circuit-open")
             return fallback
         attempts = 1 if admit == "probe" else self.retries + 1
+        command = Call(lambda: fn(self._client), lambda: self._acommand(fn))
+        # tenacity's retry loop (Retrying.__call__), with the attempt and the sleep yielded
+        retrying = Retrying(**self._retrying(attempts))
+        retrying.begin()
+        state = RetryCallState(retrying, fn=None, args=(), kwargs={})
         try:
-            result: Any = None
-            for attempt in Retrying(**self._retrying(attempts)):
-                with attempt:
-                    result = fn()
+            while True:
+                do = retrying.iter(state)
+                if isinstance(do, DoAttempt):
+                    try:
+                        state.set_result((yield command))
+                    except Exception:
+                        state.set_exception(sys.exc_info())  # type: ignore[arg-type]
+                elif isinstance(do, DoSleep):
+                    state.prepare_for_next_attempt()
+                    yield Call(
+                        functools.partial(time.sleep, do), functools.partial(asyncio.sleep, do)
+                    )
+                else:
+                    result = do
+                    break
         except redis.ResponseError as exc:
             if str(exc).startswith("WRONGTYPE"):
                 _log.warning("cache.value.invalid", backend=self.backend, reason=str(exc))
@@ -588,35 +695,10 @@ class RedisCache:
         self._on_success()
         return result
 
-    async def _arun(self, op: str, fn: Callable[[aredis.Redis], Any], fallback: Any) -> Any:
-        admit = self._admit()
-        if admit == "skip":
-            if self.fail_mode == "closed":
-                raise self._unavailable(op, None)
-            report_error("circuit-open")
-            return fallback
-        attempts = 1 if admit == "probe" else self.retries + 1
-        try:
-            client = self._aclient()
-            result: Any = None
-            async for attempt in AsyncRetrying(**self._retrying(attempts)):
-                with attempt:
-                    result = await asyncio.wait_for(fn(client), self._async_deadline(attempts))
-        except redis.ResponseError as exc:
-            if str(exc).startswith("WRONGTYPE"):
-                _log.warning("cache.value.invalid", backend=self.backend, reason=str(exc))
-                self._on_success()
-                return fallback
-            return self._fail(op, exc, fallback)
-        except _ERRORS as exc:
-            return self._fail(op, exc, fallback)
-        self._on_success()
-        return result
-
-    def _async_deadline(self, attempts: int) -> float:
+    async def _acommand(self, fn: Callable[[Any], Any]) -> Any:
         # connect + write + read, each bounded by the socket timeout; a hard upper bound so
         # a wedged connection can never stall the event loop's caller for long.
-        return 3 * self.timeout_s + 0.05
+        return await asyncio.wait_for(fn(self._aclient()), 3 * self.timeout_s + 0.05)
 
     def _fail(self, op: str, exc: BaseException, fallback: Any) -> Any:
         self._on_failure(op, exc)
@@ -643,56 +725,68 @@ class RedisCache:
             return int(ttl), None
         return None, max(1, round(ttl * 1000))
 
-    # -- sync ----------------------------------------------------------------------------
-    def get(self, key: str) -> dict[str, Any] | None:
-        raw = self._run("get", lambda: self._client.get(key), None)
+    # -- flows (one per operation; the sync / async methods below drive them) -------------
+    def _get_flow(self, key: str) -> Flow[dict[str, Any] | None]:
+        raw = yield from self._op("get", lambda c: c.get(key), None)
         return self._codec.decode(raw, key)
 
-    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+    def _get_many_flow(self, keys: Sequence[str]) -> Flow[list[dict[str, Any] | None]]:
         keys = list(keys)
         if not keys:
             return []
-        raws = self._run("get_many", lambda: self._client.mget(keys), [None] * len(keys))
+        raws = yield from self._op("get_many", lambda c: c.mget(keys), [None] * len(keys))
         return [self._codec.decode(r, k) for k, r in zip(keys, raws, strict=True)]
 
-    def set(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        raw, ttl = self._codec.encode(key, value), self._ttl_args(ttl_s)
-        self._run("set", lambda: self._client.set(key, raw, ex=ttl[0], px=ttl[1]), None)
-
-    def _set_raw(self, key: str, raw: str | bytes, ttl_s: float | None = None) -> None:
+    def _set_flow(self, key: str, raw: str | bytes, ttl_s: float | None) -> Flow[None]:
         ttl = self._ttl_args(ttl_s)
-        self._run("set", lambda: self._client.set(key, raw, ex=ttl[0], px=ttl[1]), None)
+        yield from self._op("set", lambda c: c.set(key, raw, ex=ttl[0], px=ttl[1]), None)
 
-    def set_many(self, items: Items, ttl_s: float | None = None) -> None:
+    def _set_many_flow(self, items: Items, ttl_s: float | None) -> Flow[None]:
         pairs, ttl = self._codec.items(items), self._ttl_args(ttl_s)
         if not pairs:
             return
 
-        def write() -> None:
-            pipe = self._client.pipeline(transaction=False)
+        def write(client: Any) -> Any:
+            pipe = client.pipeline(transaction=False)
             for key, raw in pairs:
                 pipe.set(key, raw, ex=ttl[0], px=ttl[1])
-            pipe.execute()
+            return pipe.execute()  # the async client's is awaited by the driver
 
-        self._run("set_many", write, None)
+        yield from self._op("set_many", write, None)
+
+    # -- sync ----------------------------------------------------------------------------
+    def get(self, key: str) -> dict[str, Any] | None:
+        return drive(self._get_flow(key))
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        return drive(self._get_many_flow(keys))
+
+    def set(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
+        drive(self._set_flow(key, self._codec.encode(key, value), ttl_s))
+
+    def _set_raw(self, key: str, raw: str | bytes, ttl_s: float | None = None) -> None:
+        drive(self._set_flow(key, raw, ttl_s))
+
+    def set_many(self, items: Items, ttl_s: float | None = None) -> None:
+        drive(self._set_many_flow(items, ttl_s))
 
     def delete(self, key: str) -> None:
-        self._run("delete", lambda: self._client.delete(key), None)
+        drive(self._op("delete", lambda c: c.delete(key), None))
 
     def clear(self) -> None:
         """Delete every key of this cache's namespace (SCAN + DEL)."""
 
-        def wipe() -> None:
+        def wipe(client: redis.Redis) -> None:
             batch: list[bytes] = []
-            for k in self._client.scan_iter(match=f"{self.namespace}:*", count=500):
+            for k in client.scan_iter(match=f"{self.namespace}:*", count=500):
                 batch.append(k)
                 if len(batch) >= 500:
-                    self._client.delete(*batch)
+                    client.delete(*batch)
                     batch = []
             if batch:
-                self._client.delete(*batch)
+                client.delete(*batch)
 
-        self._run("clear", wipe, None)
+        drive(self._op("clear", wipe, None))
 
     def ping(self) -> bool:
         """Probe Redis now (bypassing the circuit breaker); updates :attr:`healthy`."""
@@ -706,32 +800,16 @@ class RedisCache:
 
     # -- async ---------------------------------------------------------------------------
     async def aget(self, key: str) -> dict[str, Any] | None:
-        raw = await self._arun("get", lambda c: c.get(key), None)
-        return self._codec.decode(raw, key)
+        return await adrive(self._get_flow(key))
 
     async def aget_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        keys = list(keys)
-        if not keys:
-            return []
-        raws: list[Any] = await self._arun("get_many", lambda c: c.mget(keys), [None] * len(keys))
-        return [self._codec.decode(r, k) for k, r in zip(keys, raws, strict=True)]
+        return await adrive(self._get_many_flow(keys))
 
     async def aset(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        raw, ttl = self._codec.encode(key, value), self._ttl_args(ttl_s)
-        await self._arun("set", lambda c: c.set(key, raw, ex=ttl[0], px=ttl[1]), None)
+        await adrive(self._set_flow(key, self._codec.encode(key, value), ttl_s))
 
     async def aset_many(self, items: Items, ttl_s: float | None = None) -> None:
-        pairs, ttl = self._codec.items(items), self._ttl_args(ttl_s)
-        if not pairs:
-            return
-
-        async def write(client: aredis.Redis) -> None:
-            pipe = client.pipeline(transaction=False)
-            for key, raw in pairs:
-                pipe.set(key, raw, ex=ttl[0], px=ttl[1])
-            await pipe.execute()
-
-        await self._arun("set_many", write, None)
+        await adrive(self._set_many_flow(items, ttl_s))
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

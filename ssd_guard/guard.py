@@ -56,8 +56,12 @@ surrogate), or a single string where a list of strings is expected (``documents`
 the argument. In fail-open mode a cache failure absorbed during a check is recorded on the
 decision event as ``cache_error`` (``connection``, ``timeout``, ``circuit-open``...).
 
-Every method has an ``async`` twin (``acheck_prompt``, ..., ``arun``); scoring runs in a
-worker thread there so the event loop is never blocked by the model.
+Every method has an ``async`` twin (``acheck_prompt``, ..., ``arun``). Each flow is
+written once, as a generator that yields its effects (a cache read / write, a scorer
+pass, a retriever call, a ``generate`` call) as :class:`~ssd_guard.cache.Call` objects,
+the way httpx writes its auth flows once: the sync method drives it with
+:func:`~ssd_guard.cache.drive`, the async one with :func:`~ssd_guard.cache.adrive`, where
+scoring runs in a worker thread so the event loop is never blocked by the model.
 
 Nothing here imports LangChain; :mod:`ssd_guard.integrations.langchain` builds on this.
 """
@@ -82,7 +86,16 @@ from typing import Any, Literal
 import structlog
 
 from ssd_guard.audit import bind_run, emit_decision
-from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_key
+from ssd_guard.cache import (
+    Call,
+    Flow,
+    ScoreCache,
+    adrive,
+    cache_from_config,
+    collect_errors,
+    drive,
+    make_key,
+)
 from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
 from ssd_guard.policy import Decision, Policy, Scope, load_policy
 from ssd_guard.policy.schema import ANSWER_SIGNALS
@@ -704,44 +717,21 @@ class Guard:
         plan.scoring_ms += _ms(t0)
         return new
 
-    def _lookup(self, plan: _Lookup) -> _Lookup:
+    def _lookup_flow(self, plan: _Lookup) -> Flow[_Lookup]:
+        """A check's cache lookup, written once: read the entries, score the misses (in a
+        worker thread under the async driver, so the event loop is never blocked by the
+        model), write the new entries."""
         keys = self._all_keys(plan)
         if not keys:  # every score was given (e.g. a decision made again): nothing to do
             self._apply_cached(plan, [])
             return plan
+        cache = self.cache
         t0 = time.perf_counter()
         with collect_errors() as absorbed:
             try:
-                cached: Sequence[Mapping[str, Any] | None] = self.cache.get_many(keys)
-            except CacheUnavailableError as exc:
-                self._cache_failed(exc, t0, plan)
-                cached = [None] * len(keys)
-        if absorbed:
-            self._degraded(plan, absorbed[0])
-        plan.cache_ms += _ms(t0)
-        self._apply_cached(plan, cached)
-        new = self._compute(plan)
-        if new and plan.cache_error is None:
-            t1 = time.perf_counter()
-            with collect_errors() as absorbed:
-                try:
-                    self.cache.set_many(new)
-                except CacheUnavailableError as exc:
-                    self._cache_failed(exc, t1, plan)
-            if absorbed:
-                self._degraded(plan, absorbed[0])
-            plan.cache_ms += _ms(t1)
-        return plan
-
-    async def _alookup(self, plan: _Lookup) -> _Lookup:
-        keys = self._all_keys(plan)
-        if not keys:
-            self._apply_cached(plan, [])
-            return plan
-        t0 = time.perf_counter()
-        with collect_errors() as absorbed:
-            try:
-                cached: Sequence[Mapping[str, Any] | None] = await self.cache.aget_many(keys)
+                cached: Sequence[Mapping[str, Any] | None] = yield Call(
+                    lambda: cache.get_many(keys), lambda: cache.aget_many(keys)
+                )
             except CacheUnavailableError as exc:
                 self._cache_failed(exc, t0, plan)
                 cached = [None] * len(keys)
@@ -750,12 +740,15 @@ class Guard:
         plan.cache_ms += _ms(t0)
         self._apply_cached(plan, cached)
         need_entropy, missing = self._misses(plan)
-        new = await asyncio.to_thread(self._compute, plan) if need_entropy or missing else {}
+        new: dict[str, dict[str, float]] = {}
+        if need_entropy or missing:
+            compute = functools.partial(self._compute, plan)
+            new = yield Call(compute, functools.partial(asyncio.to_thread, compute))
         if new and plan.cache_error is None:
             t1 = time.perf_counter()
             with collect_errors() as absorbed:
                 try:
-                    await self.cache.aset_many(new)
+                    yield Call(lambda: cache.set_many(new), lambda: cache.aset_many(new))
                 except CacheUnavailableError as exc:
                     self._cache_failed(exc, t1, plan)
             if absorbed:
@@ -913,7 +906,7 @@ class Guard:
         err.decision = decision  # type: ignore[attr-defined]
         return err
 
-    # ------------------------------------------------------------------ checks (sync)
+    # ------------------------------------------------------------------ check flow
     @contextlib.contextmanager
     def _checking(
         self,
@@ -944,7 +937,7 @@ class Guard:
                     scope, exc, t0, tags=tags, run_name=run_name, source=source
                 ) from exc.cause
 
-    def _check(
+    def _check_flow(
         self,
         scope: Scope,
         prompt: str,
@@ -958,12 +951,13 @@ class Guard:
         on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
         stats: CallStats | None = None,
         skip_actions: Sequence[str] = (),
-    ) -> list[Decision]:
+    ) -> Flow[list[Decision]]:
+        """One scope check: look the scores up (scoring the misses), decide, audit."""
         with self._checking(scope, prompt, items, entropy, source, tags, run_name, stats) as (
             plan,
             t0,
         ):
-            self._lookup(plan)
+            yield from self._lookup_flow(plan)
             return self._decide(
                 scope,
                 plan,
@@ -976,38 +970,33 @@ class Guard:
                 skip_actions=skip_actions,
             )
 
-    async def _acheck(
+    def _documents_flow(
         self,
-        scope: Scope,
         prompt: str,
-        items: Sequence[str | None],
+        docs: Sequence[str],
         *,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
         entropy: float | None = None,
-        source: str | None = None,
         tags: Sequence[str] = (),
         run_name: str | None = None,
-        extra: Mapping[str, Any] | None = None,
-        on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
         stats: CallStats | None = None,
-        skip_actions: Sequence[str] = (),
-    ) -> list[Decision]:
-        with self._checking(scope, prompt, items, entropy, source, tags, run_name, stats) as (
-            plan,
-            t0,
-        ):
-            await self._alookup(plan)
-            return self._decide(
-                scope,
-                plan,
-                t0,
-                source=source,
-                tags=tags,
-                run_name=run_name,
-                extra=extra,
-                on_reject=on_reject,
-                skip_actions=skip_actions,
-            )
+    ) -> Flow[tuple[list[str], list[str], list[Decision]]]:
+        docs = _check_texts("docs", docs)
+        if not docs:
+            return [], [], []
+        decisions = yield from self._check_flow(
+            "document",
+            prompt,
+            list(docs),
+            entropy=entropy,
+            source=source,
+            tags=tags,
+            run_name=run_name,
+            stats=stats,
+        )
+        return _split(docs, decisions)
 
+    # ------------------------------------------------------------------ checks
     def check_prompt(
         self,
         prompt: str,
@@ -1020,7 +1009,8 @@ class Guard:
 
         *stats* (a :class:`CallStats`) carries what the call computed to its later checks
         (pass the same one to :meth:`check_answer`: the prompt's hidden state is reused)."""
-        return self._check("prompt", prompt, [None], tags=tags, run_name=run_name, stats=stats)[0]
+        flow = self._check_flow("prompt", prompt, [None], tags=tags, run_name=run_name, stats=stats)
+        return drive(flow)[0]
 
     def check_answer(
         self,
@@ -1034,15 +1024,10 @@ class Guard:
     ) -> Decision:
         """Post-generation check: the answer's loglik (plus the prompt's entropy when a
         rule needs it, or when given as *entropy*) -> an answer-scope decision."""
-        return self._check(
-            "answer",
-            prompt,
-            [answer],
-            entropy=entropy,
-            tags=tags,
-            run_name=run_name,
-            stats=stats,
-        )[0]
+        flow = self._check_flow(
+            "answer", prompt, [answer], entropy=entropy, tags=tags, run_name=run_name, stats=stats
+        )
+        return drive(flow)[0]
 
     def check_documents(
         self,
@@ -1060,22 +1045,18 @@ class Guard:
         Returns ``(kept, flagged, decisions)``: flagged documents are those a
         ``flag_poisoned`` (or ``abstain``) rule matched; one decision per document.
         """
-        docs = _check_texts("docs", docs)
-        if not docs:
-            return [], [], []
-        decisions = self._check(
-            "document",
-            prompt,
-            list(docs),
-            entropy=entropy,
-            source=source,
-            tags=tags,
-            run_name=run_name,
-            stats=stats,
+        return drive(
+            self._documents_flow(
+                prompt,
+                docs,
+                source=source,
+                entropy=entropy,
+                tags=tags,
+                run_name=run_name,
+                stats=stats,
+            )
         )
-        return _split(docs, decisions)
 
-    # ------------------------------------------------------------------ checks (async)
     async def acheck_prompt(
         self,
         prompt: str,
@@ -1085,10 +1066,8 @@ class Guard:
         stats: CallStats | None = None,
     ) -> Decision:
         """Async :meth:`check_prompt`."""
-        decisions = await self._acheck(
-            "prompt", prompt, [None], tags=tags, run_name=run_name, stats=stats
-        )
-        return decisions[0]
+        flow = self._check_flow("prompt", prompt, [None], tags=tags, run_name=run_name, stats=stats)
+        return (await adrive(flow))[0]
 
     async def acheck_answer(
         self,
@@ -1101,16 +1080,10 @@ class Guard:
         stats: CallStats | None = None,
     ) -> Decision:
         """Async :meth:`check_answer`."""
-        decisions = await self._acheck(
-            "answer",
-            prompt,
-            [answer],
-            entropy=entropy,
-            tags=tags,
-            run_name=run_name,
-            stats=stats,
+        flow = self._check_flow(
+            "answer", prompt, [answer], entropy=entropy, tags=tags, run_name=run_name, stats=stats
         )
-        return decisions[0]
+        return (await adrive(flow))[0]
 
     async def acheck_documents(
         self,
@@ -1124,20 +1097,17 @@ class Guard:
         stats: CallStats | None = None,
     ) -> tuple[list[str], list[str], list[Decision]]:
         """Async :meth:`check_documents`."""
-        docs = _check_texts("docs", docs)
-        if not docs:
-            return [], [], []
-        decisions = await self._acheck(
-            "document",
-            prompt,
-            list(docs),
-            entropy=entropy,
-            source=source,
-            tags=tags,
-            run_name=run_name,
-            stats=stats,
+        return await adrive(
+            self._documents_flow(
+                prompt,
+                docs,
+                source=source,
+                entropy=entropy,
+                tags=tags,
+                run_name=run_name,
+                stats=stats,
+            )
         )
-        return _split(docs, decisions)
 
     # ------------------------------------------------------------------ retrieval
     def _sort_context(self, docs: Sequence[str], decisions: Sequence[Decision]) -> RetrievedContext:
@@ -1154,6 +1124,22 @@ class Guard:
                 ctx.documents.append(doc)
         return ctx
 
+    def _screen_flow(
+        self,
+        prompt: str,
+        docs: Sequence[str],
+        *,
+        source: Literal["retrieval", "tool", "cache"] = "retrieval",
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        stats: CallStats | None = None,
+    ) -> Flow[RetrievedContext]:
+        docs = _check_texts("docs", docs)
+        _, _, decisions = yield from self._documents_flow(
+            prompt, docs, source=source, tags=tags, run_name=run_name, stats=stats
+        )
+        return self._sort_context(docs, decisions)
+
     def screen_documents(
         self,
         prompt: str,
@@ -1165,11 +1151,11 @@ class Guard:
         stats: CallStats | None = None,
     ) -> RetrievedContext:
         """:meth:`check_documents`, applying each ``flag_poisoned`` rule's ``mode``."""
-        docs = _check_texts("docs", docs)
-        _, _, decisions = self.check_documents(
-            prompt, docs, source=source, tags=tags, run_name=run_name, stats=stats
+        return drive(
+            self._screen_flow(
+                prompt, docs, source=source, tags=tags, run_name=run_name, stats=stats
+            )
         )
-        return self._sort_context(docs, decisions)
 
     async def ascreen_documents(
         self,
@@ -1182,36 +1168,48 @@ class Guard:
         stats: CallStats | None = None,
     ) -> RetrievedContext:
         """Async :meth:`screen_documents`."""
-        docs = _check_texts("docs", docs)
-        _, _, decisions = await self.acheck_documents(
-            prompt, docs, source=source, tags=tags, run_name=run_name, stats=stats
+        return await adrive(
+            self._screen_flow(
+                prompt, docs, source=source, tags=tags, run_name=run_name, stats=stats
+            )
         )
-        return self._sort_context(docs, decisions)
 
-    def retrieve(self, question: str, k: int | None = None) -> list[str]:
-        """Call the retriever (no check); ``[]`` and a warning when there is none."""
-        if self.retriever is None:
-            if self.aretriever is not None:
-                raise ConfigError("only an async retriever is configured; use arun()")
+    def _retrieve_flow(self, question: str, k: int | None) -> Flow[list[str]]:
+        if self.retriever is None and self.aretriever is None:
             _log.warning("guard.retrieve.no_retriever", question=question[:200])
             return []
+        docs = yield Call(
+            functools.partial(self._call_retriever, question),
+            functools.partial(self._acall_retriever, question),
+        )
+        return _retrieved(docs, k)
+
+    def _call_retriever(self, question: str) -> Any:
+        """The retrieval effect under the sync driver: the sync retriever."""
+        if self.retriever is None:
+            raise ConfigError("only an async retriever is configured; use arun()")
         docs = self.retriever(question)
         if inspect.isawaitable(docs):
             raise ConfigError("the retriever is async; pass it as aretriever= and use arun()")
-        return _retrieved(docs, k)
+        return docs
+
+    async def _acall_retriever(self, question: str) -> Any:
+        """The retrieval effect under the async driver: the async retriever, else the sync
+        one in a worker thread."""
+        if self.aretriever is not None:
+            return await self.aretriever(question)
+        retriever = self.retriever
+        assert retriever is not None  # (checked by the flow)
+        docs: Any = await asyncio.to_thread(retriever, question)
+        return await docs if inspect.isawaitable(docs) else docs
+
+    def retrieve(self, question: str, k: int | None = None) -> list[str]:
+        """Call the retriever (no check); ``[]`` and a warning when there is none."""
+        return drive(self._retrieve_flow(question, k))
 
     async def aretrieve(self, question: str, k: int | None = None) -> list[str]:
         """Async :meth:`retrieve` (a sync retriever runs in a worker thread)."""
-        if self.aretriever is not None:
-            docs: Any = await self.aretriever(question)
-        elif self.retriever is not None:
-            docs = await asyncio.to_thread(self.retriever, question)
-            if inspect.isawaitable(docs):
-                docs = await docs
-        else:
-            _log.warning("guard.retrieve.no_retriever", question=question[:200])
-            return []
-        return _retrieved(docs, k)
+        return await adrive(self._retrieve_flow(question, k))
 
     # ------------------------------------------------------------------ run
     def _abstained(
@@ -1230,6 +1228,54 @@ class Guard:
         _check_meta(tags, run_name)
         docs = None if documents is None else _check_texts("documents", documents)
         return _check_text("prompt", prompt), docs
+
+    def _prepare_flow(
+        self,
+        prompt: str,
+        *,
+        documents: Sequence[str] | None,
+        source: Literal["retrieval", "tool", "cache"],
+        check_prompt: bool,
+        tags: Sequence[str],
+        run_name: str | None,
+        run_id: str | None,
+        parent_run_id: str | None,
+        stats: CallStats | None,
+    ) -> Flow[GuardResult]:
+        """The pre-generation steps: check the documents, the prompt, retrieve, check the
+        retrieved documents and the prompt again (see :meth:`prepare`)."""
+        prompt, documents = self._check_call(prompt, documents, tags, run_name)
+        with self.bind(run_id, parent_run_id) as rid:
+            res = self._new_result(prompt, rid, stats)
+            kw: dict[str, Any] = {"tags": tags, "run_name": run_name, "stats": res.stats}
+            ctx = RetrievedContext()
+            if documents:
+                ctx.extend((yield from self._screen_flow(prompt, documents, source=source, **kw)))
+                if ctx.abstain:
+                    return self._finish(res, ctx, abstain=ctx.abstain)
+            final_prompt = format_context(prompt, ctx.documents, self.context_template)
+            if not check_prompt:
+                return self._finish(res, ctx, final_prompt=final_prompt)
+            (d,) = yield from self._check_flow(
+                "prompt", prompt, [None], extra=_context_field(ctx.documents), **kw
+            )
+            ctx.decisions.append(d)
+            res.entropy = d.scores.get("entropy")
+            if d.action == "retrieve":
+                docs = yield from self._retrieve_flow(prompt, d.params.get("k"))
+                if docs:
+                    ctx.extend((yield from self._screen_flow(prompt, docs, **kw)))
+                    if ctx.abstain:
+                        return self._finish(res, ctx, abstain=ctx.abstain)
+                    if ctx.documents:
+                        final_prompt = format_context(prompt, ctx.documents, self.context_template)
+                        (d,) = yield from self._check_flow(
+                            "prompt", prompt, [None], **self._after_retrieval(res, ctx), **kw
+                        )
+                        ctx.decisions.append(d)
+            return self._finish(
+                res, ctx, final_prompt=final_prompt, abstain=d if d.action == "abstain" else None
+            )
 
     def prepare(
         self,
@@ -1251,36 +1297,19 @@ class Guard:
         The question (*prompt*) is what is scored, never the prompt with documents (see
         the module doc); *stats* (default: a new :class:`CallStats`) is kept on the result
         for :meth:`complete`."""
-        prompt, documents = self._check_call(prompt, documents, tags, run_name)
-        with self.bind(run_id, parent_run_id) as rid:
-            res = self._new_result(prompt, rid, stats)
-            kw: dict[str, Any] = {"tags": tags, "run_name": run_name, "stats": res.stats}
-            ctx = RetrievedContext()
-            if documents:
-                ctx.extend(self.screen_documents(prompt, documents, source=source, **kw))
-                if ctx.abstain:
-                    return self._finish(res, ctx, abstain=ctx.abstain)
-            final_prompt = format_context(prompt, ctx.documents, self.context_template)
-            if not check_prompt:
-                return self._finish(res, ctx, final_prompt=final_prompt)
-            d = self._check("prompt", prompt, [None], extra=_context_field(ctx.documents), **kw)[0]
-            ctx.decisions.append(d)
-            res.entropy = d.scores.get("entropy")
-            if d.action == "retrieve":
-                docs = self.retrieve(prompt, d.params.get("k"))
-                if docs:
-                    ctx.extend(self.screen_documents(prompt, docs, **kw))
-                    if ctx.abstain:
-                        return self._finish(res, ctx, abstain=ctx.abstain)
-                    if ctx.documents:
-                        final_prompt = format_context(prompt, ctx.documents, self.context_template)
-                        d = self._check(
-                            "prompt", prompt, [None], **self._after_retrieval(res, ctx), **kw
-                        )[0]
-                        ctx.decisions.append(d)
-            return self._finish(
-                res, ctx, final_prompt=final_prompt, abstain=d if d.action == "abstain" else None
+        return drive(
+            self._prepare_flow(
+                prompt,
+                documents=documents,
+                source=source,
+                check_prompt=check_prompt,
+                tags=tags,
+                run_name=run_name,
+                run_id=run_id,
+                parent_run_id=parent_run_id,
+                stats=stats,
             )
+        )
 
     async def aprepare(
         self,
@@ -1296,40 +1325,19 @@ class Guard:
         stats: CallStats | None = None,
     ) -> GuardResult:
         """Async :meth:`prepare`."""
-        prompt, documents = self._check_call(prompt, documents, tags, run_name)
-        with self.bind(run_id, parent_run_id) as rid:
-            res = self._new_result(prompt, rid, stats)
-            kw: dict[str, Any] = {"tags": tags, "run_name": run_name, "stats": res.stats}
-            ctx = RetrievedContext()
-            if documents:
-                ctx.extend(await self.ascreen_documents(prompt, documents, source=source, **kw))
-                if ctx.abstain:
-                    return self._finish(res, ctx, abstain=ctx.abstain)
-            final_prompt = format_context(prompt, ctx.documents, self.context_template)
-            if not check_prompt:
-                return self._finish(res, ctx, final_prompt=final_prompt)
-            decisions = await self._acheck(
-                "prompt", prompt, [None], extra=_context_field(ctx.documents), **kw
+        return await adrive(
+            self._prepare_flow(
+                prompt,
+                documents=documents,
+                source=source,
+                check_prompt=check_prompt,
+                tags=tags,
+                run_name=run_name,
+                run_id=run_id,
+                parent_run_id=parent_run_id,
+                stats=stats,
             )
-            d = decisions[0]
-            ctx.decisions.append(d)
-            res.entropy = d.scores.get("entropy")
-            if d.action == "retrieve":
-                docs = await self.aretrieve(prompt, d.params.get("k"))
-                if docs:
-                    ctx.extend(await self.ascreen_documents(prompt, docs, **kw))
-                    if ctx.abstain:
-                        return self._finish(res, ctx, abstain=ctx.abstain)
-                    if ctx.documents:
-                        final_prompt = format_context(prompt, ctx.documents, self.context_template)
-                        decisions = await self._acheck(
-                            "prompt", prompt, [None], **self._after_retrieval(res, ctx), **kw
-                        )
-                        d = decisions[0]
-                        ctx.decisions.append(d)
-            return self._finish(
-                res, ctx, final_prompt=final_prompt, abstain=d if d.action == "abstain" else None
-            )
+        )
 
     @staticmethod
     def _after_retrieval(res: GuardResult, ctx: RetrievedContext) -> dict[str, Any]:
@@ -1398,21 +1406,19 @@ class Guard:
 
         return fields
 
-    def complete(
+    def _complete_flow(
         self,
         res: GuardResult,
         generate: Callable[..., Any],
         *,
-        extract: Callable[[Any], str | None] | None = None,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        deterministic: bool | None = None,
-    ) -> GuardResult:
-        """The generation half of :meth:`run`: ``generate(res.final_prompt)``, check the
-        answer, regenerate on ``reject_answer`` (at most ``max_regenerations`` times; see
-        the module doc for how), then accept or abstain. *res* (from :meth:`prepare`) is
-        updated and returned; the answers are scored against its question with its
-        :attr:`~GuardResult.stats` (the question's hidden state is not computed again)."""
+        extract: Callable[[Any], str | None] | None,
+        tags: Sequence[str],
+        run_name: str | None,
+        deterministic: bool | None,
+    ) -> Flow[GuardResult]:
+        """The generation steps: generate, check the answer, regenerate or accept / abstain
+        (see :meth:`complete`). The async driver awaits what *generate* returns when it is
+        awaitable."""
         if res.abstained:
             return res
         _check_meta(tags, run_name)
@@ -1421,11 +1427,12 @@ class Guard:
         with self.bind(res.run_id, res.parent_run_id):
             attempt = 0
             while True:
-                raw = generate(res.final_prompt, **self._generate_kwargs(mode, attempt))
+                kw = self._generate_kwargs(mode, attempt)
+                raw = yield Call(functools.partial(generate, res.final_prompt, **kw))
                 text = self._answer_step(res, raw, extract)
                 if text is None:
                     return res
-                (d,) = self._check(
+                (d,) = yield from self._check_flow(
                     "answer",
                     res.prompt,  # the question: the student never saw the context prompt
                     [text],
@@ -1441,6 +1448,32 @@ class Guard:
                     return res
                 attempt += 1
 
+    def complete(
+        self,
+        res: GuardResult,
+        generate: Callable[..., Any],
+        *,
+        extract: Callable[[Any], str | None] | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+        deterministic: bool | None = None,
+    ) -> GuardResult:
+        """The generation half of :meth:`run`: ``generate(res.final_prompt)``, check the
+        answer, regenerate on ``reject_answer`` (at most ``max_regenerations`` times; see
+        the module doc for how), then accept or abstain. *res* (from :meth:`prepare`) is
+        updated and returned; the answers are scored against its question with its
+        :attr:`~GuardResult.stats` (the question's hidden state is not computed again)."""
+        return drive(
+            self._complete_flow(
+                res,
+                generate,
+                extract=extract,
+                tags=tags,
+                run_name=run_name,
+                deterministic=deterministic,
+            )
+        )
+
     async def acomplete(
         self,
         res: GuardResult,
@@ -1452,35 +1485,56 @@ class Guard:
         deterministic: bool | None = None,
     ) -> GuardResult:
         """Async :meth:`complete`; *generate* may be sync or return an awaitable."""
-        if res.abstained:
-            return res
-        _check_meta(tags, run_name)
-        mode = self._regen_mode(generate, deterministic)
-        stats = self._stats_of(res)
-        with self.bind(res.run_id, res.parent_run_id):
-            attempt = 0
-            while True:
-                raw = generate(res.final_prompt, **self._generate_kwargs(mode, attempt))
-                if inspect.isawaitable(raw):
-                    raw = await raw
-                text = self._answer_step(res, raw, extract)
-                if text is None:
-                    return res
-                (d,) = await self._acheck(
-                    "answer",
-                    res.prompt,  # the question: the student never saw the context prompt
-                    [text],
-                    entropy=res.entropy,
+        return await adrive(
+            self._complete_flow(
+                res,
+                generate,
+                extract=extract,
+                tags=tags,
+                run_name=run_name,
+                deterministic=deterministic,
+            )
+        )
+
+    def _run_flow(
+        self,
+        prompt: str,
+        generate: Callable[..., Any],
+        *,
+        extract: Callable[[Any], str | None] | None,
+        documents: Sequence[str] | None,
+        source: Literal["retrieval", "tool", "cache"],
+        check_prompt: bool,
+        tags: Sequence[str],
+        run_name: str | None,
+        run_id: str | None,
+        parent_run_id: str | None,
+        deterministic: bool | None,
+        stats: CallStats | None,
+    ) -> Flow[GuardResult]:
+        """The whole guarded call: :meth:`_prepare_flow`, then :meth:`_complete_flow`."""
+        with self.bind(run_id, parent_run_id) as rid:
+            res = yield from self._prepare_flow(
+                prompt,
+                documents=documents,
+                source=source,
+                check_prompt=check_prompt,
+                tags=tags,
+                run_name=run_name,
+                run_id=rid,
+                parent_run_id=None,
+                stats=stats,
+            )
+            return (
+                yield from self._complete_flow(
+                    res,
+                    generate,
+                    extract=extract,
                     tags=tags,
                     run_name=run_name,
-                    on_reject=self._on_reject(res, mode, attempt, text),
-                    stats=stats,
-                    extra=_context_field(res.documents),
+                    deterministic=deterministic,
                 )
-                res.decisions.append(d)
-                if self._verdict(res, d, text, raw):
-                    return res
-                attempt += 1
+            )
 
     def run(
         self,
@@ -1511,25 +1565,22 @@ class Guard:
         a new :class:`CallStats`) holds what the call computes, e.g. the question's hidden
         state: computed once, by the first check that needs it.
         """
-        with self.bind(run_id, parent_run_id) as rid:
-            res = self.prepare(
+        return drive(
+            self._run_flow(
                 prompt,
+                generate,
+                extract=extract,
                 documents=documents,
                 source=source,
                 check_prompt=check_prompt,
                 tags=tags,
                 run_name=run_name,
-                run_id=rid,
+                run_id=run_id,
+                parent_run_id=parent_run_id,
+                deterministic=deterministic,
                 stats=stats,
             )
-            return self.complete(
-                res,
-                generate,
-                extract=extract,
-                tags=tags,
-                run_name=run_name,
-                deterministic=deterministic,
-            )
+        )
 
     async def arun(
         self,
@@ -1548,25 +1599,22 @@ class Guard:
         stats: CallStats | None = None,
     ) -> GuardResult:
         """Async :meth:`run`; *generate* may be sync or return an awaitable."""
-        with self.bind(run_id, parent_run_id) as rid:
-            res = await self.aprepare(
+        return await adrive(
+            self._run_flow(
                 prompt,
+                generate,
+                extract=extract,
                 documents=documents,
                 source=source,
                 check_prompt=check_prompt,
                 tags=tags,
                 run_name=run_name,
-                run_id=rid,
+                run_id=run_id,
+                parent_run_id=parent_run_id,
+                deterministic=deterministic,
                 stats=stats,
             )
-            return await self.acomplete(
-                res,
-                generate,
-                extract=extract,
-                tags=tags,
-                run_name=run_name,
-                deterministic=deterministic,
-            )
+        )
 
     def _new_result(self, prompt: str, run_id: str, stats: CallStats | None) -> GuardResult:
         parent = structlog.contextvars.get_contextvars().get("parent_run_id")
