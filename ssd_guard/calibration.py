@@ -1,0 +1,434 @@
+"""Thresholds with a stated guarantee: Learn-then-Test risk control (issue 12).
+
+Given a calibration split (prompts the student was neither trained nor tested on) with a
+signal's scores and "the default answer is wrong" labels, :func:`calibrate_threshold`
+chooses the threshold ``t`` of the rule *answer when the signal is on the safe side of t,
+abstain otherwise* such that
+
+    among the answers let through, the error rate is at most α, with probability at
+    least 1 − δ over the draw of the calibration split,
+
+assuming the calibration prompts and the future prompts are exchangeable (drawn from the
+same distribution). The statistics are MAPIE's (``mapie.risk_control``, pinned
+``mapie==1.6.0``): a :class:`~mapie.risk_control.BinaryClassificationController` that
+controls the *precision* of "answer" (= 1 − error among answered) at level 1 − α with
+Hoeffding–Bentkus p-values per candidate threshold and a Bonferroni–Holm family-wise
+correction over the candidate grid (Angelopoulos et al., "Learn then Test", 2022).
+
+The candidate grid must not look at the calibration labels: the CLI takes it from the
+student's own training-split calibration values (quantiles), never from the labels.
+
+A :class:`CalibrationFile` (JSON, beside the student artifact by default) holds the
+result bound to the student's fingerprint; :func:`load_calibration` refuses it for
+another student.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from ssd_guard.errors import ConfigError
+
+__all__ = [
+    "CALIBRATION_FILENAME",
+    "SIGNAL_DIRECTIONS",
+    "CalibrationError",
+    "CalibrationFile",
+    "CalibrationMismatchError",
+    "InfeasibleTargetError",
+    "ThresholdCalibration",
+    "calibrate_threshold",
+    "default_grid",
+    "describe_guarantee",
+    "load_calibration",
+    "realised_error",
+    "save_calibration",
+    "smallest_feasible_alpha",
+    "workdir_signal",
+]
+
+#: The default file name, written beside the student artifact.
+CALIBRATION_FILENAME = "calibration.json"
+
+#: For each known signal: ``True`` when a higher value means a riskier prompt/answer
+#: (the guard answers at or below the threshold), ``False`` when lower is riskier (the
+#: guard answers at or above it).
+SIGNAL_DIRECTIONS: dict[str, bool] = {"entropy": True, "pmi": False, "loglik": False}
+
+#: The α resolution at which the smallest feasible α is reported.
+_ALPHA_STEP = 0.01
+
+
+class CalibrationError(ConfigError):
+    """A calibration cannot be made or used."""
+
+
+class InfeasibleTargetError(CalibrationError):
+    """No threshold guarantees the target error rate at the requested confidence.
+    :attr:`smallest_feasible_alpha` is the smallest α (on a 0.01 grid) that can be
+    guaranteed at the same δ on the same calibration data (``None`` if none below 1)."""
+
+    def __init__(self, message: str, smallest_feasible_alpha: float | None) -> None:
+        super().__init__(message)
+        self.smallest_feasible_alpha = smallest_feasible_alpha
+
+
+class CalibrationMismatchError(CalibrationError):
+    """The calibration file was made for another student (fingerprint mismatch)."""
+
+
+@dataclass(frozen=True)
+class ThresholdCalibration:
+    """The outcome of :func:`calibrate_threshold`."""
+
+    alpha: float
+    delta: float
+    higher_is_riskier: bool
+    #: the chosen threshold: the valid one that lets the most calibration answers through
+    threshold: float
+    #: every candidate threshold whose risk is controlled (after the FWER correction)
+    valid_thresholds: list[float]
+    n_calibration: int
+    #: share of calibration prompts answered at :attr:`threshold`
+    coverage: float
+    #: error rate among the calibration prompts answered at :attr:`threshold`
+    calibration_error: float
+
+    def accept(self, scores: Any) -> np.ndarray:
+        """Boolean mask: which of *scores* the guard answers."""
+        return _accept(np.asarray(scores, dtype=np.float64), self.threshold, self.higher_is_riskier)
+
+
+def _accept(scores: np.ndarray, threshold: float, higher_is_riskier: bool) -> np.ndarray:
+    return scores <= threshold if higher_is_riskier else scores >= threshold
+
+
+def default_grid(reference: Sequence[float] | np.ndarray, n: int = 50) -> np.ndarray:
+    """Candidate thresholds: *n* quantiles (from 2 % to 100 %) of *reference* values that
+    carry no calibration labels (e.g. the student's training-split calibration values)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    ref = ref[np.isfinite(ref)]
+    if ref.size == 0:
+        raise CalibrationError("cannot build a threshold grid from no finite values")
+    return np.unique(np.quantile(ref, np.linspace(0.0, 1.0, n + 1)[1:]))
+
+
+def _check_inputs(
+    scores: Any, wrong: Any, alpha: float, delta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    w = np.asarray(wrong, dtype=bool).ravel()
+    if s.shape != w.shape:
+        raise CalibrationError(f"{s.size} scores but {w.size} labels")
+    if s.size == 0:
+        raise CalibrationError("the calibration split is empty")
+    if not np.all(np.isfinite(s)):
+        raise CalibrationError("calibration scores contain NaN or infinite values")
+    if not 0.0 < alpha < 1.0:
+        raise CalibrationError(
+            f"alpha (the error rate to guarantee) must be in (0, 1), got {alpha}"
+        )
+    if not 0.0 < delta < 1.0:
+        raise CalibrationError(f"delta (1 − confidence) must be in (0, 1), got {delta}")
+    return s, w
+
+
+def _controller(
+    s: np.ndarray,
+    w: np.ndarray,
+    alpha: float,
+    delta: float,
+    grid: np.ndarray,
+    higher_is_riskier: bool,
+) -> tuple[np.ndarray, float | None]:
+    """Run MAPIE's controller; return (valid thresholds, best threshold or None)."""
+    import warnings
+
+    from mapie.risk_control import BinaryClassificationController
+
+    sign = -1.0 if higher_is_riskier else 1.0
+    # A candidate that answers no calibration prompt has no empirical risk (MAPIE gives
+    # it a NaN p-value, which poisons the Holm ordering): such candidates are dropped.
+    # This looks at the calibration scores only, never at their labels.
+    answers_some = np.array([_accept(s, float(t), higher_is_riskier).any() for t in grid])
+    grid = grid[answers_some]
+    if grid.size == 0:
+        return np.array([]), None
+
+    # "Positive" = "the default answer is right, answer it"; the controller's score is
+    # the signal oriented so that higher = safer, and it predicts positive at or above a
+    # parameter λ = sign · threshold.
+    def predict(x: Any) -> np.ndarray:
+        c = sign * np.asarray(x, dtype=np.float64).ravel()
+        return np.column_stack([-c, c])
+
+    params = sign * grid
+    ctrl = BinaryClassificationController(
+        predict_function=predict,
+        risk="precision",
+        target_level=float(1.0 - alpha),
+        confidence_level=float(1.0 - delta),
+        best_predict_param_choice="recall",
+        list_predict_params=params,
+        fwer_method="bonferroni_holm",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl.calibrate(s, (~w).astype(int))
+    valid = np.sort(sign * np.asarray(ctrl.valid_predict_params, dtype=np.float64))
+    best = ctrl.best_predict_param
+    return valid, (None if best is None else float(sign * float(best)))
+
+
+def smallest_feasible_alpha(
+    scores: Any,
+    wrong: Any,
+    *,
+    delta: float,
+    grid: Any = None,
+    higher_is_riskier: bool = True,
+) -> float | None:
+    """The smallest α on a 0.01 grid for which some threshold is valid at this δ on this
+    calibration data, or ``None`` if no α below 1 is. (Feasibility is monotone in α.)"""
+    s, w = _check_inputs(scores, wrong, 0.5, delta)
+    g = default_grid(s) if grid is None else np.asarray(grid, dtype=np.float64)
+    alphas = np.round(np.arange(_ALPHA_STEP, 1.0, _ALPHA_STEP), 2)
+
+    def feasible(i: int) -> bool:
+        valid, _ = _controller(s, w, float(alphas[i]), delta, g, higher_is_riskier)
+        return valid.size > 0
+
+    lo, hi = 0, len(alphas) - 1
+    if not feasible(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(alphas[lo])
+
+
+def calibrate_threshold(
+    scores: Any,
+    wrong: Any,
+    *,
+    alpha: float,
+    delta: float,
+    grid: Any = None,
+    higher_is_riskier: bool = True,
+) -> ThresholdCalibration:
+    """Choose the threshold so that, among answered prompts, the error rate is ≤ *alpha*
+    with probability ≥ 1 − *delta* (Learn-then-Test, MAPIE).
+
+    *scores*: the signal on the calibration prompts; *wrong*: ``True`` where the default
+    answer is wrong; *grid*: candidate thresholds chosen without the calibration labels
+    (default: quantiles of *scores*). Raises :class:`InfeasibleTargetError`, naming the
+    smallest feasible α at this δ, when no candidate is valid.
+    """
+    s, w = _check_inputs(scores, wrong, alpha, delta)
+    g = default_grid(s) if grid is None else np.asarray(grid, dtype=np.float64)
+    valid, best = _controller(s, w, alpha, delta, g, higher_is_riskier)
+    if best is None or valid.size == 0:
+        smallest = smallest_feasible_alpha(
+            s, w, delta=delta, grid=g, higher_is_riskier=higher_is_riskier
+        )
+        base = float(w.mean())
+        what = (
+            f"the smallest feasible alpha at delta={delta} is {smallest:.2f}"
+            if smallest is not None
+            else f"no alpha below 1 is feasible at delta={delta}"
+        )
+        raise InfeasibleTargetError(
+            f"cannot guarantee an error rate <= {alpha} among answered prompts with "
+            f"confidence {1 - delta:.3g}: {what} (calibration: n={s.size}, error rate "
+            f"without abstention {base:.3f})",
+            smallest,
+        )
+    keep = _accept(s, best, higher_is_riskier)
+    return ThresholdCalibration(
+        alpha=float(alpha),
+        delta=float(delta),
+        higher_is_riskier=higher_is_riskier,
+        threshold=best,
+        valid_thresholds=[float(v) for v in valid],
+        n_calibration=int(s.size),
+        coverage=float(keep.mean()),
+        calibration_error=float(w[keep].mean()) if keep.any() else 0.0,
+    )
+
+
+def realised_error(scores: Any, wrong: Any, threshold: float, higher_is_riskier: bool) -> float:
+    """Error rate among the prompts answered at *threshold* (0 when none is answered)."""
+    s = np.asarray(scores, dtype=np.float64)
+    w = np.asarray(wrong, dtype=bool)
+    keep = _accept(s, threshold, higher_is_riskier)
+    return float(w[keep].mean()) if keep.any() else 0.0
+
+
+# ---------------------------------------------------------------------- the file
+
+
+class CalibrationFile(BaseModel):
+    """A calibration bound to one student (``student_fingerprint``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = 1
+    student_fingerprint: str
+    signal: str
+    higher_is_riskier: bool
+    alpha: float
+    delta: float
+    threshold: float
+    valid_thresholds: list[float]
+    n_calibration: int
+    coverage: float
+    calibration_error: float
+    #: where the calibration prompts came from (work directory, split, source)
+    data: dict[str, Any] = {}
+    method: str = (
+        "Learn-then-Test: mapie.risk_control.BinaryClassificationController, precision of "
+        "'answer' >= 1 - alpha, Hoeffding-Bentkus p-values, Bonferroni-Holm over the grid"
+    )
+    mapie_version: str = ""
+
+    @classmethod
+    def from_result(
+        cls,
+        result: ThresholdCalibration,
+        *,
+        student_fingerprint: str,
+        signal: str,
+        data: dict[str, Any] | None = None,
+    ) -> CalibrationFile:
+        try:
+            import mapie
+
+            version = str(getattr(mapie, "__version__", ""))
+        except ImportError:  # pragma: no cover
+            version = ""
+        return cls(
+            student_fingerprint=student_fingerprint,
+            signal=signal,
+            higher_is_riskier=result.higher_is_riskier,
+            alpha=result.alpha,
+            delta=result.delta,
+            threshold=result.threshold,
+            valid_thresholds=result.valid_thresholds,
+            n_calibration=result.n_calibration,
+            coverage=result.coverage,
+            calibration_error=result.calibration_error,
+            data=data or {},
+            mapie_version=version,
+        )
+
+    def accept(self, scores: Any) -> np.ndarray:
+        return _accept(np.asarray(scores, dtype=np.float64), self.threshold, self.higher_is_riskier)
+
+
+def save_calibration(cal: CalibrationFile, path: str | Path) -> Path:
+    """Write *cal* to *path* (a file, or a directory → ``<dir>/calibration.json``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CALIBRATION_FILENAME
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(cal.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    return p
+
+
+def load_calibration(path: str | Path, *, fingerprint: str | None = None) -> CalibrationFile:
+    """Read a calibration file (or ``<dir>/calibration.json``); with *fingerprint* (the
+    student's :attr:`SSDScorer.fingerprint`), refuse a calibration of another student."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CALIBRATION_FILENAME
+    if not p.is_file():
+        raise CalibrationError(
+            f"no calibration file at {p}: run `ssd-guard calibrate` for this student first"
+        )
+    try:
+        cal = CalibrationFile.model_validate(json.loads(p.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:
+        raise CalibrationError(f"{p} is not a valid calibration file: {exc}") from exc
+    if fingerprint is not None and cal.student_fingerprint != fingerprint:
+        raise CalibrationMismatchError(
+            f"{p} calibrates the student with fingerprint {cal.student_fingerprint}, but the "
+            f"student in use has fingerprint {fingerprint}: its thresholds do not carry over "
+            "to another student; re-run `ssd-guard calibrate` with this student"
+        )
+    return cal
+
+
+def describe_guarantee(cal: CalibrationFile) -> str:
+    """The guarantee in plain words, with what it assumes."""
+    side = "at most" if cal.higher_is_riskier else "at least"
+    conf = 1.0 - cal.delta
+    return (
+        f"The guard answers when {cal.signal} is {side} {cal.threshold:.4g} and abstains "
+        f"otherwise. Among the answers it lets through, at most {cal.alpha:.0%} are wrong, "
+        f"with probability at least {conf:.0%} over the {cal.n_calibration} calibration "
+        f"prompts (it answered {cal.coverage:.1%} of them). This assumes future prompts are "
+        "exchangeable with the calibration prompts (same distribution, same base model and "
+        "student); it is a statement about the long-run share of wrong answers, not about "
+        "any single answer."
+    )
+
+
+# ---------------------------------------------------------------------- work-directory data
+
+
+def workdir_signal(
+    data: Any,
+    ssd: Any,
+    *,
+    split: str | Sequence[str],
+    signal: str = "entropy",
+    source: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A signal's scores and "the default answer is wrong" labels on a work directory's
+    split(s), optionally one ``source`` only: ``(rows, scores, wrong)``.
+
+    *data* is :func:`ssd_guard.evaluation.workdir.load_workdir`'s result, *ssd* an
+    :class:`~ssd_guard.scoring.ssd.SSDScorer`. ``entropy`` is the prompt's SSD entropy;
+    ``pmi`` / ``loglik`` score the default answer (as ``benchmarks/operating_point.py``).
+    """
+    from ssd_guard.evaluation.scorers import SSDStatsScorer
+
+    if signal not in SIGNAL_DIRECTIONS:
+        raise CalibrationError(
+            f"unknown signal {signal!r}; calibratable signals: {sorted(SIGNAL_DIRECTIONS)}"
+        )
+    splits = [split] if isinstance(split, str) else list(split)
+    rows_list: list[int] = []
+    for name in splits:
+        if name not in data.split:
+            raise CalibrationError(f"the work directory has no {name!r} split")
+        rows_list.extend(int(i) for i in data.split[name])
+    if source is not None:
+        rows_list = [i for i in rows_list if str(data.prompts[i].get("source")) == source]
+        if not rows_list:
+            known = sorted({str(p.get("source")) for p in data.prompts})
+            raise CalibrationError(
+                f"no prompt of source {source!r} in split(s) {splits}; sources: {known}"
+            )
+    rows = np.asarray(rows_list, dtype=np.int64)
+    stats = data.stats.subset(rows)
+    wrong = ~np.asarray(data.correct[rows], dtype=bool)
+    sc = SSDStatsScorer(ssd)
+    if signal == "entropy":
+        scores = np.asarray(sc.score(stats), dtype=np.float64)
+    else:
+        if stats.default_embeddings is None:
+            raise CalibrationError(f"signal {signal!r} needs the default answers' embeddings")
+        sig = sc.answer_signals(stats, stats.default_embeddings)
+        scores = np.asarray(sig[signal], dtype=np.float64)
+    return rows, scores, wrong

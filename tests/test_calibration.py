@@ -1,0 +1,174 @@
+"""Calibrated thresholds (issue 12): the Learn-then-Test guarantee holds at its stated
+frequency on synthetic scores with a known error rate; infeasible targets and another
+student's calibration give clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ssd_guard.calibration import (
+    CalibrationError,
+    CalibrationFile,
+    CalibrationMismatchError,
+    InfeasibleTargetError,
+    calibrate_threshold,
+    describe_guarantee,
+    load_calibration,
+    realised_error,
+    save_calibration,
+    smallest_feasible_alpha,
+)
+from ssd_guard.errors import ConfigError, SSDGuardError
+
+#: Fixed candidate thresholds (chosen without looking at any labels).
+GRID = np.linspace(0.05, 1.0, 20)
+
+
+def _draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores uniform on [0, 1], P(wrong | score s) = s²: answering at or below t has a
+    true error rate of exactly t² / 3 among the answered."""
+    s = rng.random(n)
+    return s, rng.random(n) < s**2
+
+
+def test_guarantee_holds_at_the_stated_frequency() -> None:
+    alpha, delta = 0.2, 0.1
+    rng = np.random.default_rng(0)
+    n_runs, violations, realised_violations, answered = 300, 0, 0, 0
+    for _ in range(n_runs):
+        s, w = _draw(rng, 400)
+        cal = calibrate_threshold(s, w, alpha=alpha, delta=delta, grid=GRID)
+        assert cal.n_calibration == 400
+        assert cal.threshold in cal.valid_thresholds
+        # The population error among answered is known: threshold² / 3.
+        violations += int(cal.threshold**2 / 3 > alpha)
+        st, wt = _draw(rng, 2000)
+        realised_violations += int(realised_error(st, wt, cal.threshold, True) > alpha)
+        answered += int(cal.coverage > 0)
+    assert violations / n_runs <= delta
+    assert realised_violations / n_runs <= delta
+    # Not vacuous: the controller lets answers through in every run (true max t ≈ 0.77).
+    assert answered == n_runs
+
+
+def test_guarantee_on_resplits_of_one_sample() -> None:
+    """The benchmark's protocol: random calibration/test re-splits of one pool."""
+    alpha, delta = 0.25, 0.1
+    rng = np.random.default_rng(1)
+    s, w = _draw(rng, 1200)
+    bad = 0
+    for _ in range(200):
+        perm = rng.permutation(len(s))
+        cal, test = perm[:400], perm[400:]
+        c = calibrate_threshold(s[cal], w[cal], alpha=alpha, delta=delta, grid=GRID)
+        bad += int(realised_error(s[test], w[test], c.threshold, True) > alpha)
+    assert bad / 200 <= delta
+
+
+def test_lower_is_riskier_signals_mirror() -> None:
+    rng = np.random.default_rng(2)
+    s, w = _draw(rng, 500)
+    hi = calibrate_threshold(s, w, alpha=0.2, delta=0.1, grid=GRID)
+    lo = calibrate_threshold(-s, w, alpha=0.2, delta=0.1, grid=-GRID, higher_is_riskier=False)
+    assert lo.threshold == pytest.approx(-hi.threshold)
+    assert lo.coverage == pytest.approx(hi.coverage)
+    assert np.array_equal(lo.accept(-s), hi.accept(s))
+
+
+def test_infeasible_target_names_the_smallest_feasible_alpha() -> None:
+    rng = np.random.default_rng(3)
+    s, w = _draw(rng, 400)
+    smallest = smallest_feasible_alpha(s, w, delta=0.1, grid=GRID)
+    assert smallest is not None and 0.0 < smallest < 0.2
+    with pytest.raises(InfeasibleTargetError) as info:
+        calibrate_threshold(s, w, alpha=0.01, delta=0.1, grid=GRID)
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, SSDGuardError)
+    assert info.value.smallest_feasible_alpha == smallest
+    assert f"smallest feasible alpha at delta=0.1 is {smallest:.2f}" in str(info.value)
+    # ...and that alpha is indeed feasible.
+    calibrate_threshold(s, w, alpha=smallest, delta=0.1, grid=GRID)
+
+
+def test_nothing_feasible_says_so() -> None:
+    s = np.linspace(0, 1, 50)
+    w = np.ones(50, dtype=bool)
+    with pytest.raises(InfeasibleTargetError, match="no alpha below 1 is feasible") as info:
+        calibrate_threshold(s, w, alpha=0.5, delta=0.1)
+    assert info.value.smallest_feasible_alpha is None
+
+
+@pytest.mark.parametrize(
+    ("alpha", "delta", "match"),
+    [(0.0, 0.1, "alpha"), (1.2, 0.1, "alpha"), (0.2, 0.0, "delta"), (0.2, 1.0, "delta")],
+)
+def test_bad_targets(alpha: float, delta: float, match: str) -> None:
+    with pytest.raises(CalibrationError, match=match):
+        calibrate_threshold([0.1, 0.2], [True, False], alpha=alpha, delta=delta)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(CalibrationError, match="2 scores but 3 labels"):
+        calibrate_threshold([0.1, 0.2], [True, False, True], alpha=0.2, delta=0.1)
+    with pytest.raises(CalibrationError, match="NaN"):
+        calibrate_threshold([0.1, float("nan")], [True, False], alpha=0.2, delta=0.1)
+
+
+def _file(fingerprint: str = "abc123") -> CalibrationFile:
+    rng = np.random.default_rng(4)
+    s, w = _draw(rng, 400)
+    res = calibrate_threshold(s, w, alpha=0.2, delta=0.1, grid=GRID)
+    return CalibrationFile.from_result(
+        res, student_fingerprint=fingerprint, signal="entropy", data={"split": "validation"}
+    )
+
+
+def test_file_round_trip_and_mismatched_student(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cal = _file()
+    path = save_calibration(cal, tmp_path)
+    assert path.name == "calibration.json"
+    back = load_calibration(tmp_path, fingerprint="abc123")
+    assert back == cal
+    for key in ("alpha", "delta", "threshold", "valid_thresholds", "n_calibration", "coverage"):
+        assert getattr(back, key) == getattr(cal, key)
+    with pytest.raises(CalibrationMismatchError) as info:
+        load_calibration(path, fingerprint="other999")
+    msg = str(info.value)
+    assert "abc123" in msg and "other999" in msg and "ssd-guard calibrate" in msg
+    assert isinstance(info.value, SSDGuardError)
+
+
+def test_missing_or_broken_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(CalibrationError, match="no calibration file"):
+        load_calibration(tmp_path / "nope.json")
+    bad = tmp_path / "calibration.json"
+    bad.write_text('{"alpha": 0.2}', encoding="utf-8")
+    with pytest.raises(CalibrationError, match="not a valid calibration file"):
+        load_calibration(bad)
+
+
+def test_guarantee_in_plain_words() -> None:
+    text = describe_guarantee(_file())
+    assert "at most 20% are wrong" in text
+    assert "at least 90%" in text
+    assert "exchangeable" in text
+
+
+def test_cli_registers_calibrate() -> None:
+    from ssd_guard.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["calibrate", "--workdir", "w", "--alpha", "0.2", "--delta", "0.05"]
+    )
+    assert args.command == "calibrate"
+    assert (args.alpha, args.delta, args.signal, args.artifact) == (0.2, 0.05, "entropy", "bundled")
+    assert args.source is None and args.out is None
+
+
+def test_candidates_answering_nothing_are_ignored() -> None:
+    """Thresholds below every calibration score would have a NaN p-value in MAPIE."""
+    rng = np.random.default_rng(5)
+    s, w = _draw(rng, 300)
+    grid = np.concatenate([np.linspace(-2.0, -1.0, 5), GRID])
+    a = calibrate_threshold(s, w, alpha=0.3, delta=0.1, grid=grid)
+    assert a.threshold > 0 and a.coverage > 0
