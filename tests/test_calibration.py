@@ -172,3 +172,83 @@ def test_candidates_answering_nothing_are_ignored() -> None:
     grid = np.concatenate([np.linspace(-2.0, -1.0, 5), GRID])
     a = calibrate_threshold(s, w, alpha=0.3, delta=0.1, grid=grid)
     assert a.threshold > 0 and a.coverage > 0
+
+
+# ---------------------------------------------------------------- policies: calibrated bounds
+_POLICY = """name: p
+student: {student}
+rules:
+  - name: stop-uncalibrated
+    scope: prompt
+    when: {{entropy: {{calibrated: {{max_error: {max_error}, confidence: {confidence}}}}}}}
+    action: abstain
+"""
+
+
+def _student_with_calibration(tmp_path, fingerprint: str | None = None):  # type: ignore[no-untyped-def]
+    import shutil
+
+    from ssd_guard.artifact import bundled_artifact_path, load_artifact
+
+    student = tmp_path / "student"
+    shutil.copytree(bundled_artifact_path(), student)
+    fp = fingerprint or load_artifact(student)[0].fingerprint
+    save_calibration(_file(fp), student)
+    return student
+
+
+def _write_policy(tmp_path, max_error: float = 0.2, confidence: float = 0.9):  # type: ignore[no-untyped-def]
+    path = tmp_path / "p.yaml"
+    text = _POLICY.format(student="student", max_error=max_error, confidence=confidence)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_policy_calibrated_bound_round_trip(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ssd_guard.cli import main
+    from ssd_guard.policy import load_policy
+
+    student = _student_with_calibration(tmp_path)
+    cal = load_calibration(student)
+    policy = load_policy(_write_policy(tmp_path))
+    assert policy.resolve_thresholds("stop-uncalibrated") == {"entropy.gt": cal.threshold}
+    above = policy.decide("prompt", {"entropy": cal.threshold + 0.01})
+    below = policy.decide("prompt", {"entropy": cal.threshold - 0.01})
+    assert above.action == "abstain" and below.action == "allow"
+    assert main(["check-policy", str(tmp_path / "p.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated guarantee" in out and "at most 20% are wrong" in out
+    assert "exchangeable" in out
+
+
+def test_policy_calibrated_bound_refusals(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ssd_guard.cli import main
+    from ssd_guard.errors import PolicyError
+    from ssd_guard.policy import Policy, load_policy
+
+    # missing calibration file
+    (tmp_path / "a").mkdir()
+    import shutil
+
+    from ssd_guard.artifact import bundled_artifact_path
+
+    shutil.copytree(bundled_artifact_path(), tmp_path / "a" / "student")
+    with pytest.raises(PolicyError, match="no calibration file"):
+        load_policy(_write_policy(tmp_path / "a"))
+    # another student's calibration
+    (tmp_path / "b").mkdir()
+    _student_with_calibration(tmp_path / "b", fingerprint="0000000000000000")
+    path = _write_policy(tmp_path / "b")
+    with pytest.raises(PolicyError, match="fingerprint 0000000000000000"):
+        load_policy(path)
+    assert main(["check-policy", str(path)]) == 1
+    assert "re-run `ssd-guard calibrate`" in capsys.readouterr().err
+    # a stricter target than the calibration guarantees
+    (tmp_path / "c").mkdir()
+    _student_with_calibration(tmp_path / "c")
+    with pytest.raises(PolicyError, match=r"re-run `ssd-guard calibrate --alpha 0.1 --delta 0.1`"):
+        load_policy(_write_policy(tmp_path / "c", max_error=0.1))
+    # built in code, never resolved: deciding refuses rather than matching silently
+    raw = Policy.from_yaml_text(_POLICY.format(student="bundled", max_error=0.2, confidence=0.9))
+    with pytest.raises(PolicyError, match="not resolved"):
+        raw.decide("prompt", {"entropy": 0.0})

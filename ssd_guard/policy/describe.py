@@ -55,9 +55,19 @@ def _describe_condition(cond: Condition, calibration: Mapping[str, Sequence[floa
     for metric in METRICS:
         threshold: Threshold | None = getattr(cond, metric)
         if threshold is not None:
+            if threshold.unresolved_calibration:
+                want = threshold.calibrated
+                assert want is not None
+                parts.append(
+                    f"{metric} outside its calibrated bound (max error {want.max_error:g}, "
+                    f"confidence {want.confidence:g}; not resolved: no calibration file read)"
+                )
+                continue
             parts.extend(
                 _describe_bound(metric, op, q, v, calibration) for op, q, v in threshold.bounds()
             )
+            if threshold.guarantee:
+                parts[-1] += f" [calibrated guarantee: {threshold.guarantee}]"
     if cond.all_:
         subs = [_describe_condition(c, calibration) for c in cond.all_]
         parts.append("all of (" + "; ".join(subs) + ")")

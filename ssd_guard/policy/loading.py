@@ -11,7 +11,7 @@ import contextlib
 from importlib import resources
 from pathlib import Path
 
-from ssd_guard.policy.parsing import ROOT, policy_error, policy_errors
+from ssd_guard.policy.parsing import ROOT, format_path, policy_error, policy_errors
 from ssd_guard.policy.schema import Policy
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "default_policy_path",
     "load_default_policy",
     "load_policy",
+    "resolve_calibrated",
     "resolve_proxy_model",
     "resolve_student",
 ]
@@ -43,7 +44,59 @@ def load_policy(path: str | Path) -> Policy:
     except OSError as exc:
         raise policy_error(source, ROOT, f"cannot read: {exc.strerror or exc}") from None
     policy = Policy.from_yaml_text(data, source)
+    resolve_calibrated(policy)
     return policy
+
+
+def resolve_calibrated(policy: Policy, base_dir: str | Path | None = None) -> None:
+    """Resolve every ``calibrated: {max_error, confidence}`` bound against the calibration
+    file beside the policy's student (``ssd-guard calibrate``). Raises
+    :class:`~ssd_guard.errors.PolicyError` when the file is missing, belongs to another
+    student, calibrates another signal, or guarantees less than the rule asks."""
+    leaves = [
+        (index, path, metric, threshold)
+        for index, rule in enumerate(policy.rules)
+        if rule.when is not None
+        for path, metric, threshold in rule.when.leaves()
+        if threshold.calibrated is not None
+    ]
+    if not leaves:
+        return
+    from ssd_guard.artifact import bundled_artifact_path, load_artifact
+    from ssd_guard.calibration import describe_guarantee, load_calibration
+    from ssd_guard.errors import ConfigError
+
+    student = resolve_student(policy, base_dir)
+    art = bundled_artifact_path() if student == "bundled" else Path(student)
+    try:
+        fingerprint = load_artifact(art)[0].fingerprint
+        cal = load_calibration(art, fingerprint=fingerprint)
+    except ConfigError as exc:
+        raise policy_errors(policy.source, [("student", str(exc))]) from None
+    problems: list[tuple[str, str]] = []
+    for index, path, metric, threshold in leaves:
+        want = threshold.calibrated
+        assert want is not None
+        key = format_path(("rules", index, "when", *path, "calibrated"))
+        if cal.signal != metric:
+            problems.append((key, f"the calibration file calibrates {cal.signal}, not {metric}"))
+            continue
+        if cal.alpha > want.max_error + 1e-12 or 1 - cal.delta < want.confidence - 1e-12:
+            problems.append(
+                (
+                    key,
+                    f"the student's calibration guarantees an error <= {cal.alpha:g} with "
+                    f"confidence {1 - cal.delta:g}, the rule asks <= {want.max_error:g} with "
+                    f"confidence {want.confidence:g}: re-run `ssd-guard calibrate --alpha "
+                    f"{want.max_error:g} --delta {1 - want.confidence:.3g}` (it names the "
+                    "smallest feasible alpha when the target cannot be met)",
+                )
+            )
+            continue
+        op = "gt" if cal.higher_is_riskier else "lt"
+        threshold.resolve_calibrated(op, cal.threshold, describe_guarantee(cal))
+    if problems:
+        raise policy_errors(policy.source, problems)
 
 
 def default_policy_path(name: str = "default") -> Path:

@@ -56,6 +56,7 @@ __all__ = [
     "SCOPE_METRICS",
     "ActionName",
     "CacheConfig",
+    "CalibratedBound",
     "Condition",
     "Decision",
     "Policy",
@@ -213,10 +214,23 @@ class CacheConfig(_Model):
     """Capacity of the memory cache (least recently used entries go first)."""
 
 
+class CalibratedBound(_Model):
+    """``calibrated: {max_error: 0.2, confidence: 0.9}``: the bound chosen by
+    ``ssd-guard calibrate`` (the calibration file beside the student) such that among the
+    prompts this condition does NOT match, at most ``max_error`` of the default answers are
+    wrong with probability at least ``confidence``. The condition matches the rest (the
+    prompts to stop): pair it with ``abstain`` / ``retrieve``. Resolved by
+    :func:`~ssd_guard.policy.load_policy`."""
+
+    max_error: float = Field(gt=0, lt=1)
+    confidence: float = Field(gt=0, lt=1)
+
+
 class Threshold(_Model):
     """Bounds on one score: raw values (``gt``, ``ge``, ``lt``, ``le``) or quantiles of the
     calibration set stored with the student (``gt_quantile``...). At most one lower and one
-    upper bound; both together mean a band."""
+    upper bound; both together mean a band. ``calibrated`` (alone) takes the bound from the
+    student's calibration file (:class:`CalibratedBound`)."""
 
     gt: FiniteFloat | None = None
     ge: FiniteFloat | None = None
@@ -226,9 +240,17 @@ class Threshold(_Model):
     ge_quantile: QuantileFloat | None = None
     lt_quantile: QuantileFloat | None = None
     le_quantile: QuantileFloat | None = None
+    calibrated: CalibratedBound | None = None
+
+    #: ``(op, value, guarantee text)`` once a ``calibrated`` bound is resolved
+    _resolved: tuple[str, float, str] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> Threshold:
+        if self.calibrated is not None:
+            if self.bounds():
+                raise ValueError("'calibrated' cannot be combined with other bounds")
+            return self
         bounds = self.bounds()
         if not bounds:
             raise ValueError(
@@ -254,8 +276,11 @@ class Threshold(_Model):
         return self
 
     def bounds(self) -> list[tuple[str, bool, float]]:
-        """``(op, is_quantile, value)`` for every bound that is set."""
+        """``(op, is_quantile, value)`` for every bound that is set (a resolved
+        ``calibrated`` bound counts as a raw one; an unresolved one as none)."""
         out: list[tuple[str, bool, float]] = []
+        if self._resolved is not None:
+            return [(self._resolved[0], False, self._resolved[1])]
         for op in _BOUNDS:
             raw = getattr(self, op)
             if raw is not None:
@@ -268,6 +293,22 @@ class Threshold(_Model):
     @property
     def uses_quantiles(self) -> bool:
         return any(q for _, q, _ in self.bounds())
+
+    @property
+    def unresolved_calibration(self) -> bool:
+        """A ``calibrated`` bound not (yet) resolved against a calibration file."""
+        return self.calibrated is not None and self._resolved is None
+
+    @property
+    def guarantee(self) -> str | None:
+        """The resolved ``calibrated`` bound's guarantee in plain words."""
+        return None if self._resolved is None else self._resolved[2]
+
+    def resolve_calibrated(self, op: str, value: float, guarantee: str) -> None:
+        """Set the raw bound a ``calibrated`` one stands for (done by ``load_policy``)."""
+        if self.calibrated is None:
+            raise ValueError("not a calibrated bound")
+        self._resolved = (op, float(value), guarantee)
 
 
 def _key(op: str, quantile: bool) -> str:
@@ -541,10 +582,18 @@ class Policy(_Model):
     def check_calibration(
         self, calibration: Mapping[str, Sequence[float]] | None, scope: str | None = None
     ) -> None:
-        """Raise :class:`PolicyError` if a quantile rule (of *scope*, or any) lacks values."""
+        """Raise :class:`PolicyError` if a quantile rule (of *scope*, or any) lacks values,
+        or a ``calibrated`` bound was not resolved against a calibration file."""
         for rule in self.rules:
             if scope is not None and rule.scope != scope:
                 continue
+            for _path, metric, threshold in rule.when.leaves() if rule.when else ():
+                if threshold.unresolved_calibration:
+                    raise PolicyError(
+                        f"{self._source}: rule '{rule.name}' uses a calibrated {metric} bound "
+                        "that was not resolved against the student's calibration file (load "
+                        "the policy with load_policy, after `ssd-guard calibrate`)"
+                    )
             for metric in sorted(rule.needs_calibration):
                 values = None if calibration is None else calibration.get(metric)
                 if values is None or len(_sorted_finite(values)) == 0:
