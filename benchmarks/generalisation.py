@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ssd_guard.evaluation.baselines.dispersion import dispersion
-from ssd_guard.evaluation.metrics import auroc, spearman
+from ssd_guard.evaluation.metrics import auroc, derangement, spearman
 from ssd_guard.evaluation.scorers import SSDStatsScorer
 from ssd_guard.evaluation.workdir import load_workdir
 
@@ -34,14 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
     value = auroc(y, s)
     return None if math.isnan(value) else value
-
-
-def _derange(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    while True:
-        p = rng.permutation(n)
-        if not np.any(p == np.arange(n)):
-            return p
 
 
 def main() -> int:
@@ -84,7 +76,7 @@ def main() -> int:
             "TD-std_auroc": _auroc(wrong, td),
             "students": {},
         }
-        perm = _derange(len(rows), args.seed)
+        perm = derangement(len(rows), args.seed)
         for name, (_ssd, sc) in scorers.items():
             with torch.no_grad():
                 ent = sc.score(stats)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from ssd_guard.distill.stages_late import _split_index, fit_marginal, load_pca
 from ssd_guard.distill.workdir import Workdir, load_prompts
-from ssd_guard.evaluation.metrics import auroc
+from ssd_guard.evaluation.metrics import auroc, derangement
 from ssd_guard.evaluation.scorers import SSDStatsScorer
 from ssd_guard.evaluation.workdir import load_workdir
 from ssd_guard.scoring.ssd import load_marginal
@@ -63,8 +63,7 @@ def main() -> int:
     stats = data.stats.subset(va)
     assert stats.default_embeddings is not None
     sc = SSDStatsScorer(ssd)
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(len(va))
+    perm = derangement(len(va), 0)
     y = np.r_[np.zeros(len(va)), np.ones(len(va))]
     cases = build_cases(150, 0, ssd.embedder.model, "validation")
     kinds = ("correct", "sentence", "plausible_wrong", "absurd")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ssd_guard.evaluation.metrics import derangement
 from ssd_guard.evaluation.scorers import SSDStatsScorer
 from ssd_guard.evaluation.workdir import load_workdir
 
@@ -81,11 +82,7 @@ def main() -> int:
         }
     # A foreign answer: another test prompt's default answer (a seeded derangement), the
     # mismatch case the answer rule is for.
-    rng = np.random.default_rng(0)
-    while True:
-        perm = rng.permutation(len(rows))
-        if not np.any(perm == np.arange(len(rows))):
-            break
+    perm = derangement(len(rows), 0)
     foreign = sc.answer_signals(stats, stats.default_embeddings[perm])
     for sig in ("pmi", "loglik"):
         for q in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5):

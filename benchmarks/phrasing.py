@@ -44,6 +44,20 @@ TEMPLATES = (
     "As far as I know, {a}.",
     "It's {a}, if I remember correctly.",
 )
+#: The cases issue 10 reported (README "Answers in any form" quotes their scores).
+ISSUE_EXAMPLES = (
+    ("What is the capital of France?", ("Paris", "Berlin", "A banana")),
+    (
+        "Who wrote Hamlet?",
+        (
+            "William Shakespeare",
+            "Shakespeare",
+            "Hamlet was written by William Shakespeare.",
+            "A banana",
+        ),
+    ),
+    ("What is the capital of Japan?", ("Tokyo", "A banana")),
+)
 ABSURD = (
     "A banana",
     "Purple",
@@ -127,6 +141,11 @@ def main() -> int:
         print(name, json.dumps(out["signals"][name]))
     for i, c in enumerate(out["examples"]):
         c["scores"] = {k: dict(zip(kinds, sig[k][i], strict=True)) for k in sig}
+    issue = ssd.answer_signals([q for q, _ in ISSUE_EXAMPLES], [list(a) for _, a in ISSUE_EXAMPLES])
+    out["issue_examples"] = {
+        q: {k: dict(zip(answers, issue[k][i], strict=True)) for k in issue}
+        for i, (q, answers) in enumerate(ISSUE_EXAMPLES)
+    }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(str(args.artifact)).name if args.artifact != "bundled" else "bundled"

@@ -37,26 +37,19 @@ from ssd_guard.distill.stages_late import (
     _split_index,
     fit_marginal,
     load_features,
+    load_labels,
     load_pca,
     load_pooled,
     teacher_dispersion,
 )
 from ssd_guard.distill.workdir import Workdir, load_prompts
-from ssd_guard.evaluation.metrics import auroc, spearman
+from ssd_guard.evaluation.metrics import auroc, derangement, spearman
 from ssd_guard.features import FeatureSpec
 from ssd_guard.mixture import GaussianMixture
 from ssd_guard.scoring.ssd import load_marginal
 from ssd_guard.student import SSDStudent
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _derange(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    while True:
-        p = rng.permutation(n)
-        if not np.any(p == np.arange(n)):
-            return p
 
 
 def _answer_signals(
@@ -82,11 +75,7 @@ def main() -> int:
     prompts = load_prompts(wd)
     idx = _split_index(wd, prompts)
     tr, va = idx["train"], idx["validation"]
-    labels = {}
-    with wd.path("labels.jsonl").open(encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            labels[row["id"]] = bool(row["correct"])
+    labels = {r["id"]: bool(r["correct"]) for r in load_labels(wd)}
     wrong_all = np.array([not labels[p["id"]] for p in prompts])
     source = np.array([str(p.get("source", "all")) for p in prompts])
     best = int(wd.read_json("layers.json")["best"])
@@ -134,7 +123,7 @@ def main() -> int:
         )
     )
     assert marg is not None
-    perm = _derange(len(va), args.seed)
+    perm = derangement(len(va), args.seed)
 
     def run(name: str, spec: FeatureSpec, rank_weight: float, floor: float) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -29,7 +29,6 @@ import contextlib
 import functools
 import hashlib
 import hmac
-import inspect
 import json
 import math
 import os
@@ -40,16 +39,14 @@ import unicodedata
 import weakref
 from collections import OrderedDict
 from collections.abc import (
-    Awaitable,
     Callable,
-    Generator,
     Iterable,
     Iterator,
     Mapping,
     Sequence,
 )
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import redis
@@ -66,6 +63,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from ssd_guard._flow import Call, Flow, adrive, drive
 from ssd_guard.errors import CacheUnavailableError
 
 if TYPE_CHECKING:
@@ -229,77 +227,6 @@ class _Codec:
 
 def _canonical(value: Mapping[str, float]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-# --------------------------------------------------------------------------------------
-# Flows: each operation written once, run by a sync or an async driver
-# --------------------------------------------------------------------------------------
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class Call(Generic[T]):
-    """An effect a flow yields (a Redis command, a scorer pass, a cache lookup...), in
-    both styles: the sync driver returns ``sync()``; the async driver awaits ``async_()``,
-    or without one calls ``sync()`` and awaits the result when it is awaitable. The result
-    is sent back into the flow at the ``yield``; an exception is thrown in there."""
-
-    __slots__ = ("async_", "sync")
-
-    def __init__(
-        self, sync: Callable[[], T], async_: Callable[[], Awaitable[T]] | None = None
-    ) -> None:
-        self.sync = sync
-        self.async_ = async_
-
-    async def arun(self) -> T:
-        if self.async_ is not None:
-            return await self.async_()
-        out: Any = self.sync()
-        if inspect.isawaitable(out):
-            out = await out
-        return out  # type: ignore[no-any-return]
-
-
-#: A flow: a generator yielding :class:`Call` effects and returning its result (the way
-#: httpx writes an auth flow once for its sync and async clients).
-Flow = Generator[Call[Any], Any, R]
-
-
-def drive(flow: Flow[R]) -> R:
-    """Run *flow* synchronously: each effect is called in this thread."""
-    value: Any = None
-    error: Exception | None = None
-    try:
-        while True:
-            try:
-                op = flow.throw(error) if error is not None else flow.send(value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            try:
-                value, error = op.sync(), None
-            except Exception as exc:  # thrown into the flow at its yield
-                value, error = None, exc
-    finally:
-        flow.close()
-
-
-async def adrive(flow: Flow[R]) -> R:
-    """Run *flow* asynchronously: each effect is awaited (see :class:`Call`)."""
-    value: Any = None
-    error: Exception | None = None
-    try:
-        while True:
-            try:
-                op = flow.throw(error) if error is not None else flow.send(value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            try:
-                value, error = await op.arun(), None
-            except Exception as exc:
-                value, error = None, exc
-    finally:
-        flow.close()
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ssd_guard.features import FeatureSpec
-from ssd_guard.generation import left_pad_positions
+from ssd_guard.generation import left_pad_positions, pool_weights
 
 log = logging.getLogger("ssd_guard.encoding")
 
@@ -84,7 +84,7 @@ class _Collect:
         if layer in self.spec.pooled_layers and layer not in self.pooled:
             keep = self.keep
             if keep is None or keep.shape[1] != h.shape[1]:
-                keep = _pool_weights(
+                keep = pool_weights(
                     torch.ones(h.shape[:2], dtype=torch.long, device=h.device),
                     self.spec.pool_start,
                 )
@@ -103,17 +103,6 @@ class _Collect:
 
 
 _ACTIVE_CALL: ContextVar[_Collect | None] = ContextVar("ssd_guard_encoding_call", default=None)
-
-
-def _pool_weights(attention_mask: torch.Tensor, pool_start: int) -> torch.Tensor:
-    """``[B, T, 1]`` weights of the real tokens at position ``>= pool_start`` (the
-    question after the few-shot prefix); a row without any falls back to its last token."""
-    pos = left_pad_positions(attention_mask)
-    keep = attention_mask.bool() & (pos >= pool_start)
-    last = torch.zeros_like(keep)
-    last[:, -1] = True
-    keep = torch.where(keep.any(-1, keepdim=True), keep, last)
-    return keep.float().unsqueeze(-1)
 
 
 class PromptEncoder:
@@ -200,12 +189,6 @@ class PromptEncoder:
             raise ValueError("cannot read the last layer of this model")
         return cast(nn.Module, module)
 
-    def _hook_module(self) -> nn.Module | None:
-        """The module whose output is the deepest layer read (``None``: the last one)."""
-        if self.layer == self.num_layers:
-            return None
-        return self._module_for(self.layer)
-
     def capture_module(self) -> nn.Module:
         """The module whose forward output is the deepest layer read."""
         return self._module_for(self.layer)
@@ -267,11 +250,11 @@ class PromptEncoder:
         if not self.truncate:
             out = self.model(**kwargs, output_hidden_states=True)
             hs = out.hidden_states
-            keep = _pool_weights(attention_mask, spec.pool_start)
+            keep = pool_weights(attention_mask, spec.pool_start)
             parts = [hs[ly][:, -1, :].float() for ly in spec.layers]
             parts += [(hs[ly].float() * keep).sum(1) / keep.sum(1) for ly in spec.pooled_layers]
             return torch.cat(parts, dim=-1)
-        state = _Collect(spec, _pool_weights(attention_mask, spec.pool_start), stop=True)
+        state = _Collect(spec, pool_weights(attention_mask, spec.pool_start), stop=True)
         with self._hooks(state), contextlib.suppress(_StopForward):
             self.model(**kwargs)
         if not state.done:
@@ -307,7 +290,7 @@ class PromptEncoder:
         """
         cap = HiddenStateCapture()
         keep = (
-            _pool_weights(attention_mask, self.features.pool_start)
+            pool_weights(attention_mask, self.features.pool_start)
             if attention_mask is not None
             else None
         )

@@ -66,3 +66,21 @@ class GuardBlockedError(SSDGuardError):
         self.action = action
         self.rule = rule
         self.scores = scores
+
+
+def type_phrase(value: object, *, mapping: str = "a mapping") -> str:
+    """How error messages name what was found instead (``"a number"``, ``"null"``...);
+    *mapping* is the word for a dict (``"an object"`` where the input is JSON)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return mapping
+    return type(value).__name__

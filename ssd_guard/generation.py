@@ -20,6 +20,7 @@ __all__ = [
     "decode_loop",
     "left_pad_positions",
     "pool_hidden_states",
+    "pool_weights",
     "sample_answers",
     "stop_token_table",
 ]
@@ -174,7 +175,7 @@ def sample_answers(
         hidden = torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1)
     pooled = None
     if return_hidden and pool_start is not None:
-        pooled = pool_hidden_states(out.hidden_states, attn, pos, pool_start)
+        pooled = pool_hidden_states(out.hidden_states, attn, pool_start)
     rows = n_samples + 1
     b = input_ids.shape[0]
     cache = out.past_key_values
@@ -211,20 +212,23 @@ def sample_answers(
     return SampledAnswers(default, samples, hidden, pooled)
 
 
-def pool_hidden_states(
-    hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
-    attention_mask: torch.Tensor,
-    positions: torch.Tensor,
-    pool_start: int,
-) -> torch.Tensor:
-    """Mean over real tokens at position ``>= pool_start`` of every layer: ``[B, L, H]``.
-
-    A prompt shorter than ``pool_start`` falls back to its last token.
-    """
-    keep = attention_mask.bool() & (positions >= pool_start)
+def pool_weights(attention_mask: torch.Tensor, pool_start: int) -> torch.Tensor:
+    """``[B, T, 1]`` weights of the real tokens at position ``>= pool_start`` (the question
+    after a shared few-shot prefix) of a left-padded batch; a row without any falls back
+    to its last token."""
+    keep = attention_mask.bool() & (left_pad_positions(attention_mask) >= pool_start)
     last = torch.zeros_like(keep)
     last[:, -1] = True
     keep = torch.where(keep.any(-1, keepdim=True), keep, last)
-    w = keep.float().unsqueeze(-1)  # [B, T, 1]
+    return keep.float().unsqueeze(-1)
+
+
+def pool_hidden_states(
+    hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    attention_mask: torch.Tensor,
+    pool_start: int,
+) -> torch.Tensor:
+    """Mean over the :func:`pool_weights` tokens of every layer: ``[B, L, H]`` float32."""
+    w = pool_weights(attention_mask, pool_start)
     denom = w.sum(1)  # [B, 1]
     return torch.stack([(h.float() * w).sum(1) / denom for h in hidden_states], dim=1)

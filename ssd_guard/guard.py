@@ -60,7 +60,7 @@ Every method has an ``async`` twin (``acheck_prompt``, ..., ``arun``). Each flow
 written once, as a generator that yields its effects (a cache read / write, a scorer
 pass, a retriever call, a ``generate`` call) as :class:`~ssd_guard.cache.Call` objects,
 the way httpx writes its auth flows once: the sync method drives it with
-:func:`~ssd_guard.cache.drive`, the async one with :func:`~ssd_guard.cache.adrive`, where
+:func:`~ssd_guard._flow.drive`, the async one with :func:`~ssd_guard._flow.adrive`, where
 scoring runs in a worker thread so the event loop is never blocked by the model.
 
 Nothing here imports LangChain; :mod:`ssd_guard.integrations.langchain` builds on this.
@@ -85,17 +85,9 @@ from typing import Any, Literal
 
 import structlog
 
+from ssd_guard._flow import Call, Flow, adrive, drive
 from ssd_guard.audit import bind_run, emit_decision
-from ssd_guard.cache import (
-    Call,
-    Flow,
-    ScoreCache,
-    adrive,
-    cache_from_config,
-    collect_errors,
-    drive,
-    make_key,
-)
+from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_key
 from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
 from ssd_guard.policy import Decision, Policy, Scope, load_policy
 from ssd_guard.policy.schema import ANSWER_SIGNALS

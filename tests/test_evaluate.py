@@ -357,7 +357,7 @@ def test_load_workdir_falls_back_to_shards_and_live_embeddings(
     import shutil
 
     from ssd_guard.errors import ConfigError
-    from ssd_guard.evaluation.runner import _derangement
+    from ssd_guard.evaluation.metrics import derangement as _derangement
     from ssd_guard.evaluation.workdir import load_workdir
 
     qa, _ = workdirs

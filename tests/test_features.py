@@ -62,8 +62,7 @@ def test_assemble_matches_encoder_on_teacher_states(tiny_lm) -> None:
 def test_pool_falls_back_to_last_token() -> None:
     h = [torch.arange(12, dtype=torch.float32).view(1, 3, 4)]
     mask = torch.tensor([[0, 1, 1]])
-    pos = torch.tensor([[0, 0, 1]])
-    got = pool_hidden_states(h, mask, pos, pool_start=10)
+    got = pool_hidden_states(h, mask, pool_start=10)
     assert torch.equal(got[0, 0], h[0][0, -1])
 
 

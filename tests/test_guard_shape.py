@@ -2,8 +2,8 @@
 
 ``Guard`` (check prompt / answer / documents, screen, retrieve, prepare, complete, run)
 and ``RedisCache`` (get / set and their batches) write each flow once, as a generator
-yielding :class:`~ssd_guard.cache.Call` effects; the public sync and async methods are
-thin drivers of it (:func:`~ssd_guard.cache.drive` / :func:`~ssd_guard.cache.adrive`).
+yielding :class:`~ssd_guard._flow.Call` effects; the public sync and async methods are
+thin drivers of it (:func:`~ssd_guard._flow.drive` / :func:`~ssd_guard._flow.adrive`).
 So (1) no async method repeats its sync twin's body, and (2) both drivers make the same
 decisions for the same calls.
 """
@@ -23,7 +23,7 @@ from test_guard import GOOD_DOC, POISON_DOC, Gen, Retr, decisions_of, make_polic
 
 import ssd_guard.cache as cache_mod
 import ssd_guard.guard as guard_mod
-from ssd_guard.cache import Call, Flow, adrive, drive
+from ssd_guard._flow import Call, Flow, adrive, drive
 from ssd_guard.errors import CacheUnavailableError
 from ssd_guard.guard import Guard
 

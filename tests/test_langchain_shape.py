@@ -23,7 +23,7 @@ from ssd_guard.integrations.langchain import SSDGuard
 
 PACKAGE = Path(lc.__file__).parent
 #: The drivers themselves (iterate / aiterate, run / arun) are the one sanctioned pair.
-DRIVERS = PACKAGE / "_flow.py"
+DRIVERS = PACKAGE.parents[1] / "_flow.py"
 #: Statements a driver may have (a docstring not counted).
 DRIVER_SIZE = 2
 

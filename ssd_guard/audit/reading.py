@@ -21,7 +21,7 @@ from typing import IO, Any
 import structlog
 
 from ssd_guard.audit.writing import DECISION_EVENT
-from ssd_guard.errors import SSDGuardError
+from ssd_guard.errors import SSDGuardError, type_phrase
 
 __all__ = [
     "EventScan",
@@ -44,19 +44,7 @@ _MAX_PROBLEMS = 20
 
 
 def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    return type_phrase(value, mapping="an object")
 
 
 def restore_number(value: Any) -> Any:

@@ -163,6 +163,10 @@ class StudentConfig(_Strict):
     marginal_min_scale: float = Field(default=0.5, ge=0)
     #: Score sentence-length answers on their core span too (see ssd_guard.answers).
     core_span: bool = True
+    #: Store the heads' weight matrices in float16 (half the artifact's size; the heads
+    #: are rounded to float16 *before* calibration, so the stored calibration values are
+    #: exactly what the stored weights give).
+    half_weights: bool = True
     #: The answer signal recorded as the artifact's default (chosen on validation).
     answer_signal: Literal["loglik", "pmi", "consensus"] = "loglik"
 

@@ -386,6 +386,11 @@ def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str,
             if bar is not None:
                 bar.update(1)
         assert best is not None
+        if sc.half_weights:
+            with torch.no_grad():
+                for param in best.model_.parameters():
+                    if param.dim() == 2:
+                        param.copy_(param.half().float())
         heads[head] = best
         results[head] = rows
     if bar is not None:
@@ -394,7 +399,9 @@ def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str,
 
     tensors: dict[str, torch.Tensor] = dict(pca.tensors())
     for name, st in heads.items():
-        tensors.update({f"heads.{name}.{k}": v for k, v in st.state_tensors().items()})
+        for key, v in st.state_tensors().items():
+            half = sc.half_weights and v.dim() == 2  # weight matrices, already rounded
+            tensors[f"heads.{name}.{key}"] = v.half() if half else v
     d_ans = dims["answer"]
     if sc.marginal_components > 0:
         z_tr = torch.cat([z_all[tr, :, :d_ans].reshape(-1, d_ans), z_default[tr, :d_ans]])
@@ -471,6 +478,7 @@ def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str,
             "features": spec.describe(),
             "rank_weight": sc.rank_weight,
             "select_by": sc.select_by,
+            "weights_dtype": "float16" if sc.half_weights else "float32",
         },
     )
     out = r.resolve(r.artifact) if r.artifact else wd.path("artifact")

@@ -199,3 +199,14 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(vals, [alpha, 1.0 - alpha])
     return Interval(point, float(lo), float(hi), int(vals.size), level)
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation without fixed points (a random cycle): row ``i`` is paired
+    with row ``derangement(n, seed)[i] != i`` (the mismatch checks' "another prompt")."""
+    if n < 2:
+        raise ValueError("mismatch detection needs at least two prompts")
+    order = np.random.default_rng(seed).permutation(n)
+    other = np.empty(n, dtype=np.int64)
+    other[order] = np.roll(order, -1)
+    return other

@@ -55,16 +55,6 @@ def _roc_points(y: np.ndarray, s: np.ndarray, points: int = 201) -> dict[str, li
     return {"fpr": fpr.round(5).tolist(), "tpr": tpr.round(5).tolist()}
 
 
-def _derangement(n: int, seed: int) -> np.ndarray:
-    """A seeded permutation without fixed points (a random cycle)."""
-    if n < 2:
-        raise ValueError("mismatch detection needs at least two prompts")
-    order = np.random.default_rng(seed).permutation(n)
-    other = np.empty(n, dtype=np.int64)
-    other[order] = np.roll(order, -1)
-    return other
-
-
 def _mismatch_auroc(own: np.ndarray, other: np.ndarray) -> float:
     y = np.r_[np.zeros(own.shape[0]), np.ones(other.shape[0])]
     return M.auroc(y, -np.r_[own, other])
@@ -564,7 +554,7 @@ def run_evaluation(
     results["fidelity"] = {"spearman_ssd_entropy_vs": fidelity}
 
     # ------------------------------------------------------------------ mismatch
-    other = _derangement(n, seed)
+    other = M.derangement(n, seed)
     other_signals = ssd_sc.answer_signals(test, test.default_embeddings[other])
     by_signal = {
         k: _interval(_mismatch_auroc, own_signals[k], other_signals[k], idx=idx)

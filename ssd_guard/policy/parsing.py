@@ -21,7 +21,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ssd_guard.errors import PolicyError
+from ssd_guard.errors import PolicyError, type_phrase
 
 __all__ = [
     "MAX_YAML_DEPTH",
@@ -91,19 +91,7 @@ def policy_errors(source: str, problems: Sequence[tuple[str, str]]) -> PolicyErr
 
 
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
+    return type_phrase(value)
 
 
 def top_level_reason(data: Any) -> str:

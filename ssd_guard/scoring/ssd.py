@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,7 +33,7 @@ from ssd_guard.artifact import Manifest, check_compatible, load_artifact
 from ssd_guard.encoding import AnswerEmbedder, PCAProjection, PromptEncoder
 from ssd_guard.errors import ArtifactError
 from ssd_guard.mixture import GaussianMixture
-from ssd_guard.scoring.callstats import CallStats, HiddenProvider
+from ssd_guard.scoring.callstats import CallStats
 from ssd_guard.student import SSDStudent
 
 __all__ = ["ANSWER_SIGNALS", "SSDScorer", "build_heads", "load_marginal"]
@@ -52,13 +51,6 @@ def load_marginal(tensors: dict[str, torch.Tensor]) -> GaussianMixture | None:
         tensors["marginal.means"].float().unsqueeze(0),
         tensors["marginal.scales"].float().unsqueeze(0),
     )
-
-
-# Deprecated, never set: hidden states now travel in a per-call CallStats. Kept only so
-# that code still reading it (ssd_guard.scoring.batcher) sees "no provider".
-_HIDDEN_PROVIDER: ContextVar[tuple[object, HiddenProvider] | None] = ContextVar(
-    "ssd_guard_hidden_provider", default=None
-)
 
 
 def build_heads(

@@ -20,10 +20,10 @@ from langchain_core.messages import (
 from langchain_core.prompt_values import PromptValue
 
 from ssd_guard import provenance
+from ssd_guard._flow import Call
 from ssd_guard.audit import bind_run
 from ssd_guard.errors import ConfigError, GuardBlockedError
 from ssd_guard.guard import Guard, GuardResult
-from ssd_guard.integrations.langchain._flow import Call
 from ssd_guard.policy import BLOCKING_ACTIONS, Decision
 from ssd_guard.provenance import base_model_of, model_name
 from ssd_guard.scoring.base import RiskScorer

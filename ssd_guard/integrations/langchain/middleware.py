@@ -65,8 +65,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         f"(or pip install 'langchain>=1.0'). Original error: {exc}"
     ) from exc
 
+from ssd_guard import _flow as flow
+from ssd_guard._flow import Call, Flow
 from ssd_guard.guard import CallStats, Guard, GuardResult, RetrievedContext
-from ssd_guard.integrations.langchain import _flow as flow
 from ssd_guard.integrations.langchain._common import (
     NOSTREAM_TAG,
     QUARANTINE_NOTICE,
@@ -80,7 +81,6 @@ from ssd_guard.integrations.langchain._common import (
     text_of,
     with_prompt,
 )
-from ssd_guard.integrations.langchain._flow import Call, Flow
 from ssd_guard.integrations.langchain.callbacks import SSDGuard
 
 __all__ = ["SSDGuardMiddleware", "SSDGuardState"]

@@ -16,8 +16,9 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Huma
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import patch_config
 
+from ssd_guard import _flow as flow
+from ssd_guard._flow import Call, Emit, Flow
 from ssd_guard.guard import Guard, GuardResult
-from ssd_guard.integrations.langchain import _flow as flow
 from ssd_guard.integrations.langchain._common import (
     NOSTREAM_TAG,
     RunInfo,
@@ -33,7 +34,6 @@ from ssd_guard.integrations.langchain._common import (
     to_messages,
     with_prompt,
 )
-from ssd_guard.integrations.langchain._flow import Call, Emit, Flow
 from ssd_guard.provenance import model_name
 
 __all__ = ["GuardedChatModel", "LocalGuardedChatModel"]

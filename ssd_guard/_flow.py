@@ -1,4 +1,6 @@
-"""Each flow of the integration written once, run by a sync or an async driver.
+"""Flows: each operation written once, run by a sync or an async driver.
+
+Used by the guard, the Redis cache and the LangChain integration.
 
 A *flow* is a generator that yields what it needs done and gets the result back, the way
 httpx writes its auth flows once:
@@ -22,7 +24,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Call", "Emit", "Flow", "aiterate", "arun", "iterate", "run"]
+__all__ = ["Call", "Emit", "Flow", "adrive", "aiterate", "arun", "drive", "iterate", "run"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -131,3 +133,8 @@ async def arun(flow: Flow[R]) -> R:
     async for value in aiterate(flow, box):
         raise _emitted(value)
     return box[0]
+
+
+#: The names the guard and the cache drive their flows with.
+drive = run
+adrive = arun
