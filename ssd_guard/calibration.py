@@ -43,8 +43,11 @@ __all__ = [
     "CalibrationFile",
     "CalibrationMismatchError",
     "InfeasibleTargetError",
+    "SelectiveCalibration",
     "ThresholdCalibration",
+    "calibrate_selective",
     "calibrate_threshold",
+    "calibration_filename",
     "default_grid",
     "describe_guarantee",
     "load_calibration",
@@ -60,7 +63,19 @@ CALIBRATION_FILENAME = "calibration.json"
 #: For each known signal: ``True`` when a higher value means a riskier prompt/answer
 #: (the guard answers at or below the threshold), ``False`` when lower is riskier (the
 #: guard answers at or above it).
-SIGNAL_DIRECTIONS: dict[str, bool] = {"entropy": True, "pmi": False, "loglik": False}
+SIGNAL_DIRECTIONS: dict[str, bool] = {
+    "entropy": True,
+    "risk": True,
+    "pmi": False,
+    "loglik": False,
+}
+
+
+def calibration_filename(signal: str) -> str:
+    """The file a calibration of *signal* is written to beside the student
+    (``calibration.json`` for ``entropy``, ``calibration-<signal>.json`` otherwise)."""
+    return CALIBRATION_FILENAME if signal == "entropy" else f"calibration-{signal}.json"
+
 
 #: The α resolution at which the smallest feasible α is reported.
 _ALPHA_STEP = 0.01
@@ -266,6 +281,78 @@ def calibrate_threshold(
     )
 
 
+@dataclass
+class SelectiveCalibration:
+    """Answer / escalate / abstain with two thresholds (:func:`calibrate_selective`)."""
+
+    answer: ThresholdCalibration
+    #: abstain beyond this threshold (None: no threshold is valid, so never abstain)
+    abstain_threshold: float | None
+    #: the guaranteed bound on the share of abstained prompts whose answer was right
+    beta: float
+    abstain_valid: list[float]
+    #: shares of the calibration prompts answered / escalated (e.g. retrieval) / abstained
+    shares: dict[str, float]
+    #: share of right answers among the abstained calibration prompts
+    abstain_right_rate: float
+
+    def route(self, scores: Any) -> np.ndarray:
+        """``"answer"`` / ``"escalate"`` / ``"abstain"`` per score."""
+        s = np.asarray(scores, dtype=np.float64)
+        hi = self.answer.higher_is_riskier
+        out = np.full(s.shape, "escalate", dtype=object)
+        out[_accept(s, self.answer.threshold, hi)] = "answer"
+        if self.abstain_threshold is not None:
+            beyond = s >= self.abstain_threshold if hi else s <= self.abstain_threshold
+            out[beyond] = "abstain"
+        return out
+
+
+def calibrate_selective(
+    scores: Any,
+    wrong: Any,
+    *,
+    alpha: float,
+    beta: float,
+    delta: float,
+    grid: Any = None,
+    higher_is_riskier: bool = True,
+) -> SelectiveCalibration:
+    """Selective answering in both directions: *answer* when the signal is on the safe
+    side of ``t_answer``, *abstain* beyond ``t_abstain``, *escalate* (e.g. retrieve) in
+    between, such that with probability ≥ 1 − *delta*, jointly,
+
+    * among answered prompts at most *alpha* are wrong, and
+    * among abstained prompts at most *beta* would have been answered right
+
+    (two Learn-then-Test runs with MAPIE's controller at δ/2 each, a union bound; the
+    abstain threshold is the valid one that abstains most, kept beyond ``t_answer``).
+    """
+    s, w = _check_inputs(scores, wrong, alpha, delta)
+    if not 0.0 < beta < 1.0:
+        raise CalibrationError(f"beta (right answers among abstentions) must be in (0, 1): {beta}")
+    g = default_grid(s) if grid is None else np.asarray(grid, dtype=np.float64)
+    answer = calibrate_threshold(
+        s, w, alpha=alpha, delta=delta / 2, grid=g, higher_is_riskier=higher_is_riskier
+    )
+    # The abstain side: "positive" = the default answer is wrong, predicted beyond t; its
+    # precision >= 1 - beta. Same controller with the orientation and labels flipped.
+    valid, _ = _controller(s, ~w, beta, delta / 2, g, not higher_is_riskier)
+    if higher_is_riskier:
+        # abstain when s >= t (the flipped rule's "accept"); keep t beyond t_answer
+        usable = valid[valid > answer.threshold]
+        t_abs = float(usable.min()) if usable.size else None
+    else:
+        usable = valid[valid < answer.threshold]
+        t_abs = float(usable.max()) if usable.size else None
+    route = SelectiveCalibration(answer, t_abs, float(beta), [float(v) for v in valid], {}, 0.0)
+    r = route.route(s)
+    route.shares = {k: float(np.mean(r == k)) for k in ("answer", "escalate", "abstain")}
+    ab = r == "abstain"
+    route.abstain_right_rate = float((~w[ab]).mean()) if ab.any() else 0.0
+    return route
+
+
 def realised_error(scores: Any, wrong: Any, threshold: float, higher_is_riskier: bool) -> float:
     """Error rate among the prompts answered at *threshold* (0 when none is answered)."""
     s = np.asarray(scores, dtype=np.float64)
@@ -293,6 +380,11 @@ class CalibrationFile(BaseModel):
     n_calibration: int
     coverage: float
     calibration_error: float
+    #: two-sided selective answering (``--abstain-beta``): abstain beyond this threshold,
+    #: escalate between the two; ``None`` when only the answer threshold was calibrated
+    abstain_threshold: float | None = None
+    abstain_beta: float | None = None
+    shares: dict[str, float] = {}
     #: where the calibration prompts came from (work directory, split, source)
     data: dict[str, Any] = {}
     method: str = (
@@ -399,7 +491,8 @@ def workdir_signal(
 
     *data* is :func:`ssd_guard.evaluation.workdir.load_workdir`'s result, *ssd* an
     :class:`~ssd_guard.scoring.ssd.SSDScorer`. ``entropy`` is the prompt's SSD entropy;
-    ``pmi`` / ``loglik`` score the default answer (as ``benchmarks/operating_point.py``).
+    ``risk`` the combined risk before generation (``pre`` variant); ``pmi`` / ``loglik``
+    score the default answer (as ``benchmarks/operating_point.py``).
     """
     from ssd_guard.evaluation.scorers import SSDStatsScorer
 
@@ -426,6 +519,18 @@ def workdir_signal(
     sc = SSDStatsScorer(ssd)
     if signal == "entropy":
         scores = np.asarray(sc.score(stats), dtype=np.float64)
+    elif signal == "risk":
+        # The combined risk's pre-generation variant (what a prompt-scope rule reads).
+        if getattr(ssd, "risk_model", None) is None:
+            raise CalibrationError(
+                "signal 'risk' needs the student's risk model: run `ssd-guard fit-risk`"
+            )
+        from ssd_guard.evaluation.scorers import features_from_stats
+
+        feats = features_from_stats(ssd.features, stats)
+        ent = ssd.entropy_from_hidden(feats)
+        risk, _ = ssd.risk_model.predict(feats.to(ent.device), ent)
+        scores = np.asarray(risk.detach().double().cpu().numpy())
     else:
         if stats.default_embeddings is None:
             raise CalibrationError(f"signal {signal!r} needs the default answers' embeddings")

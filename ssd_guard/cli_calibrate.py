@@ -1,7 +1,10 @@
-"""``ssd-guard calibrate``: a threshold with a stated guarantee (issue 12).
+"""``ssd-guard calibrate``: thresholds with a stated guarantee; ``ssd-guard fit-risk``: the
+student's combined risk signal (issue 12).
 
 The calibration prompts are the work directory's *validation* split (never the train or
 the test split); see :mod:`ssd_guard.calibration` for the guarantee and its assumptions.
+The risk model is fitted on the *training* split (selection on validation); see
+:mod:`ssd_guard.scoring.risk`.
 """
 
 from __future__ import annotations
@@ -14,15 +17,27 @@ from typing import Any
 __all__ = ["add_commands"]
 
 
+def _workdir_of(args: argparse.Namespace) -> Path:
+    """``--workdir``, or the work directory a ``--config`` recipe names."""
+    if args.workdir is not None:
+        return Path(args.workdir)
+    if args.config is None:
+        raise SystemExit("give --workdir W or --config RECIPE")
+    from ssd_guard.distill.recipe import load_recipe
+
+    return Path(load_recipe(args.config).workdir)
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ssd_guard.artifact import bundled_artifact_path
     from ssd_guard.calibration import (
-        CALIBRATION_FILENAME,
         SIGNAL_DIRECTIONS,
         CalibrationFile,
+        calibrate_selective,
         calibrate_threshold,
+        calibration_filename,
         default_grid,
         describe_guarantee,
         save_calibration,
@@ -32,7 +47,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ssd_guard.scoring.ssd import SSDScorer
 
     ssd = SSDScorer.load(args.artifact, device=args.device, embedder_dtype="fp32")
-    data = load_workdir(args.workdir)
+    workdir = _workdir_of(args)
+    data = load_workdir(workdir)
     _, scores, wrong = workdir_signal(
         data, ssd, split="validation", signal=args.signal, source=args.source
     )
@@ -40,30 +56,46 @@ def _calibrate(args: argparse.Namespace) -> int:
     # (no calibration labels involved); the calibration scores' own quantiles otherwise.
     reference = ssd.calibration.get(args.signal) or list(np.asarray(scores))
     grid = default_grid(reference, n=args.grid_size)
-    result = calibrate_threshold(
-        scores,
-        wrong,
-        alpha=args.alpha,
-        delta=args.delta,
-        grid=grid,
-        higher_is_riskier=SIGNAL_DIRECTIONS[args.signal],
-    )
+    hi = SIGNAL_DIRECTIONS[args.signal]
+    selective = None
+    if args.abstain_beta is not None:
+        selective = calibrate_selective(
+            scores,
+            wrong,
+            alpha=args.alpha,
+            beta=args.abstain_beta,
+            delta=args.delta,
+            grid=grid,
+            higher_is_riskier=hi,
+        )
+        result = selective.answer
+    else:
+        result = calibrate_threshold(
+            scores, wrong, alpha=args.alpha, delta=args.delta, grid=grid, higher_is_riskier=hi
+        )
     cal = CalibrationFile.from_result(
         result,
         student_fingerprint=ssd.fingerprint,
         signal=args.signal,
         data={
-            "workdir": str(args.workdir),
+            "workdir": str(workdir),
             "split": "validation",
             "source": args.source or "all",
             "error_rate_without_abstention": float(np.mean(wrong)),
         },
     )
+    if selective is not None:
+        # The answer threshold's guarantee holds at delta/2 and so does the abstain one's:
+        # together, at delta (union bound). The file states the joint delta.
+        cal.delta = float(args.delta)
+        cal.abstain_threshold = selective.abstain_threshold
+        cal.abstain_beta = selective.beta
+        cal.shares = selective.shares
     if args.out:
         out = Path(args.out)
     else:
         art = bundled_artifact_path() if args.artifact == "bundled" else Path(args.artifact)
-        out = art / CALIBRATION_FILENAME
+        out = art / calibration_filename(args.signal)
     path = save_calibration(cal, out)
     summary: dict[str, Any] = {
         "calibration_file": str(path),
@@ -76,6 +108,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         "coverage": cal.coverage,
         "calibration_error": cal.calibration_error,
     }
+    if selective is not None:
+        summary.update(
+            abstain_threshold=selective.abstain_threshold,
+            abstain_beta=selective.beta,
+            shares=selective.shares,
+            abstain_right_rate=selective.abstain_right_rate,
+        )
     print(json.dumps(summary, indent=2))
     print(describe_guarantee(cal))
     return 0
@@ -91,13 +130,66 @@ def add_commands(sub: Any) -> None:
             "probability at least 1 - DELTA (prompts assumed exchangeable)."
         ),
     )
-    c.add_argument("--workdir", required=True, type=Path, help="distillation work directory")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", type=Path, help="distillation work directory")
+    src.add_argument("--config", type=Path, help="distillation recipe (its work directory)")
     c.add_argument("--source", help="calibrate on this source's prompts only")
     c.add_argument("--artifact", default="bundled", help="student artifact (default: bundled)")
     c.add_argument("--alpha", type=float, required=True, help="max error rate among answered")
     c.add_argument("--delta", type=float, default=0.1, help="1 - confidence (default 0.1)")
-    c.add_argument("--signal", default="entropy", choices=["entropy", "pmi", "loglik"])
+    c.add_argument(
+        "--signal",
+        default="entropy",
+        choices=["entropy", "risk", "pmi", "loglik"],
+        help="entropy (default), risk (the combined risk before generation; needs "
+        "`ssd-guard fit-risk`), or an answer signal of the default answer",
+    )
+    c.add_argument(
+        "--abstain-beta",
+        type=float,
+        help="also calibrate an abstain threshold: among abstained prompts at most BETA "
+        "would have been answered right; between the two thresholds the guard escalates "
+        "(e.g. retrieves). Both guarantees hold jointly with probability 1 - DELTA",
+    )
     c.add_argument("--grid-size", type=int, default=50, help="candidate thresholds (50)")
     c.add_argument("--out", help="calibration file (default: beside the artifact)")
     c.add_argument("--device")
     c.set_defaults(func=_calibrate)
+
+    f = sub.add_parser(
+        "fit-risk",
+        help="fit the student's combined risk signal (P(default answer wrong))",
+        description=(
+            "Fit the combined risk (logistic regression over SSD entropy, the SSD answer "
+            "signals, PCP and SEP probes on the student's features, and the generation's "
+            "token statistics) on the work directory's training split; write "
+            "risk.safetensors into the student's artifact directory."
+        ),
+    )
+    fsrc = f.add_mutually_exclusive_group(required=True)
+    fsrc.add_argument("--workdir", type=Path, help="distillation work directory")
+    fsrc.add_argument("--config", type=Path, help="distillation recipe (its work directory)")
+    f.add_argument("--artifact", default="bundled", help="student artifact (default: bundled)")
+    f.add_argument("--out", type=Path, help="directory to write to (default: the artifact)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device")
+    f.set_defaults(func=_fit_risk)
+
+
+def _fit_risk(args: argparse.Namespace) -> int:
+    from ssd_guard.artifact import bundled_artifact_path
+    from ssd_guard.evaluation.risk_fit import fit_risk, workdir_token_stats
+    from ssd_guard.evaluation.workdir import load_workdir
+    from ssd_guard.scoring.ssd import SSDScorer
+
+    ssd = SSDScorer.load(args.artifact, device=args.device, embedder_dtype="fp32")
+    data = load_workdir(_workdir_of(args))
+    enc = ssd.encoder
+    ts = workdir_token_stats(data, enc.model, enc.tokenizer, log=print)
+    model = fit_risk(data, ssd, token_stats=ts, seed=args.seed, log=print)
+    out = args.out or (
+        bundled_artifact_path() if args.artifact == "bundled" else Path(args.artifact)
+    )
+    path = model.save(out)
+    print(json.dumps({"risk_model": str(path), **model.info}, indent=2, default=str))
+    return 0

@@ -80,6 +80,7 @@ def decode_loop(
     stop_table: torch.Tensor,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    token_stats: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode from a prefilled KV cache until every row has ended its first line.
 
@@ -88,6 +89,8 @@ def decode_loop(
     ``greedy_rows`` take the argmax, the others sample at ``temps`` ``[R, 1]``. Returns
     ``(tokens [R, max_new_tokens], lengths [R])``: a row's answer is
     ``tokens[r, :lengths[r]]`` (the stop token excluded). One host sync per step.
+    *token_stats*, a :class:`~ssd_guard.scoring.token_stats.TokenStatsAccumulator`,
+    accumulates the answer tokens' log-probabilities and entropies (on device).
     """
     rows = logits.shape[0]
     device = logits.device
@@ -106,6 +109,8 @@ def decode_loop(
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         tokens[:, step] = nxt
         stop_now = stop_table[nxt] & ~finished
+        if token_stats is not None:
+            token_stats.update(logits, nxt, ~finished & ~stop_now)
         lengths = torch.where(stop_now, torch.full_like(lengths, step), lengths)
         finished = finished | stop_now
         # One host sync per step: stop as soon as every row has ended its answer.

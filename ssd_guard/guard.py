@@ -90,9 +90,9 @@ from ssd_guard.audit import bind_run, emit_decision
 from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_key
 from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
 from ssd_guard.policy import Decision, Policy, Scope, load_policy
-from ssd_guard.policy.schema import ANSWER_SIGNALS
+from ssd_guard.policy.schema import ANSWER_SIGNALS, PAIR_SIGNALS
 from ssd_guard.provenance import model_name, resolve_hidden_state_source, validate_source
-from ssd_guard.scoring.base import RiskScorer
+from ssd_guard.scoring.base import PairScorer, RiskScorer
 from ssd_guard.scoring.callstats import CallStats
 
 __all__ = [
@@ -363,6 +363,12 @@ class _Lookup:
     items: list[str | None]
     """``None``: the prompt itself (entropy); a string: an answer / document (loglik)."""
     want_entropy: bool
+    scope: str = "prompt"
+    want_risk: bool = False
+    """the prompt's combined risk (``pre`` variant) is needed too"""
+    answer_needs: frozenset[str] = frozenset()
+    """answer signals beyond the SSD ones this check needs (``risk``, pair scorers')"""
+    risk: float | None = None
     entropy: float | None = None
     entropy_hit: bool | None = None
     logliks: list[float] = field(default_factory=list)
@@ -416,6 +422,12 @@ class Guard:
     regen_temperature:
         the ``temperature=`` a regeneration after ``reject_answer`` passes to a ``generate``
         that accepts one (default :data:`REGEN_TEMPERATURE`; ``0`` turns sampling off).
+    pair_scorers:
+        post-generation scorers run beside the student on scope ``answer``, each under its
+        ``signal`` (``semgrad``, ``hybridgrad``, ``draft_eu``: see
+        :class:`~ssd_guard.scoring.base.PairScorer`); only the signals a rule reads are
+        computed. A policy that reads one no scorer provides is refused here, as is one
+        that reads ``risk`` with a student that has no risk model.
     """
 
     def __init__(
@@ -429,6 +441,7 @@ class Guard:
         hidden_state_source: str | None = None,
         context_template: str = DEFAULT_CONTEXT_TEMPLATE,
         regen_temperature: float = REGEN_TEMPERATURE,
+        pair_scorers: Sequence[PairScorer] = (),
     ) -> None:
         if not (isinstance(regen_temperature, int | float) and regen_temperature >= 0):
             raise ConfigError(f"regen_temperature must be a number >= 0, got {regen_temperature!r}")
@@ -459,6 +472,32 @@ class Guard:
             for rule in self.policy.rules
             if rule.when is not None and "entropy" in rule.when.metrics()
         }
+        self.pair_scorers: dict[str, PairScorer] = {}
+        for ps in pair_scorers:
+            if not isinstance(ps, PairScorer):
+                raise ConfigError(f"pair_scorers: {ps!r} is not a PairScorer (score_pairs)")
+            self.pair_scorers[str(ps.signal)] = ps
+        used = {
+            (rule.scope, m)
+            for rule in self.policy.rules
+            if rule.when is not None
+            for m in rule.when.metrics()
+        }
+        self._prompt_risk = ("prompt", "risk") in used
+        self._answer_needs = frozenset(
+            m for scope, m in used if scope == "answer" and m in ("risk", *PAIR_SIGNALS)
+        )
+        if "risk" in {m for _, m in used} and getattr(self.scorer, "risk_model", None) is None:
+            raise ConfigError(
+                f"{self.policy.source}: a rule reads 'risk', but the student has no risk "
+                "model (risk.safetensors in its artifact): run `ssd-guard fit-risk`"
+            )
+        for sig in sorted(self._answer_needs & set(PAIR_SIGNALS)):
+            if sig not in self.pair_scorers:
+                raise ConfigError(
+                    f"{self.policy.source}: a rule reads '{sig}', but no scorer for it was "
+                    f"given: pass Guard(pair_scorers=[...]) with a scorer whose signal is {sig!r}"
+                )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -580,6 +619,9 @@ class Guard:
             prompt=prompt,
             items=list(items),
             want_entropy=want_entropy,
+            scope=scope,
+            want_risk=scope == "prompt" and self._prompt_risk,
+            answer_needs=self._answer_needs if scope == "answer" else frozenset(),
             stats=stats if stats is not None else CallStats(),
         )
         if entropy is not None:
@@ -631,28 +673,45 @@ class Guard:
     def _apply_cached(self, plan: _Lookup, cached: Sequence[Mapping[str, Any] | None]) -> None:
         values = list(cached)
         if plan.entropy_key:
-            entropy = self._cached_score(values.pop(0), "entropy", plan.entropy_key)
-            if entropy is not None:
-                plan.entropy, plan.entropy_hit = entropy, True
+            got = self._cached_prompt_scores(values.pop(0), plan.entropy_key)
+            if got is not None and (not plan.want_risk or "risk" in got):
+                plan.entropy, plan.entropy_hit = got["entropy"], True
+                plan.risk = got.get("risk")
         plan.logliks = [float("nan")] * len(plan.keys)
         plan.loglik_hits = [False] * len(plan.keys)
         plan.answer_scores = [{} for _ in plan.keys]
         for i, hit in enumerate(values):
             got = self._cached_answer_scores(hit, plan.keys[i])
-            if got is not None:
+            if got is not None and plan.answer_needs <= set(got):
                 plan.logliks[i], plan.loglik_hits[i] = got["loglik"], True
                 plan.answer_scores[i] = got
 
+    @classmethod
+    def _cached_prompt_scores(
+        cls, hit: Mapping[str, Any] | None, key: str
+    ) -> dict[str, float] | None:
+        """A prompt entry: ``{"entropy": x}`` or ``{"entropy": x, "risk": y}``, finite
+        numbers; anything else is a logged miss."""
+        if isinstance(hit, Mapping) and set(hit) == {"entropy", "risk"}:
+            risk = cls._cached_score({"risk": hit["risk"]}, "risk", key)
+            entropy = cls._cached_score({"entropy": hit["entropy"]}, "entropy", key)
+            if risk is None or entropy is None:
+                return None
+            return {"entropy": entropy, "risk": risk}
+        entropy = cls._cached_score(hit, "entropy", key)
+        return None if entropy is None else {"entropy": entropy}
+
     @staticmethod
     def _cached_answer_scores(hit: Mapping[str, Any] | None, key: str) -> dict[str, float] | None:
-        """An answer entry: ``loglik`` plus optional ``pmi`` / ``consensus``, every value a
-        finite number and no other key; anything else is a logged miss."""
+        """An answer entry: ``loglik`` plus optional ``pmi`` / ``consensus`` / ``risk`` /
+        the pair scorers' signals, every value a finite number and no other key; anything
+        else is a logged miss."""
         if hit is None:
             return None
         ok = (
             isinstance(hit, Mapping)
             and "loglik" in hit
-            and set(hit) <= set(ANSWER_SIGNALS)
+            and set(hit) <= {*ANSWER_SIGNALS, "risk", *PAIR_SIGNALS}
             and all(
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
                 for v in hit.values()
@@ -663,7 +722,8 @@ class Guard:
         _log.warning(
             "guard.cache.invalid_value",
             key=key,
-            expected="{'loglik': finite float, optional 'pmi' / 'consensus'}",
+            expected="{'loglik': finite float, optional 'pmi' / 'consensus' / 'risk' / "
+            "'semgrad' / 'hybridgrad' / 'draft_eu'}",
             got=repr(hit)[:200],
         )
         return None
@@ -682,24 +742,39 @@ class Guard:
         t0 = time.perf_counter()
         scorer, stats = self.scorer, plan.stats
         if need_entropy:
-            kw = _stats_kw(scorer.score_prompts, stats)
-            plan.entropy = float(scorer.score_prompts([plan.prompt], **kw)[0])
+            prompt_fn = getattr(scorer, "prompt_signals", None)
+            entry: dict[str, float]
+            if plan.want_risk and callable(prompt_fn):
+                got = prompt_fn([plan.prompt], **_stats_kw(prompt_fn, stats))
+                entry = {k: float(v[0]) for k, v in got.items() if k in ("entropy", "risk")}
+            else:
+                kw = _stats_kw(scorer.score_prompts, stats)
+                entry = {"entropy": float(scorer.score_prompts([plan.prompt], **kw)[0])}
+            plan.entropy, plan.risk = entry["entropy"], entry.get("risk")
             plan.entropy_hit = False
             assert plan.entropy_key is not None
-            if math.isfinite(plan.entropy):  # only finite scores are cached
-                new[plan.entropy_key] = {"entropy": plan.entropy}
+            if all(math.isfinite(v) for v in entry.values()):  # only finite scores are cached
+                new[plan.entropy_key] = entry
         if len(plan.answer_scores) != len(plan.keys):
             plan.answer_scores = [{} for _ in plan.keys]
         if missing:
             texts = [[answers[i] for i in missing]]
             signals_fn = getattr(scorer, "answer_signals", None)
             if callable(signals_fn):
-                # One pass gives every answer signal (loglik, pmi, consensus).
-                out_all = signals_fn([plan.prompt], texts, **_stats_kw(signals_fn, stats))
-                rows = {k: _first_row(v) for k, v in out_all.items() if k in ANSWER_SIGNALS}
+                # One pass gives every answer signal (loglik, pmi, consensus; risk).
+                kw = _stats_kw(signals_fn, stats)
+                if "risk" in plan.answer_needs:
+                    kw["with_risk"] = True
+                out_all = signals_fn([plan.prompt], texts, **kw)
+                keep = (*ANSWER_SIGNALS, "risk")
+                rows = {k: _first_row(v) for k, v in out_all.items() if k in keep}
             else:
                 kw = _stats_kw(scorer.score_answers, stats)
                 rows = {"loglik": _first_row(scorer.score_answers([plan.prompt], texts, **kw))}
+            for sig in sorted(plan.answer_needs & set(PAIR_SIGNALS)):
+                # Post-generation scorers beside the student (SemGrad, draft models...).
+                pairs = self.pair_scorers[sig].score_pairs([plan.prompt] * len(texts[0]), texts[0])
+                rows[sig] = [float(v) for v in pairs]
             for n, i in enumerate(missing):
                 entry = {k: float(v[n]) for k, v in rows.items()}
                 plan.logliks[i] = entry["loglik"]
@@ -749,6 +824,20 @@ class Guard:
         return plan
 
     # ------------------------------------------------------------------ decide + audit
+    def _calibration(self, scope: str) -> dict[str, list[float]] | None:
+        """The calibration values quantile thresholds read at *scope*: the student's, the
+        pair scorers', and ``risk`` as the variant computed there (``pre`` before
+        generation, ``post`` after; a guarded generation's ``post_gen`` values are read on
+        ``post``'s scale)."""
+        base = getattr(self.scorer, "calibration", None) or {}
+        out = {k: list(v) for k, v in base.items()}
+        for ps in self.pair_scorers.values():
+            out.update({k: list(v) for k, v in (ps.calibration or {}).items()})
+        variant = "risk:pre" if scope == "prompt" else "risk:post"
+        if variant in out:
+            out["risk"] = out[variant]
+        return out or None
+
     def _emit(
         self,
         decision: Decision,
@@ -807,7 +896,7 @@ class Guard:
         """One decision (and one audit event) per item of *plan*; *on_reject* adds fields
         to the event of a ``reject_answer`` decision; rules whose action is in
         *skip_actions* are left out."""
-        calibration = getattr(self.scorer, "calibration", None) or None
+        calibration = self._calibration(scope)
         n = max(1, len(plan.keys)) if scope != "prompt" else 1
         share = 1.0 / n  # a batch's cache / scoring time is shared by its documents
         before_ms = _ms(t0) * share
@@ -819,6 +908,8 @@ class Guard:
                 scores["entropy"] = plan.entropy
                 if plan.want_entropy:
                     hits.append(bool(plan.entropy_hit))
+            if scope == "prompt" and plan.risk is not None:
+                scores["risk"] = plan.risk
             if scope != "prompt":
                 scores["loglik"] = plan.logliks[i]
                 if plan.answer_scores:

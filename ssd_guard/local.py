@@ -52,6 +52,7 @@ import torch
 from ssd_guard.generation import decode_loop, left_pad_positions, stop_token_table
 from ssd_guard.guard import Guard, GuardResult
 from ssd_guard.scoring.callstats import CallStats
+from ssd_guard.scoring.token_stats import CALLSTATS_KEY, TokenStatsAccumulator
 
 __all__ = ["GuardedLocalModel", "LocalStats"]
 
@@ -203,9 +204,10 @@ class GuardedLocalModel:
         return pre, hidden, bool(cut[0])
 
     @torch.inference_mode()
-    def _decode(self, pre: _Prefill, temperature: float) -> str:
+    def _decode(self, pre: _Prefill, temperature: float, stats: CallStats | None = None) -> str:
         t0 = time.perf_counter()
         greedy = temperature <= 0
+        acc = TokenStatsAccumulator(1, self._device) if stats is not None else None
         tokens, lengths = decode_loop(
             self.model,
             pre.cache,
@@ -218,12 +220,16 @@ class GuardedLocalModel:
             stop_table=self._stops(),
             pad_token_id=int(self.tokenizer.pad_token_id),
             generator=self._generator,
+            token_stats=acc,
         )
-        text = self.tokenizer.decode(
-            tokens[0, : int(lengths[0])].tolist(), skip_special_tokens=True
-        )
+        raw = self.tokenizer.decode(tokens[0, : int(lengths[0])].tolist(), skip_special_tokens=True)
+        text = str(raw).split("\n", 1)[0].strip()
+        if acc is not None and stats is not None:
+            # The generation's own token statistics, for the combined risk's post_gen
+            # variant (free: the decode loop computed the logits anyway).
+            stats.put(CALLSTATS_KEY, text, tuple(float(v) for v in acc.result()[0].tolist()))
         self._count("generations", time.perf_counter() - t0)
-        return str(text).split("\n", 1)[0].strip()
+        return text
 
     def _prefill_into(self, text: str, session: _Session) -> tuple[_Prefill, torch.Tensor]:
         pre, h, cut = self._prefill(text)
@@ -259,7 +265,7 @@ class GuardedLocalModel:
             self._count("decoded_from_scoring_prefill")
         if temperature is None:
             temperature = self.temperature if attempt == 0 else self.regen_temperature
-        return self._decode(pre, temperature)
+        return self._decode(pre, temperature, session.stats)
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompt: str, *, temperature: float | None = None) -> str:

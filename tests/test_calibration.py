@@ -252,3 +252,55 @@ def test_policy_calibrated_bound_refusals(tmp_path, capsys) -> None:  # type: ig
     raw = Policy.from_yaml_text(_POLICY.format(student="bundled", max_error=0.2, confidence=0.9))
     with pytest.raises(PolicyError, match="not resolved"):
         raw.decide("prompt", {"entropy": 0.0})
+
+
+# ---------------------------------------------------------------- answer / escalate / abstain
+def test_two_sided_guarantees_hold_jointly_at_the_stated_frequency() -> None:
+    """P(wrong | s) = s²: answering at or below t errs at t²/3; abstaining at or above u
+    has a share of right answers of (1 - u) - (1 - u³)/3 over (1 - u), known exactly."""
+    from ssd_guard.calibration import calibrate_selective
+
+    alpha, beta, delta = 0.2, 0.35, 0.1
+    rng = np.random.default_rng(3)
+    n_runs, bad, bands = 200, 0, 0
+    for _ in range(n_runs):
+        s, w = _draw(rng, 500)
+        sel = calibrate_selective(s, w, alpha=alpha, beta=beta, delta=delta, grid=GRID)
+        t, u = sel.answer.threshold, sel.abstain_threshold
+        answer_err = t**2 / 3
+        abstain_right = 0.0
+        if u is not None:
+            assert u > t
+            right_mass = (1 - u) - (1 - u**3) / 3
+            abstain_right = right_mass / (1 - u)
+        bad += int(answer_err > alpha or abstain_right > beta)
+        routes = sel.route(s)
+        assert set(routes) <= {"answer", "escalate", "abstain"}
+        assert sum(sel.shares.values()) == pytest.approx(1.0)
+        bands += int(u is not None and sel.shares["escalate"] > 0)
+    assert bad / n_runs <= delta
+    assert bands >= 0.9 * n_runs  # not vacuous: nearly every run has all three regions
+
+
+def test_two_sided_lower_is_riskier_mirrors() -> None:
+    from ssd_guard.calibration import calibrate_selective
+
+    rng = np.random.default_rng(4)
+    s, w = _draw(rng, 800)
+    a = calibrate_selective(s, w, alpha=0.2, beta=0.35, delta=0.1, grid=GRID)
+    b = calibrate_selective(
+        -s, w, alpha=0.2, beta=0.35, delta=0.1, grid=-GRID, higher_is_riskier=False
+    )
+    assert b.answer.threshold == pytest.approx(-a.answer.threshold)
+    assert b.abstain_threshold == pytest.approx(-(a.abstain_threshold or 0.0))
+    assert b.shares == pytest.approx(a.shares)
+    with pytest.raises(CalibrationError, match="beta"):
+        calibrate_selective(s, w, alpha=0.2, beta=1.5, delta=0.1)
+
+
+def test_risk_signal_needs_a_risk_model() -> None:
+    from ssd_guard.calibration import SIGNAL_DIRECTIONS, calibration_filename
+
+    assert SIGNAL_DIRECTIONS["risk"] is True
+    assert calibration_filename("entropy") == "calibration.json"
+    assert calibration_filename("risk") == "calibration-risk.json"

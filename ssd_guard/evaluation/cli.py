@@ -22,6 +22,31 @@ def _workdir(path: str | None, config: str | None, what: str) -> Path | None:
     return None
 
 
+def _pair_scorers(args: argparse.Namespace, log: Any) -> list[Any]:
+    """The post-generation scorers named on the command line, on the student's base
+    model (loaded once per process)."""
+    if not (args.semgrad or args.drafts):
+        return []
+    from ssd_guard.artifact import load_artifact
+    from ssd_guard.models import shared_causal_lm
+
+    art = args.artifact or (Path(_workdir(args.workdir, args.config, "") or ".") / "artifact")
+    manifest, _ = load_artifact(art)
+    lm = shared_causal_lm(manifest.base_model.id, device=args.device, dtype=args.dtype)
+    out: list[Any] = []
+    if args.semgrad:
+        from ssd_guard.scoring.semgrad import HybridGradScorer, SemGradScorer
+
+        out.append(SemGradScorer.from_config(args.semgrad, lm.model, lm.tokenizer))
+        out.append(HybridGradScorer.from_config(args.semgrad, lm.model, lm.tokenizer))
+    if args.drafts:
+        from ssd_guard.scoring.draft_eu import DraftEUScorer
+
+        out.append(DraftEUScorer.load(args.drafts, lm))
+    log("pair scorers: " + ", ".join(str(ps.name) for ps in out))
+    return out
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ssd_guard.errors import ConfigError
     from ssd_guard.evaluation.runner import run_evaluation
@@ -56,6 +81,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         command=command,
         log=log,
+        pair_scorers=_pair_scorers(args, log),
     )
     pre = results["hallucination"]["pre_generation"]
     print(f"report: {Path(args.out) / 'report.md'}")
@@ -84,6 +110,14 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--mc-skip", type=int, default=0, help="skip the first rows of --mc-data")
     p.add_argument("--mc-limit", type=int, help="rows of --mc-data to use")
     p.add_argument("--source", help="evaluate one source of a pooled work directory")
+    p.add_argument(
+        "--semgrad",
+        help="gradient scorer config (JSON, benchmarks/gradient_scorers.py): adds SemGrad "
+        "and HybridGrad as post-generation scorers",
+    )
+    p.add_argument(
+        "--drafts", help="draft-model artifact (`ssd-guard distill-drafts`): adds DraftEU"
+    )
     p.add_argument(
         "--answer-signal",
         choices=["loglik", "pmi", "consensus"],

@@ -22,6 +22,21 @@ _DESCRIPTION = {
     "SSD-loglik": "SSD student: -log-likelihood of the default answer's embedding",
     "SE-cos-answer": "-log share of the default answer's meaning class among the samples",
     "TD-answer": "1 - cosine(default answer, mean of the sample embeddings)",
+    "SSD-pmi": "SSD student: -(log p(answer | prompt) - log p(answer)) (pointwise MI)",
+    "SSD-consensus": "SSD student: distance of the answer to the predicted mixture mean",
+    "risk": "combined risk, pre-generation: logistic regression on SSD entropy + PCP + SEP "
+    "(probes on the student's features; fitted on train)",
+    "risk-post": "combined risk: + the default answer's SSD signals (loglik, pmi, consensus)",
+    "risk-post-gen": "combined risk: + the generation's token statistics (mean / min token "
+    "log-prob, mean token entropy)",
+    "gen-tok_lp_mean": "-mean token log-prob of the default answer (generation statistic)",
+    "gen-tok_lp_min": "-min token log-prob of the default answer (generation statistic)",
+    "gen-tok_entropy_mean": "mean token entropy of the default answer (generation statistic)",
+    "SemGrad": "gradient of the entropy-weighted answer NLL w.r.t. a prompt hidden state "
+    "(upper layers), one forward + backward pass (arXiv 2605.04638)",
+    "HybridGrad": "a * mean |dL/dW_lm_head| + (1 - a) * SemGrad, a = exp(-mean token entropy)",
+    "DraftEU": "draft-model epistemic uncertainty: JSD among drafts + KL(mixture || proxy), "
+    "aggregated by a logistic regression (arXiv 2602.01956)",
 }
 
 

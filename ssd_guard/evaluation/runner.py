@@ -8,6 +8,7 @@ TD, SE, SEP, PCP) on one shared set of statistics, and writes ``report.md``,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -295,6 +296,7 @@ def _measure_cost(
     teacher: dict[str, Any],
     seed: int,
     log: Logger,
+    pair_scorers: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Per-prompt wall time of each scorer from raw text (batch of one), interleaved."""
     live = LiveStats(
@@ -315,6 +317,14 @@ def _measure_cost(
         "SSD-loglik": lambda p, d: ssd.score_answers([p], [d], formatted=True),
         "SSD-answer-signals": lambda p, d: ssd.answer_signals([p], [d], formatted=True),
     }
+
+    if getattr(ssd, "risk_model", None) is not None:
+        calls["risk"] = lambda p, d: ssd.prompt_signals([p], formatted=True)
+        calls["risk-post"] = lambda p, d: ssd.answer_signals(
+            [p], [d], formatted=True, with_risk=True
+        )
+    for ps in pair_scorers:
+        calls[str(ps.name)] = functools.partial(_pair_call, ps)
 
     def live_call(scorer: Scorer) -> Callable[[str, str], object]:
         return lambda p, d: scorer.score_prompts([p])
@@ -352,6 +362,86 @@ def _measure_cost(
     return out
 
 
+def _pair_call(ps: Any, p: str, d: str) -> object:
+    # Gradient scorers need autograd inside the timed loop (which runs in inference mode).
+    with torch.inference_mode(False), torch.enable_grad():
+        return ps.score_pairs([p], [d], formatted=True)
+
+
+def _risk_scores(
+    data: WorkdirData,
+    ssd: Any,
+    test: Any,
+    lm: Any,
+    prompt_scores: dict[str, np.ndarray],
+    answer_scores: dict[str, np.ndarray],
+    log: Logger,
+) -> dict[str, Any]:
+    """The combined risk's variants on the test split (nothing without a risk model)."""
+    model = getattr(ssd, "risk_model", None)
+    if model is None:
+        return {}
+    from ssd_guard.evaluation.risk_fit import risk_inputs, workdir_token_stats
+    from ssd_guard.evaluation.scorers import features_from_stats
+
+    token_stats = None
+    if lm is not None and "post_gen" in model.variants:
+        all_ts = workdir_token_stats(data, lm.model, lm.tokenizer, log=log)
+        token_stats = all_ts[data.split["test"]]
+    cols = risk_inputs(ssd, test, model.probes, token_stats)
+    feats = features_from_stats(ssd.features, test)
+    tcols = {k: torch.as_tensor(v) for k, v in cols.items()}
+    for variant in model.variants:
+        if variant == "post_gen" and token_stats is None:
+            continue
+        p = model.predict_columns(tcols, variant).double().numpy()
+        if variant == "pre":
+            prompt_scores["risk"] = p
+        else:
+            answer_scores["risk-post" if variant == "post" else "risk-post-gen"] = p
+    for name in ("tok_lp_mean", "tok_lp_min", "tok_entropy_mean"):
+        if name in cols:
+            sign = 1.0 if name == "tok_entropy_mean" else -1.0
+            v = sign * cols[name]
+            # An empty default answer has no token: counted as the riskiest.
+            answer_scores[f"gen-{name}"] = np.where(np.isfinite(v), v, np.nanmax(v))
+    del feats
+    return {"variants": sorted(model.variants), "info": model.info}
+
+
+def _pair_scores(
+    pair_scorers: Sequence[Any],
+    test: Any,
+    answer_scores: dict[str, np.ndarray],
+    score_seconds: dict[str, float],
+    log: Logger,
+) -> dict[str, Any]:
+    """Every pair scorer on (test prompt, default answer); one pass per scorer."""
+    info: dict[str, Any] = {}
+    prompts = list(test.prompts)
+    answers = list(test.default or [""] * len(prompts))
+    for ps in pair_scorers:
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            if hasattr(ps, "score_pairs_all"):
+                out = ps.score_pairs_all(prompts, answers, formatted=True)
+                main = np.asarray(out[ps.signal], dtype=np.float64)
+            else:
+                out = {}
+                main = np.asarray(ps.score_pairs(prompts, answers, formatted=True), np.float64)
+        secs = time.perf_counter() - t0
+        answer_scores[str(ps.name)] = main
+        score_seconds[str(ps.name)] = secs
+        info[str(ps.name)] = {
+            "signal": ps.signal,
+            "seconds": secs,
+            "outputs": sorted(out),
+            "config": getattr(ps, "describe", lambda: None)(),
+        }
+        log(f"{ps.name}: {len(prompts)} pairs in {secs:.1f} s")
+    return info
+
+
 # --------------------------------------------------------------------------- main
 def run_evaluation(
     workdir: str | Path,
@@ -379,6 +469,7 @@ def run_evaluation(
     command: str | None = None,
     plots: bool = True,
     log: Logger | None = None,
+    pair_scorers: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Evaluate every scorer on the test split of ``workdir``; write the report files.
 
@@ -404,7 +495,16 @@ def run_evaluation(
         lm, embedder, ssd, arc_ssd: objects already in memory (tests, notebooks);
             loaded from the artifacts when ``None``.
         command: the command line recorded in the report.
+        pair_scorers: post-generation scorers of (prompt, default answer) pairs
+            (:class:`~ssd_guard.scoring.base.PairScorer`: SemGrad, HybridGrad, DraftEU),
+            reported under ``hallucination.post_generation`` by their ``name`` (a scorer
+            with ``score_pairs_all`` reports each of its outputs from one pass) and
+            timed in the cost section.
     Returns the ``results.json`` content.
+
+    When the student has a combined risk model (``ssd-guard fit-risk``), ``risk`` is
+    reported beside every single signal: its ``pre`` variant before generation, ``post``
+    and ``post_gen`` (with the default answers' token statistics) after.
     """
     say: Logger = log or (lambda msg: None)
     t_start = time.perf_counter()
@@ -462,6 +562,8 @@ def run_evaluation(
         a = scorers[key].score_answers(test)
         if a is not None:
             answer_scores[name] = np.asarray(a, dtype=np.float64)
+    risk_info = _risk_scores(data, ssd, test, lm, prompt_scores, answer_scores, say)
+    pair_info = _pair_scores(pair_scorers, test, answer_scores, score_seconds, say)
 
     idx = M.bootstrap_indices(n, n_boot, seed)
     results: dict[str, Any] = {
@@ -493,6 +595,10 @@ def run_evaluation(
         "reference": REFERENCE,
         "probes": probe_info,
     }
+    if risk_info:
+        results["risk_model"] = risk_info
+    if pair_info:
+        results["pair_scorers"] = pair_info
 
     # ------------------------------------------------------------------ hallucination
     def block(scores: dict[str, np.ndarray], kind: str) -> dict[str, Any]:
@@ -610,6 +716,7 @@ def run_evaluation(
             data.recipe.get("teacher", {}),
             seed,
             say,
+            pair_scorers=pair_scorers,
         )
     results["meta"]["offline_scoring_seconds"] = score_seconds
     results["meta"]["seconds"] = time.perf_counter() - t_start

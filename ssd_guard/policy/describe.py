@@ -6,7 +6,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from ssd_guard.policy.schema import METRICS, Condition, Policy, Threshold, _quantile, _sorted_finite
+from ssd_guard.policy.schema import (
+    HIGHER_IS_RISKIER,
+    METRICS,
+    Condition,
+    Policy,
+    Threshold,
+    _quantile,
+    _sorted_finite,
+)
 
 __all__ = ["describe_policy"]
 
@@ -36,7 +44,7 @@ def _describe_bound(
     pct = v * 100
     if op in ("gt", "ge"):
         share = f"the top {100 - pct:g} %"
-        if metric == "entropy":
+        if metric in HIGHER_IS_RISKIER:
             share = f"the riskiest {100 - pct:g} %"
     else:
         share = f"the bottom {pct:g} %"

@@ -63,21 +63,42 @@ def resolve_calibrated(policy: Policy, base_dir: str | Path | None = None) -> No
     if not leaves:
         return
     from ssd_guard.artifact import bundled_artifact_path, load_artifact
-    from ssd_guard.calibration import describe_guarantee, load_calibration
-    from ssd_guard.errors import ConfigError
+    from ssd_guard.calibration import (
+        CALIBRATION_FILENAME,
+        CalibrationFile,
+        calibration_filename,
+        describe_guarantee,
+        load_calibration,
+    )
+    from ssd_guard.errors import ArtifactError, ConfigError
 
     student = resolve_student(policy, base_dir)
     art = bundled_artifact_path() if student == "bundled" else Path(student)
     try:
         fingerprint = load_artifact(art)[0].fingerprint
-        cal = load_calibration(art, fingerprint=fingerprint)
-    except ConfigError as exc:
+    except (ConfigError, ArtifactError) as exc:
         raise policy_errors(policy.source, [("student", str(exc))]) from None
+    files: dict[str, CalibrationFile] = {}
+
+    def calibration_for(metric: str) -> CalibrationFile:
+        # calibration-<signal>.json beside the student, else the plain calibration.json
+        if metric not in files:
+            own = art / calibration_filename(metric)
+            files[metric] = load_calibration(
+                own if own.is_file() else art / CALIBRATION_FILENAME, fingerprint=fingerprint
+            )
+        return files[metric]
+
     problems: list[tuple[str, str]] = []
     for index, path, metric, threshold in leaves:
         want = threshold.calibrated
         assert want is not None
         key = format_path(("rules", index, "when", *path, "calibrated"))
+        try:
+            cal = calibration_for(metric)
+        except ConfigError as exc:
+            problems.append((key, str(exc)))
+            continue
         if cal.signal != metric:
             problems.append((key, f"the calibration file calibrates {cal.signal}, not {metric}"))
             continue

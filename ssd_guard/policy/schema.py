@@ -50,8 +50,10 @@ from ssd_guard.policy.parsing import (
 __all__ = [
     "ANSWER_SIGNALS",
     "BLOCKING_ACTIONS",
+    "HIGHER_IS_RISKIER",
     "MAX_TTL_S",
     "METRICS",
+    "PAIR_SIGNALS",
     "SCOPE_ACTIONS",
     "SCOPE_METRICS",
     "ActionName",
@@ -69,7 +71,9 @@ __all__ = [
 Scope = Literal["prompt", "answer", "document"]
 ActionName = Literal["allow", "abstain", "retrieve", "reject_answer", "flag_poisoned", "log_only"]
 Source = Literal["retrieval", "tool", "cache"]
-Metric = Literal["entropy", "loglik", "pmi", "consensus"]
+Metric = Literal[
+    "entropy", "risk", "loglik", "pmi", "consensus", "semgrad", "hybridgrad", "draft_eu"
+]
 
 #: The scores a condition can test. ``entropy``: pre-generation risk of the prompt (higher is
 #: riskier). The answer signals (lower is more suspicious for each): ``loglik``:
@@ -78,15 +82,36 @@ Metric = Literal["entropy", "loglik", "pmi", "consensus"]
 #: distribution (pointwise mutual information: an answer that is likely for *any* question
 #: no longer passes); ``consensus``: minus the distance of the answer to the predicted
 #: mixture mean (the semantic consensus of the answers the model would give).
-METRICS: tuple[str, ...] = ("entropy", "loglik", "pmi", "consensus")
+#: ``risk`` (higher is riskier): the student's combined probability that the default
+#: answer is wrong (:mod:`ssd_guard.scoring.risk`; its pre-generation variant on scope
+#: ``prompt``, with the answer's signals on scope ``answer``). ``semgrad``, ``hybridgrad``
+#: (gradient uncertainty, :mod:`ssd_guard.scoring.semgrad`) and ``draft_eu`` (draft-model
+#: epistemic uncertainty, :mod:`ssd_guard.scoring.draft_eu`): post-generation scorers the
+#: guard runs beside the student (``Guard(pair_scorers=...)``), higher is riskier.
+METRICS: tuple[str, ...] = (
+    "entropy",
+    "risk",
+    "loglik",
+    "pmi",
+    "consensus",
+    "semgrad",
+    "hybridgrad",
+    "draft_eu",
+)
 
 #: The answer-side signals one scorer pass gives.
 ANSWER_SIGNALS: tuple[str, ...] = ("loglik", "pmi", "consensus")
 
+#: Answer-scope signals of the post-generation scorers that run beside the student.
+PAIR_SIGNALS: tuple[str, ...] = ("semgrad", "hybridgrad", "draft_eu")
+
+#: Signals for which a higher value is riskier (the others: lower is more suspicious).
+HIGHER_IS_RISKIER: frozenset[str] = frozenset({"entropy", "risk", *PAIR_SIGNALS})
+
 #: Which scores exist at each scope.
 SCOPE_METRICS: Mapping[str, frozenset[str]] = {
-    "prompt": frozenset({"entropy"}),
-    "answer": frozenset({"entropy", *ANSWER_SIGNALS}),
+    "prompt": frozenset({"entropy", "risk"}),
+    "answer": frozenset({"entropy", "risk", *ANSWER_SIGNALS, *PAIR_SIGNALS}),
     "document": frozenset({"entropy", *ANSWER_SIGNALS}),
 }
 
@@ -325,16 +350,20 @@ class Condition(_Model):
     """
 
     entropy: Threshold | None = None
+    risk: Threshold | None = None
     loglik: Threshold | None = None
     pmi: Threshold | None = None
     consensus: Threshold | None = None
+    semgrad: Threshold | None = None
+    hybridgrad: Threshold | None = None
+    draft_eu: Threshold | None = None
     all_: list[Condition] | None = Field(default=None, alias="all", min_length=1)
     any_: list[Condition] | None = Field(default=None, alias="any", min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> Condition:
         if all(getattr(self, m) is None for m in METRICS) and not self.all_ and not self.any_:
-            raise ValueError("expected at least one of entropy, loglik, pmi, consensus, all, any")
+            raise ValueError(f"expected at least one of {', '.join(METRICS)}, all, any")
         return self
 
     def leaves(
@@ -390,8 +419,14 @@ class Rule(_Model):
                 if metric not in allowed_metrics:
                     raise PathError(
                         path,
-                        f"{metric} is not available on scope '{self.scope}' (before generation "
-                        "there is no answer to score); use it on scope 'answer' or 'document'",
+                        f"{metric} is not available on scope '{self.scope}' ("
+                        + (
+                            "before generation there is no answer to score"
+                            if self.scope == "prompt"
+                            else "it scores the model's own answer, not a document"
+                        )
+                        + "); scopes that have it: "
+                        + ", ".join(s for s, m in SCOPE_METRICS.items() if metric in m),
                     )
         if self.action not in SCOPE_ACTIONS[self.scope]:
             ok = sorted(s for s, acts in SCOPE_ACTIONS.items() if self.action in acts)

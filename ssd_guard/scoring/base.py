@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["AnswerScorer", "PromptScorer", "RiskScorer"]
+__all__ = ["AnswerScorer", "PairScorer", "PromptScorer", "RiskScorer"]
 
 
 @runtime_checkable
@@ -44,3 +44,26 @@ class RiskScorer(PromptScorer, AnswerScorer, Protocol):
     model_id: str
     layer: int
     calibration: dict[str, list[float]]
+
+
+@runtime_checkable
+class PairScorer(Protocol):
+    """Post-generation scorers that read the base model's pass over prompt + answer
+    (SemGrad, HybridGrad, draft-model epistemic uncertainty): one risk per
+    ``(prompt, answer)`` pair, higher = riskier.
+
+    ``prompts`` are the exact texts the base model sees when ``formatted`` is true (the
+    evaluation harness passes them so); otherwise the scorer formats them as its
+    ``format_prompt`` callable says (the guard passes raw user prompts). ``signal`` is
+    the policy key (``semgrad``, ``hybridgrad``, ``draft_eu``); ``calibration`` maps it
+    to sorted validation-set values so quantile thresholds work; ``fingerprint`` is the
+    base model's weight fingerprint the scorer was built for.
+    """
+
+    name: str
+    signal: str
+    calibration: dict[str, list[float]]
+
+    def score_pairs(
+        self, prompts: Sequence[str], answers: Sequence[str], *, formatted: bool = False
+    ) -> list[float]: ...

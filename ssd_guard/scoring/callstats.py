@@ -73,6 +73,11 @@ class CallStats:
         with self._lock:
             return [self._values[(stat, k)] for k in keys]
 
+    def put(self, stat: str, key: str, value: Any) -> None:
+        """Record a value computed elsewhere (e.g. a generation's token statistics)."""
+        with self._lock:
+            self._values[(stat, key)] = value
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._values)

@@ -11,7 +11,10 @@ the embeddings of the answers the model would give:
   unconditional answer density, so answers that are likely *everywhere* stop winning;
 * ``answer_signals`` — every answer signal of one pass (``loglik``, ``pmi``,
   ``consensus``: minus the distance to the mixture mean);
-* ``consensus`` — the mixture mean (semantic consensus, PCA space).
+* ``consensus`` — the mixture mean (semantic consensus, PCA space);
+* ``prompt_signals`` / ``answer_signals(with_risk=True)`` — also the combined ``risk``
+  (P(the default answer is wrong), :mod:`ssd_guard.scoring.risk`) when the artifact holds
+  a ``risk.safetensors`` (``ssd-guard fit-risk``).
 
 Every method that needs a prompt's hidden state takes ``stats=``, a
 :class:`~ssd_guard.scoring.callstats.CallStats` of the guarded call: the state is then
@@ -29,11 +32,13 @@ from typing import Any, cast
 import torch
 
 from ssd_guard.answers import core_span, normalise_answer, question_of
-from ssd_guard.artifact import Manifest, check_compatible, load_artifact
+from ssd_guard.artifact import Manifest, bundled_artifact_path, check_compatible, load_artifact
 from ssd_guard.encoding import AnswerEmbedder, PCAProjection, PromptEncoder
 from ssd_guard.errors import ArtifactError
 from ssd_guard.mixture import GaussianMixture
 from ssd_guard.scoring.callstats import CallStats
+from ssd_guard.scoring.risk import RiskModel, load_risk_model
+from ssd_guard.scoring.token_stats import CALLSTATS_KEY
 from ssd_guard.student import SSDStudent
 
 __all__ = ["ANSWER_SIGNALS", "SSDScorer", "build_heads", "load_marginal"]
@@ -98,6 +103,7 @@ class SSDScorer:
         model_fingerprint: str | None = None,
         batch_size: int = 16,
         verify: bool = True,
+        risk_model: RiskModel | None = None,
     ) -> None:
         hidden_size = int(
             (
@@ -136,6 +142,28 @@ class SSDScorer:
         self.model_fingerprint = model_fingerprint
         self.fingerprint = manifest.fingerprint
         self.layer = manifest.layer
+        self.risk_model: RiskModel | None = None
+        if risk_model is not None:
+            self.set_risk_model(risk_model)
+
+    def set_risk_model(self, risk_model: RiskModel | None) -> None:
+        """Attach (or, with ``None``, detach) the combined-risk model; refused when it was
+        fitted for another student. Its validation values join :attr:`calibration` as
+        ``risk:pre`` / ``risk:post`` / ``risk:post_gen``."""
+        from ssd_guard.errors import ArtifactMismatchError
+
+        for key in [k for k in self.calibration if k.startswith("risk:")]:
+            del self.calibration[key]
+        self.risk_model = risk_model
+        if risk_model is None:
+            return
+        if risk_model.student_fingerprint != self.fingerprint:
+            self.risk_model = None
+            raise ArtifactMismatchError(
+                f"the risk model was fitted for the student {risk_model.student_fingerprint}, "
+                f"not for this one ({self.fingerprint}): re-run `ssd-guard fit-risk`"
+            )
+        self.calibration.update(risk_model.calibration)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -166,6 +194,8 @@ class SSDScorer:
         from ssd_guard.models import shared_causal_lm, shared_embedder
 
         manifest, tensors = load_artifact(artifact)
+        art_dir = bundled_artifact_path() if str(artifact) == "bundled" else Path(artifact)
+        risk_model = load_risk_model(art_dir, manifest.fingerprint)
         if lm is None:
             lm = shared_causal_lm(base_model or manifest.base_model.id, device=device, dtype=dtype)
         if embedder is None:
@@ -179,6 +209,7 @@ class SSDScorer:
             model_id=lm.model_id,
             model_fingerprint=lm.fingerprint,
             batch_size=batch_size,
+            risk_model=risk_model,
         )
 
     @classmethod
@@ -276,6 +307,53 @@ class SSDScorer:
         h = self.hidden(prompts, formatted=formatted, stats=stats)
         return [float(v) for v in self.entropy_from_hidden(h).cpu().tolist()]
 
+    def prompt_signals(
+        self, prompts: Sequence[str], *, formatted: bool = False, stats: CallStats | None = None
+    ) -> dict[str, list[float]]:
+        """Every pre-generation signal of one pass: ``entropy``, and ``risk`` (the
+        combined model's ``pre`` variant) when the artifact has a risk model."""
+        _check_sequence("prompts", prompts)
+        if not prompts:
+            return {"entropy": []}
+        h = self.hidden(prompts, formatted=formatted, stats=stats)
+        ent = self.entropy_from_hidden(h)
+        out = {"entropy": [float(v) for v in ent.cpu().tolist()]}
+        if self.risk_model is not None:
+            risk, _ = self.risk_model.predict(h, ent)
+            out["risk"] = [float(v) for v in risk.cpu().tolist()]
+        return out
+
+    def _answer_risk(
+        self,
+        h: torch.Tensor,
+        prompts: Sequence[str],
+        lists: list[list[str]],
+        best: dict[str, torch.Tensor],
+        stats: CallStats | None,
+    ) -> torch.Tensor:
+        """``[B, N]`` combined risk of every candidate (``post`` variant, ``post_gen`` for
+        the answers whose generation recorded its token statistics in *stats*)."""
+        assert self.risk_model is not None
+        ent = self.entropy_from_hidden(h)
+        out = torch.full_like(best["loglik"], float("nan"))
+        for j in range(out.shape[1]):
+            rows = [i for i, lst in enumerate(lists) if j < len(lst)]
+            if not rows:
+                continue
+            idx = torch.tensor(rows)
+            sig = {k: best[k][idx, j].to(h.device) for k in ANSWER_SIGNALS}
+            recorded = [
+                None if stats is None else stats.get(CALLSTATS_KEY, lists[i][j]) for i in rows
+            ]
+            hh, ee = h[idx.to(h.device)], ent[idx.to(ent.device)]
+            if all(r is not None for r in recorded):
+                ts = torch.tensor([list(r) for r in recorded if r is not None])
+                risk, _ = self.risk_model.predict(hh, ee, sig, ts)
+            else:
+                risk, _ = self.risk_model.predict(hh, ee, sig)
+            out[idx, j] = risk.float().cpu()
+        return out
+
     def prepare_answers(self, answers: Sequence[str]) -> list[str]:
         """The answer texts as the student's teacher saw them (normalised if the
         artifact says so)."""
@@ -313,9 +391,11 @@ class SSDScorer:
         formatted: bool = False,
         hidden: torch.Tensor | None = None,
         stats: CallStats | None = None,
+        with_risk: bool = False,
     ) -> dict[str, list[float]] | dict[str, list[list[float]]]:
         """All answer signals of one pass: ``{"loglik", "pmi", "consensus"}``, each shaped
         like :meth:`score_answers`' result (higher = more plausible for every signal).
+        With *with_risk* and a risk model, also ``risk`` (P(wrong), higher = riskier).
 
         A sentence-length answer is also scored on its core span (the words that do not
         restate the question) when the artifact enables it; each signal takes the better
@@ -369,6 +449,8 @@ class SSDScorer:
                     j = owner[row][1]
                     for k in ANSWER_SIGNALS:
                         best[k][i, j] = torch.maximum(best[k][i, j], sig[k][i, col])
+        if with_risk and self.risk_model is not None:
+            best["risk"] = self._answer_risk(h, prompts, lists, best, stats)
         if single:
             return {k: v[:, 0].tolist() for k, v in best.items()}
         return {
