@@ -16,7 +16,12 @@ For the bundled student and one source (``all`` = every source pooled):
 * a sweep over α (same re-splits): mean realised error, mean coverage, violation rate and
   the share of re-splits where α is feasible; ``feasible_alphas`` = the α of the sweep
   that are feasible on the fixed validation split;
-* ``ssd_auroc``: AUROC of the signal for "the default answer is wrong" on the test split.
+* ``ssd_auroc`` / ``risk_auroc``: AUROC of the SSD entropy and of the combined risk
+  (pre-generation variant, ``ssd-guard fit-risk``) for "the default answer is wrong" on
+  the test split; ``signal_auroc``: of the calibrated signal;
+* ``selective``: answer / escalate (retrieve) / abstain with two thresholds
+  (:func:`ssd_guard.calibration.calibrate_selective`, ``--beta``): shares on the test
+  split and the joint violation rate over the re-splits.
 
 Writes ``benchmarks/results/calibration-smollm2-<source>.json``, a PNG of realised error
 and coverage against α, and a markdown table beside them.
@@ -34,9 +39,10 @@ import numpy as np
 from ssd_guard.calibration import (
     SIGNAL_DIRECTIONS,
     InfeasibleTargetError,
+    calibrate_selective,
     calibrate_threshold,
-    default_grid,
     realised_error,
+    signal_grid,
     smallest_feasible_alpha,
     workdir_signal,
 )
@@ -89,6 +95,68 @@ def _resplits(
     }
 
 
+def _selective(
+    s_val: np.ndarray,
+    w_val: np.ndarray,
+    s_test: np.ndarray,
+    w_test: np.ndarray,
+    s_all: np.ndarray,
+    w_all: np.ndarray,
+    n_cal: int,
+    splits: list[np.ndarray],
+    args: argparse.Namespace,
+    grid: np.ndarray,
+    hr: bool,
+) -> dict[str, Any]:
+    """Two thresholds: the fixed split, and the joint guarantee over the re-splits."""
+
+    def fit(s: np.ndarray, w: np.ndarray) -> Any:
+        try:
+            return calibrate_selective(
+                s,
+                w,
+                alpha=args.alpha,
+                beta=args.beta,
+                delta=args.delta,
+                grid=grid,
+                higher_is_riskier=hr,
+            )
+        except InfeasibleTargetError:
+            return None
+
+    def outcome(sel: Any, s: np.ndarray, w: np.ndarray) -> tuple[float | None, float | None]:
+        r = sel.route(s)
+        ans, ab = r == "answer", r == "abstain"
+        err = float(w[ans].mean()) if ans.any() else None
+        right = float((~w[ab]).mean()) if ab.any() else None
+        return err, right
+
+    out: dict[str, Any] = {"alpha": args.alpha, "beta": args.beta, "delta": args.delta}
+    sel = fit(s_val, w_val)
+    out["feasible"] = sel is not None
+    if sel is not None:
+        r = sel.route(s_test)
+        err, right = outcome(sel, s_test, w_test)
+        out.update(
+            answer_threshold=sel.answer.threshold,
+            abstain_threshold=sel.abstain_threshold,
+            calibration_shares=sel.shares,
+            test_shares={k: float(np.mean(r == k)) for k in ("answer", "escalate", "abstain")},
+            test_answer_error=err,
+            test_abstain_right=right,
+        )
+    bad = 0
+    for perm in splits:
+        cal, test = perm[:n_cal], perm[n_cal:]
+        sp = fit(s_all[cal], w_all[cal])
+        if sp is None:
+            continue
+        err, right = outcome(sp, s_all[test], w_all[test])
+        bad += int((err or 0.0) > args.alpha or (right or 0.0) > args.beta)
+    out["joint_violation_rate"] = bad / len(splits)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "smollm2-pooled")
@@ -97,6 +165,9 @@ def main() -> int:
     ap.add_argument("--signal", default="entropy", choices=sorted(SIGNAL_DIRECTIONS))
     ap.add_argument("--alpha", type=float, default=0.2)
     ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument(
+        "--beta", type=float, default=0.5, help="max right answers among abstained (selective)"
+    )
     ap.add_argument("--n-splits", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -117,7 +188,7 @@ def main() -> int:
         data, ssd, split="validation", signal=args.signal, source=source
     )
     _, s_test, w_test = workdir_signal(data, ssd, split="test", signal=args.signal, source=source)
-    grid = default_grid(ssd.calibration[args.signal])
+    grid = signal_grid(ssd.calibration, args.signal)
     alpha, delta = args.alpha, args.delta
 
     # The fixed split: validation → test.
@@ -146,8 +217,18 @@ def main() -> int:
             point["fixed_split_coverage"] = float(k.mean())
             point["fixed_split_realised_error"] = realised_error(s_test, w_test, t, hr)
     feasible_alphas = [float(p["alpha"]) for p in sweep if p["fixed_split_threshold"] is not None]
-    oriented = s_test if hr else -s_test
-    auroc = float(roc_auc_score(w_test, oriented)) if 0 < w_test.sum() < len(w_test) else None
+
+    def test_auroc(signal: str) -> float | None:
+        _, sc, wt = workdir_signal(data, ssd, split="test", signal=signal, source=source)
+        sc = sc if SIGNAL_DIRECTIONS[signal] else -sc
+        return float(roc_auc_score(wt, sc)) if 0 < wt.sum() < len(wt) else None
+
+    auroc = test_auroc(args.signal)
+    ssd_auroc = test_auroc("entropy")
+    risk_auroc = test_auroc("risk") if ssd.risk_model is not None else None
+    selective = _selective(
+        s_val, w_val, s_test, w_test, s_all, w_all, n_cal, splits, args, grid, hr
+    )
 
     tag = f"smollm2-{args.source}" + ("" if args.signal == "entropy" else f"-{args.signal}")
     out: dict[str, Any] = {
@@ -170,7 +251,10 @@ def main() -> int:
         "n_resplits": args.n_splits,
         "resplits": main_point,
         "feasible_alphas": feasible_alphas,
-        "ssd_auroc": auroc,
+        "signal_auroc": auroc,
+        "ssd_auroc": ssd_auroc,
+        "risk_auroc": risk_auroc,
+        "selective": selective,
         "sweep": sweep,
         "method": (
             "Learn-then-Test via mapie.risk_control.BinaryClassificationController "
@@ -179,7 +263,8 @@ def main() -> int:
         ),
         "command": (
             f"OMP_NUM_THREADS=1 python benchmarks/calibration.py --source {args.source} "
-            f"--signal {args.signal} --alpha {alpha} --delta {delta} --n-splits {args.n_splits}"
+            f"--signal {args.signal} --alpha {alpha} --delta {delta} --beta {args.beta} "
+            f"--n-splits {args.n_splits}"
         ),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,8 +307,11 @@ def main() -> int:
         f"Command: `{out['command']}`",
         "",
         f"Calibration = validation split (n={len(s_val)}, error rate {w_val.mean():.3f}); "
-        f"test n={len(s_test)} (error rate {w_test.mean():.3f}); SSD AUROC on test "
-        f"{auroc if auroc is None else round(auroc, 3)}. Smallest feasible α at δ={delta}: "
+        f"test n={len(s_test)} (error rate {w_test.mean():.3f}); test AUROC of the "
+        f"calibrated signal {auroc if auroc is None else round(auroc, 3)} (SSD entropy "
+        f"{ssd_auroc if ssd_auroc is None else round(ssd_auroc, 3)}, combined risk "
+        f"{risk_auroc if risk_auroc is None else round(risk_auroc, 3)}). "
+        f"Smallest feasible α at δ={delta}: "
         f"{smallest}. Feasible α of the sweep: {feasible_alphas or 'none'}.",
         "",
         f"![realised error and coverage vs α](calibration-{tag}.png)",
@@ -244,11 +332,31 @@ def main() -> int:
             f"| {p['alpha']:.2f} | {p['feasible_share']:.3f} | {p['violation_rate']:.3f} | "
             f"{'–' if me is None else f'{me:.3f}'} | {p['mean_coverage']:.3f} | {fx} |"
         )
+    if selective.get("feasible"):
+        sh = selective["test_shares"]
+        lines += [
+            "",
+            f"Selective answering at α={alpha}, β={args.beta}, δ={delta} (answer below the "
+            "first threshold, abstain beyond the second, escalate to retrieval between): "
+            f"thresholds {selective['answer_threshold']:.4g} / "
+            f"{selective['abstain_threshold']}; test shares answer {sh['answer']:.3f}, "
+            f"escalate {sh['escalate']:.3f}, abstain {sh['abstain']:.3f}; error among "
+            f"answered {selective['test_answer_error']}, right among abstained "
+            f"{selective['test_abstain_right']}; joint violation rate over "
+            f"{args.n_splits} re-splits {selective['joint_violation_rate']:.3f}.",
+        ]
+    else:
+        lines += ["", f"Selective answering at α={alpha}, β={args.beta}: infeasible."]
     md = args.out_dir / f"calibration-{tag}.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     summary = {k: out[k] for k in ("alpha", "delta", "n_calibration", "n_test", "threshold")}
     summary.update({k: out[k] for k in ("coverage", "realised_error", "violation_rate")})
-    summary.update({k: out[k] for k in ("smallest_feasible_alpha", "feasible_alphas", "ssd_auroc")})
+    summary.update(
+        {
+            k: out[k]
+            for k in ("smallest_feasible_alpha", "feasible_alphas", "ssd_auroc", "risk_auroc")
+        }
+    )
     print(json.dumps(summary, indent=2))
     print(f"wrote {path}, {png}, {md}")
     return 0

@@ -53,6 +53,7 @@ __all__ = [
     "load_calibration",
     "realised_error",
     "save_calibration",
+    "signal_grid",
     "smallest_feasible_alpha",
     "workdir_signal",
 ]
@@ -133,6 +134,17 @@ def default_grid(reference: Sequence[float] | np.ndarray, n: int = 50) -> np.nda
     if ref.size == 0:
         raise CalibrationError("cannot build a threshold grid from no finite values")
     return np.unique(np.quantile(ref, np.linspace(0.0, 1.0, n + 1)[1:]))
+
+
+def signal_grid(calibration: dict[str, list[float]], signal: str, n: int = 50) -> np.ndarray:
+    """Candidate thresholds for *signal* that look at no calibration data: ``risk`` is a
+    probability, so a fixed grid on (0, 1]; the other signals: quantiles of the student's
+    stored training-split values (:func:`default_grid`)."""
+    if signal == "risk":
+        return np.linspace(0.0, 1.0, 2 * n + 1)[1:]
+    if not calibration.get(signal):
+        raise CalibrationError(f"the student stores no values of {signal!r} to build a grid on")
+    return default_grid(calibration[signal], n=n)
 
 
 def _check_inputs(

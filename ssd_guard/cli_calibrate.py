@@ -41,6 +41,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         default_grid,
         describe_guarantee,
         save_calibration,
+        signal_grid,
         workdir_signal,
     )
     from ssd_guard.evaluation.workdir import load_workdir
@@ -54,8 +55,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     # The candidate grid: quantiles of the student's training-split calibration values
     # (no calibration labels involved); the calibration scores' own quantiles otherwise.
-    reference = ssd.calibration.get(args.signal) or list(np.asarray(scores))
-    grid = default_grid(reference, n=args.grid_size)
+    if args.signal == "risk" or ssd.calibration.get(args.signal):
+        grid = signal_grid(ssd.calibration, args.signal, n=args.grid_size)
+    else:
+        grid = default_grid(list(np.asarray(scores)), n=args.grid_size)
     hi = SIGNAL_DIRECTIONS[args.signal]
     selective = None
     if args.abstain_beta is not None:
