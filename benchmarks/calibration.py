@@ -166,7 +166,7 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=0.2)
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument(
-        "--beta", type=float, default=0.5, help="max right answers among abstained (selective)"
+        "--beta", type=float, default=0.1, help="max right answers among abstained (selective)"
     )
     ap.add_argument("--n-splits", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)

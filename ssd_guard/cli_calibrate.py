@@ -25,7 +25,8 @@ def _workdir_of(args: argparse.Namespace) -> Path:
         raise SystemExit("give --workdir W or --config RECIPE")
     from ssd_guard.distill.recipe import load_recipe
 
-    return Path(load_recipe(args.config).workdir)
+    recipe = load_recipe(args.config)
+    return Path(recipe.resolve(recipe.workdir))
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -195,8 +195,12 @@ def test_evaluate_end_to_end(workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path
     from ssd_guard.evaluation.runner import run_evaluation
 
     qa, arc = workdirs
+    from ssd_guard.scoring.semgrad import HybridGradScorer, SemGradScorer
+
     out = tmp_path / "report"
     logs: list[str] = []
+    grads = [SemGradScorer(tiny_lm.model, tiny_lm.tokenizer)]
+    grads.append(HybridGradScorer(tiny_lm.model, tiny_lm.tokenizer))
     res = run_evaluation(
         qa,
         out,
@@ -207,6 +211,7 @@ def test_evaluate_end_to_end(workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path
         embedder=TrigramEmbedder(),
         command="ssd-guard evaluate --workdir tiny",
         log=logs.append,
+        pair_scorers=grads,
     )
     for name in ("report.md", "results.json", "roc.png", "risk_coverage.png"):
         assert (out / name).stat().st_size > 0, name
@@ -224,7 +229,11 @@ def test_evaluate_end_to_end(workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path
         "SSD-consensus",
         "SE-cos-answer",
         "TD-answer",
+        "SemGrad",
+        "HybridGrad",
     }
+    # One gradient pass serves both pair scorers.
+    assert res["pair_scorers"]["HybridGrad"]["shared_pass"] is True
     for block in (pre, post):
         for name, r in block.items():
             a = r["auroc"]
@@ -257,6 +266,8 @@ def test_evaluate_end_to_end(workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path
         "SE-string",
         "SEP",
         "PCP",
+        "SemGrad",
+        "HybridGrad",
     }
     assert cost["SSD"]["ratio_to_ssd"] == pytest.approx(1.0)
     assert all(v["mean"] > 0 for v in cost.values())
@@ -378,3 +389,56 @@ def test_load_workdir_falls_back_to_shards_and_live_embeddings(
         load_workdir(copy)
     d = _derangement(50, seed=3)
     assert sorted(d.tolist()) == list(range(50)) and not np.any(d == np.arange(50))
+
+
+def test_fit_risk_and_calibrate_cli(
+    workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """`fit-risk` writes a risk model bound to the student; `calibrate --signal risk` with
+    `--abstain-beta` writes calibration-risk.json with both thresholds (or names the
+    smallest feasible alpha)."""
+    import shutil
+
+    import ssd_guard.models as models
+    from ssd_guard.calibration import load_calibration
+    from ssd_guard.cli import main
+    from ssd_guard.scoring.risk import RiskModel
+
+    monkeypatch.setattr(models, "shared_embedder", lambda *a, **k: TrigramEmbedder())
+    monkeypatch.setattr(models, "shared_causal_lm", lambda *a, **k: tiny_lm)
+    qa, _ = workdirs
+    art = tmp_path / "student"
+    shutil.copytree(qa / "artifact", art)
+    assert main(["fit-risk", "--workdir", str(qa), "--artifact", str(art)]) == 0
+    assert "risk_model" in capsys.readouterr().out
+    from ssd_guard.artifact import load_artifact
+
+    fingerprint = load_artifact(art)[0].fingerprint
+    model = RiskModel.load(art, fingerprint=fingerprint)
+    assert set(model.variants) == {"pre", "post", "post_gen"}
+    assert (qa / "token_stats.safetensors").exists()  # cached for the next run
+    rc = main(
+        [
+            "calibrate",
+            "--workdir",
+            str(qa),
+            "--artifact",
+            str(art),
+            "--signal",
+            "risk",
+            "--alpha",
+            "0.95",
+            "--delta",
+            "0.2",
+            "--abstain-beta",
+            "0.9",
+        ]
+    )
+    text = capsys.readouterr()
+    if rc == 0:
+        cal = load_calibration(art / "calibration-risk.json", fingerprint=fingerprint)
+        assert cal.signal == "risk" and cal.abstain_beta == 0.9
+        assert sum(cal.shares.values()) == pytest.approx(1.0)
+        assert "at most 95% are wrong" in text.out
+    else:
+        assert "smallest feasible alpha" in text.err or "feasible" in text.err

@@ -409,6 +409,18 @@ def _risk_scores(
     return {"variants": sorted(model.variants), "info": model.info}
 
 
+def _same_pass(a: Any, b: Any) -> bool:
+    keys = ("model", "position", "layers", "max_answer_tokens")
+    return (
+        type(a).__mro__[-2] is type(b).__mro__[-2]
+        and all(
+            getattr(a, k, None) is getattr(b, k, None) or getattr(a, k, None) == getattr(b, k, None)
+            for k in keys
+        )
+        and hasattr(a, "score_pairs_all")
+    )
+
+
 def _pair_scores(
     pair_scorers: Sequence[Any],
     test: Any,
@@ -420,23 +432,34 @@ def _pair_scores(
     info: dict[str, Any] = {}
     prompts = list(test.prompts)
     answers = list(test.default or [""] * len(prompts))
+    done: list[tuple[Any, dict[str, np.ndarray]]] = []
     for ps in pair_scorers:
         t0 = time.perf_counter()
-        with torch.enable_grad():
-            if hasattr(ps, "score_pairs_all"):
+        # Scorers of one pass (SemGrad and HybridGrad on one model and anchor) share it.
+        shared = next((o for p2, o in done if _same_pass(p2, ps) and ps.signal in o), None)
+        if shared is not None:
+            out = shared
+        elif hasattr(ps, "score_pairs_all"):
+            with torch.inference_mode(False), torch.enable_grad():
                 out = ps.score_pairs_all(prompts, answers, formatted=True)
-                main = np.asarray(out[ps.signal], dtype=np.float64)
-            else:
-                out = {}
-                main = np.asarray(ps.score_pairs(prompts, answers, formatted=True), np.float64)
+        else:
+            with torch.inference_mode(False), torch.enable_grad():
+                out = {ps.signal: np.asarray(ps.score_pairs(prompts, answers, formatted=True))}
+        done.append((ps, out))
+        main = np.asarray(out[ps.signal], dtype=np.float64)
         secs = time.perf_counter() - t0
-        answer_scores[str(ps.name)] = main
+        n_nan = int((~np.isfinite(main)).sum())
+        # An empty default answer has no score: counted as the riskiest.
+        fill = np.nanmax(main) if n_nan < main.size else 0.0
+        answer_scores[str(ps.name)] = np.where(np.isfinite(main), main, fill)
         score_seconds[str(ps.name)] = secs
         info[str(ps.name)] = {
             "signal": ps.signal,
             "seconds": secs,
             "outputs": sorted(out),
-            "config": getattr(ps, "describe", lambda: None)(),
+            "rows_without_score": n_nan,
+            "shared_pass": shared is not None,
+            "scorer": repr(ps),
         }
         log(f"{ps.name}: {len(prompts)} pairs in {secs:.1f} s")
     return info
