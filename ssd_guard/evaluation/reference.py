@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["REFERENCE", "REFERENCE_MAP"]
+__all__ = ["POST_REFERENCE", "REFERENCE", "REFERENCE_MAP"]
 
 #: The SSD paper's numbers: macro AUROC over 3B–8B models, and the mismatch range.
 REFERENCE: dict[str, Any] = {
@@ -15,3 +15,11 @@ REFERENCE: dict[str, Any] = {
 }
 #: Which of our scorers each reference number corresponds to.
 REFERENCE_MAP = {"SE": "SE-cos", "PCP": "PCP", "SEP": "SEP", "SSD": "SSD", "TD": "TD-std"}
+
+#: Post-generation scorers' published TriviaQA figures (paper, models, AUROC).
+POST_REFERENCE: dict[str, dict[str, Any]] = {
+    "SemGrad": {
+        "auroc": 0.86,
+        "source": "SemGrad (arXiv 2605.04638): TriviaQA hallucination AUROC, 4B-8B models",
+    },
+}
