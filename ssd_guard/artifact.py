@@ -14,7 +14,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -31,10 +31,13 @@ __all__ = [
     "EmbedderInfo",
     "HeadInfo",
     "Manifest",
+    "base_model_problem",
     "bundled_artifact_path",
     "check_compatible",
     "load_artifact",
+    "read_verified",
     "save_artifact",
+    "write_weights_and_manifest",
 ]
 
 FORMAT_VERSION = 1
@@ -142,30 +145,94 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(
-    directory: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor]
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def write_weights_and_manifest(
+    directory: str | Path,
+    manifest: _M,
+    tensors: dict[str, torch.Tensor],
+    *,
+    weights_name: str,
+    metadata: dict[str, str],
 ) -> Path:
-    """Write ``model.safetensors`` then ``manifest.json`` (with the weights' sha256)."""
+    """Write ``weights_name`` (safetensors) then ``manifest.json`` holding the weights'
+    sha256 (and ``created``, when the manifest has none), each atomically."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    weights = out / WEIGHTS
-    tmp = weights.with_name(WEIGHTS + ".tmp")
+    weights = out / weights_name
+    tmp = weights.with_name(weights_name + ".tmp")
     save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"format": "ssd-guard", "format_version": str(FORMAT_VERSION)},
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata
     )
     os.replace(tmp, weights)
     data = manifest.model_copy(
         update={
             "weights_sha256": _sha256_file(weights),
-            "created": manifest.created or datetime.now(UTC).isoformat(timespec="seconds"),
+            "created": getattr(manifest, "created", "")
+            or datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
     tmp_m = out / (MANIFEST + ".tmp")
     tmp_m.write_text(json.dumps(data.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_m, out / MANIFEST)
     return out
+
+
+def read_verified(
+    path: Path,
+    manifest_type: type[_M],
+    *,
+    weights_name: str,
+    format_version: int,
+    kind: str,
+    manifest_label: str = "manifest",
+    format_label: str = "artifact",
+) -> tuple[_M, dict[str, torch.Tensor]]:
+    """Read ``manifest.json`` + ``weights_name`` from ``path``: refuse a missing file
+    (``not a <kind> artifact``), an invalid manifest, a format newer than
+    ``format_version`` and weights whose sha256 differs from the manifest's
+    (:class:`ArtifactIntegrityError`)."""
+    mpath, wpath = path / MANIFEST, path / weights_name
+    if not mpath.exists() or not wpath.exists():
+        raise ArtifactError(f"{path}: not a {kind} artifact (needs {MANIFEST} and {weights_name})")
+    try:
+        manifest = manifest_type.model_validate_json(mpath.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{mpath}: manifest is not UTF-8 text ({exc.reason})") from exc
+    except ValidationError as exc:
+        raise ArtifactError(f"{mpath}: invalid {manifest_label}: {exc}") from exc
+    version = int(getattr(manifest, "format_version"))  # noqa: B009
+    if version > format_version:
+        raise ArtifactError(
+            f"{path}: {format_label} format {version} is newer than this ssd-guard "
+            f"({__version__}) understands ({format_version}); upgrade ssd-guard"
+        )
+    expected = str(getattr(manifest, "weights_sha256"))  # noqa: B009
+    actual = _sha256_file(wpath)
+    if actual != expected:
+        raise ArtifactIntegrityError(
+            f"{wpath}: sha256 {actual[:16]}… does not match the manifest's "
+            f"{expected[:16]}…; the weights were modified or corrupted"
+        )
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(f"{wpath}: unreadable safetensors file: {exc}") from exc
+    return manifest, tensors
+
+
+def save_artifact(
+    directory: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor]
+) -> Path:
+    """Write ``model.safetensors`` then ``manifest.json`` (with the weights' sha256)."""
+    return write_weights_and_manifest(
+        directory,
+        manifest,
+        tensors,
+        weights_name=WEIGHTS,
+        metadata={"format": "ssd-guard", "format_version": str(FORMAT_VERSION)},
+    )
 
 
 def bundled_artifact_path() -> Path:
@@ -176,31 +243,9 @@ def bundled_artifact_path() -> Path:
 def load_artifact(directory: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
     """Read and verify an artifact directory (``"bundled"`` names the shipped one)."""
     path = bundled_artifact_path() if str(directory) == "bundled" else Path(directory)
-    mpath, wpath = path / MANIFEST, path / WEIGHTS
-    if not mpath.exists() or not wpath.exists():
-        raise ArtifactError(f"{path}: not a student artifact (needs {MANIFEST} and {WEIGHTS})")
-    try:
-        manifest = Manifest.model_validate_json(mpath.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ArtifactError(f"{mpath}: manifest is not UTF-8 text ({exc.reason})") from exc
-    except ValidationError as exc:
-        raise ArtifactError(f"{mpath}: invalid manifest: {exc}") from exc
-    if manifest.format_version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: artifact format {manifest.format_version} is newer than this ssd-guard "
-            f"({__version__}) understands ({FORMAT_VERSION}); upgrade ssd-guard"
-        )
-    actual = _sha256_file(wpath)
-    if actual != manifest.weights_sha256:
-        raise ArtifactIntegrityError(
-            f"{wpath}: sha256 {actual[:16]}… does not match the manifest's "
-            f"{manifest.weights_sha256[:16]}…; the weights were modified or corrupted"
-        )
-    try:
-        tensors = load_file(str(wpath))
-    except Exception as exc:  # safetensors raises its own error types
-        raise ArtifactError(f"{wpath}: unreadable safetensors file: {exc}") from exc
-    return manifest, tensors
+    return read_verified(
+        path, Manifest, weights_name=WEIGHTS, format_version=FORMAT_VERSION, kind="student"
+    )
 
 
 def check_compatible(
@@ -217,13 +262,11 @@ def check_compatible(
     bm = manifest.base_model
     if hidden_size is not None and hidden_size != bm.hidden_size:
         problems.append(f"hidden size: artifact expects {bm.hidden_size}, model has {hidden_size}")
-    if fingerprint is not None and fingerprint != bm.fingerprint:
-        problems.append(
-            f"base model: artifact was trained on {bm.id} (fingerprint {bm.fingerprint}), "
-            f"got {model_id or 'a model'} with fingerprint {fingerprint}"
-        )
-    elif model_id is not None and fingerprint is None and model_id != bm.id:
-        problems.append(f"base model: artifact was trained on {bm.id}, got {model_id}")
+    base = base_model_problem(
+        bm, model_id=model_id, fingerprint=fingerprint, made_from="artifact was trained on"
+    )
+    if base:
+        problems.append(base)
     if embedder_dim is not None and embedder_dim != manifest.embedder.dim:
         problems.append(
             f"embedder dim: artifact expects {manifest.embedder.dim}, embedder has {embedder_dim}"
@@ -232,6 +275,22 @@ def check_compatible(
         problems.append(f"embedder: artifact expects {manifest.embedder.id}, got {embedder_id}")
     if problems:
         raise ArtifactMismatchError("student artifact does not match: " + "; ".join(problems))
+
+
+def base_model_problem(
+    bm: BaseModelInfo, *, model_id: str | None, fingerprint: str | None, made_from: str
+) -> str | None:
+    """What is wrong with using weights made from ``bm`` with the model ``model_id`` /
+    ``fingerprint`` (the fingerprint decides when given), or ``None``. ``made_from``
+    phrases the origin, e.g. ``"artifact was trained on"``."""
+    if fingerprint is not None and fingerprint != bm.fingerprint:
+        return (
+            f"base model: {made_from} {bm.id} (fingerprint {bm.fingerprint}), "
+            f"got {model_id or 'a model'} with fingerprint {fingerprint}"
+        )
+    if fingerprint is None and model_id is not None and model_id != bm.id:
+        return f"base model: {made_from} {bm.id}, got {model_id}"
+    return None
 
 
 def _norm_id(s: str) -> str:

@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "ssd_guard.cli_engine",
     "ssd_guard.cli_runtime",
     "ssd_guard.cli_calibrate",
+    "ssd_guard.cli_drafts",
     "ssd_guard.evaluation.cli",
 )
 

@@ -124,6 +124,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_workdir_args(parser: Any) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", type=Path, help="distillation work directory")
+    src.add_argument("--config", type=Path, help="distillation recipe (its work directory)")
+
+
 def add_commands(sub: Any) -> None:
     c = sub.add_parser(
         "calibrate",
@@ -134,9 +140,7 @@ def add_commands(sub: Any) -> None:
             "probability at least 1 - DELTA (prompts assumed exchangeable)."
         ),
     )
-    src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", type=Path, help="distillation work directory")
-    src.add_argument("--config", type=Path, help="distillation recipe (its work directory)")
+    _add_workdir_args(c)
     c.add_argument("--source", help="calibrate on this source's prompts only")
     c.add_argument("--artifact", default="bundled", help="student artifact (default: bundled)")
     c.add_argument("--alpha", type=float, required=True, help="max error rate among answered")
@@ -170,9 +174,7 @@ def add_commands(sub: Any) -> None:
             "risk.safetensors into the student's artifact directory."
         ),
     )
-    fsrc = f.add_mutually_exclusive_group(required=True)
-    fsrc.add_argument("--workdir", type=Path, help="distillation work directory")
-    fsrc.add_argument("--config", type=Path, help="distillation recipe (its work directory)")
+    _add_workdir_args(f)
     f.add_argument("--artifact", default="bundled", help="student artifact (default: bundled)")
     f.add_argument("--out", type=Path, help="directory to write to (default: the artifact)")
     f.add_argument("--seed", type=int, default=0)

@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
-def _distill(args: argparse.Namespace) -> int:
-    from ssd_guard.distill.pipeline import STAGES, run_pipeline
-    from ssd_guard.distill.recipe import load_recipe
-
-    recipe = load_recipe(args.config)
-    bad = [s for s in args.force if s not in STAGES]
-    if bad:
-        from ssd_guard.errors import ConfigError
-
-        raise ConfigError(f"--force: unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+def run_stage_pipeline(pipeline: Callable[..., Path], recipe: Any, args: argparse.Namespace) -> int:
+    """Run a resumable stage pipeline from the arguments of :func:`add_pipeline_args`,
+    reporting each stage on stderr; prints the work directory."""
 
     def report(name: str, state: str, seconds: float) -> None:
         msg = (
@@ -27,7 +22,7 @@ def _distill(args: argparse.Namespace) -> int:
         )
         print(msg, file=sys.stderr, flush=True)
 
-    root = run_pipeline(
+    root = pipeline(
         recipe,
         workdir=args.workdir,
         until=args.until,
@@ -38,6 +33,23 @@ def _distill(args: argparse.Namespace) -> int:
     )
     print(root)
     return 0
+
+
+def add_pipeline_args(parser: Any, config_help: str) -> None:
+    """The arguments of a resumable stage pipeline (``distill``, ``distill-drafts``)."""
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--workdir", help="override the recipe's work directory")
+    parser.add_argument("--until", help="stop after this stage")
+    parser.add_argument("--force", action="append", default=[], help="redo this stage (repeatable)")
+    parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from ssd_guard.distill.pipeline import run_pipeline
+    from ssd_guard.distill.recipe import load_recipe
+
+    return run_stage_pipeline(run_pipeline, load_recipe(args.config), args)
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -69,12 +81,7 @@ def _artifact(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("distill", help="train an SSD student from a recipe (resumable)")
-    p.add_argument("--config", required=True, help="recipe YAML (see training/)")
-    p.add_argument("--workdir", help="override the recipe's work directory")
-    p.add_argument("--until", help="stop after this stage")
-    p.add_argument("--force", action="append", default=[], help="redo this stage (repeatable)")
-    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_pipeline_args(p, "recipe YAML (see training/)")
     p.set_defaults(func=_distill)
 
     s = sub.add_parser("score", help="score prompts (and answers) with a student")

@@ -126,6 +126,7 @@ class _LengthScorer:
 
     name = "Length"
     signal = "semgrad"
+
     def __init__(self) -> None:
         self.calibration = {"semgrad": [float(i) for i in range(1, 21)]}
         self.calls: list[tuple[list[str], list[str]]] = []

@@ -9,11 +9,9 @@ exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,17 +26,16 @@ from ssd_guard.distill.workdir import (
     _atomic_save,
     _atomic_write_text,
     load_prompts,
+    open_workdir,
     prefix_length,
+    run_stages,
+    stage_hash,
 )
 from ssd_guard.errors import ConfigError
 
 __all__ = ["STAGES", "Workdir", "run_pipeline"]
 
 log = logging.getLogger("ssd_guard.distill")
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- stages
@@ -168,13 +165,13 @@ Stage = Callable[..., dict[str, Any]]
 
 def _stage_keys(r: Recipe) -> dict[str, Any]:
     d = r.model_dump(mode="json")
-    prompts_key = _hash([d["data"], d["prompt"]])
-    teacher_key = _hash([prompts_key, d["base_model"], d["dtype"], d["teacher"]])
-    labels_key = _hash([teacher_key, d["labels"]])
-    embed_key = _hash([teacher_key, d["embedding"]])
+    prompts_key = stage_hash([d["data"], d["prompt"]])
+    teacher_key = stage_hash([prompts_key, d["base_model"], d["dtype"], d["teacher"]])
+    labels_key = stage_hash([teacher_key, d["labels"]])
+    embed_key = stage_hash([teacher_key, d["embedding"]])
     features_key = teacher_key
-    layers_key = _hash([embed_key, d["layers"]])
-    student_key = _hash([layers_key, labels_key, d["student"], d["artifact"]])
+    layers_key = stage_hash([embed_key, d["layers"]])
+    student_key = stage_hash([layers_key, labels_key, d["student"], d["artifact"]])
     return {
         "prompts": prompts_key,
         "teacher": teacher_key,
@@ -214,32 +211,22 @@ def run_pipeline(
     on_stage: Callable[[str, str, float], None] | None = None,
 ) -> Path:
     """Run (or resume) every stage of the recipe; returns the work directory."""
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
-    wd = Workdir(Path(workdir) if workdir else recipe.resolve(recipe.workdir))
-    _atomic_write_text(wd.path("recipe.json"), recipe.model_dump_json(indent=2))
-    keys = _stage_keys(recipe)
+    wd = open_workdir(recipe, workdir, STAGES, until=until, force=force)
     ctx = Context(recipe, device)
     stages = _stages()
-    timings: dict[str, float] = {}
-    if wd.path("timings.json").exists():
-        timings = wd.read_json("timings.json")
-    for name in STAGES:
-        if wd.is_done(name, keys[name]) and name not in force:
-            if on_stage:
-                on_stage(name, "skipped", 0.0)
-        else:
-            t0 = time.perf_counter()
-            kwargs: dict[str, Any] = (
-                {"progress": progress} if name in ("teacher", "student") else {}
-            )
-            info = stages[name](wd, ctx, **kwargs)
-            dt = time.perf_counter() - t0
-            timings[name] = timings.get(name, 0.0) + dt if name == "teacher" else dt
-            _atomic_write_text(wd.path("timings.json"), json.dumps(timings, indent=2))
-            wd.mark_done(name, keys[name], {**info, "seconds": round(dt, 2)})
-            if on_stage:
-                on_stage(name, "done", dt)
-        if name == until:
-            break
+
+    def run(name: str) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"progress": progress} if name in ("teacher", "student") else {}
+        return stages[name](wd, ctx, **kwargs)
+
+    run_stages(
+        wd,
+        STAGES,
+        _stage_keys(recipe),
+        run,
+        until=until,
+        force=force,
+        on_stage=on_stage,
+        resumable=("teacher",),
+    )
     return wd.root

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ssd_guard.errors import ConfigError
 
-__all__ = ["Recipe", "format_validation_error", "load_recipe"]
+__all__ = ["Recipe", "RecipeFile", "format_validation_error", "load_recipe", "load_recipe_file"]
 
 
 class _Strict(BaseModel):
@@ -171,7 +171,22 @@ class StudentConfig(_Strict):
     answer_signal: Literal["loglik", "pmi", "consensus"] = "loglik"
 
 
-class Recipe(_Strict):
+class RecipeFile(_Strict):
+    """A recipe read from a YAML file: relative paths resolve against the cwd first,
+    then the file's directory."""
+
+    #: The file the recipe was loaded from.
+    source: str | None = Field(default=None, exclude=True)
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if p.is_absolute() or p.exists() or self.source is None:
+            return p
+        alt = Path(self.source).parent / p
+        return alt if alt.exists() else p
+
+
+class Recipe(RecipeFile):
     name: str
     base_model: str
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -187,17 +202,6 @@ class Recipe(_Strict):
     #: Where the final artifact goes (default ``<workdir>/artifact``).
     artifact: str | None = None
 
-    #: Directory the recipe was loaded from (relative paths resolve against the cwd
-    #: first, then this directory).
-    source: str | None = Field(default=None, exclude=True)
-
-    def resolve(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        if p.is_absolute() or p.exists() or self.source is None:
-            return p
-        alt = Path(self.source).parent / p
-        return alt if alt.exists() else p
-
     def format_prompt(self, prompt: str) -> str:
         return self.prompt.few_shot + self.prompt.template.format(prompt=prompt)
 
@@ -212,7 +216,12 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+_R = TypeVar("_R", bound=RecipeFile)
+
+
+def load_recipe_file(path: str | Path, model: type[_R]) -> _R:
+    """Read a YAML recipe and validate it as ``model`` (errors: :class:`ConfigError`,
+    one line per problem)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: recipe not found")
@@ -223,8 +232,12 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(str(p), exc)) from exc
     recipe.source = str(p)
     return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return load_recipe_file(path, Recipe)

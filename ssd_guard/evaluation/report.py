@@ -34,8 +34,7 @@ _DESCRIPTION = {
     "gen-tok_entropy_mean": "mean token entropy of the default answer (generation statistic)",
     "SemGrad": "gradient of the entropy-weighted answer NLL w.r.t. a prompt hidden state "
     "(upper layers), one forward + backward pass (arXiv 2605.04638)",
-    "HybridGrad": "a * mean abs(dL/dW_lm_head) + (1 - a) * SemGrad, a = exp(-mean token "
-    "entropy)",
+    "HybridGrad": "a * mean abs(dL/dW_lm_head) + (1 - a) * SemGrad, a = exp(-mean token entropy)",
     "DraftEU": "draft-model epistemic uncertainty: JSD among drafts + KL(mixture || proxy), "
     "aggregated by a logistic regression (arXiv 2602.01956)",
 }

@@ -41,7 +41,7 @@ from ssd_guard.scoring.risk import RiskModel, load_risk_model
 from ssd_guard.scoring.token_stats import CALLSTATS_KEY
 from ssd_guard.student import SSDStudent
 
-__all__ = ["ANSWER_SIGNALS", "SSDScorer", "build_heads", "load_marginal"]
+__all__ = ["ANSWER_SIGNALS", "SSDScorer", "apply_prompt_format", "build_heads", "load_marginal"]
 
 #: Answer signals of one pass (higher = more plausible for each).
 ANSWER_SIGNALS = ("loglik", "pmi", "consensus")
@@ -56,6 +56,17 @@ def load_marginal(tensors: dict[str, torch.Tensor]) -> GaussianMixture | None:
         tensors["marginal.means"].float().unsqueeze(0),
         tensors["marginal.scales"].float().unsqueeze(0),
     )
+
+
+def apply_prompt_format(prompt: str, few_shot: str, template: str) -> str:
+    """``few_shot`` + ``template`` with ``{question}`` the prompt's question: the prompt
+    may be a bare question or already in ``Question: ...\nAnswer:`` form."""
+    text = prompt.strip()
+    if text.startswith("Question:"):
+        text = text[len("Question:") :].strip()
+    if text.endswith("Answer:"):
+        text = text[: -len("Answer:")].strip()
+    return few_shot + template.replace("{question}", text)
 
 
 def build_heads(
@@ -236,13 +247,8 @@ class SSDScorer:
 
         The text may be a bare question or already in ``Question: ...\nAnswer:`` form.
         """
-        text = prompt.strip()
-        if text.startswith("Question:"):
-            text = text[len("Question:") :].strip()
-        if text.endswith("Answer:"):
-            text = text[: -len("Answer:")].strip()
         fmt = self.manifest.prompt
-        return fmt.few_shot + fmt.template.replace("{question}", text)
+        return apply_prompt_format(prompt, fmt.few_shot, fmt.template)
 
     def hidden(
         self,
