@@ -477,13 +477,29 @@ def describe_guarantee(cal: CalibrationFile) -> str:
     side = "at most" if cal.higher_is_riskier else "at least"
     conf = 1.0 - cal.delta
     return (
-        f"The guard answers when {cal.signal} is {side} {cal.threshold:.4g} and abstains "
-        f"otherwise. Among the answers it lets through, at most {cal.alpha:.0%} are wrong, "
+        f"The guard answers when {cal.signal} is {side} {cal.threshold:.4g} and does not "
+        f"answer otherwise. Among the answers it lets through, at most {cal.alpha:.0%} are wrong, "
         f"with probability at least {conf:.0%} over the {cal.n_calibration} calibration "
         f"prompts (it answered {cal.coverage:.1%} of them). This assumes future prompts are "
         "exchangeable with the calibration prompts (same distribution, same base model and "
         "student); it is a statement about the long-run share of wrong answers, not about "
         "any single answer."
+    ) + _describe_abstain(cal)
+
+
+def _describe_abstain(cal: CalibrationFile) -> str:
+    if cal.abstain_threshold is None or cal.abstain_beta is None:
+        return ""
+    side = "at least" if cal.higher_is_riskier else "at most"
+    shares = cal.shares or {}
+    return (
+        f" It abstains when {cal.signal} is {side} {cal.abstain_threshold:.4g}: among those "
+        f"prompts at most {cal.abstain_beta:.0%} would have been answered right; in between "
+        f"it escalates (e.g. retrieves). Both statements hold together with probability at "
+        f"least {1.0 - cal.delta:.0%} (calibration shares: answer "
+        f"{shares.get('answer', float('nan')):.1%}, escalate "
+        f"{shares.get('escalate', float('nan')):.1%}, abstain "
+        f"{shares.get('abstain', float('nan')):.1%})."
     )
 
 

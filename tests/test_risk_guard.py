@@ -222,3 +222,47 @@ def test_calibrated_risk_bound_resolves_from_its_own_file(scorer, tmp_path: Path
     guard = Guard(scorer, policy)
     d = guard.check_prompt("What is the capital of France?")
     assert d.action == ("abstain" if d.scores["risk"] > res.threshold else "allow")
+
+
+def test_shipped_calibrated_policy_routes_answer_retrieve_abstain(tmp_path: Path) -> None:
+    """policies/calibrated.yaml resolves both calibrated regions from the bundled student's
+    calibration-risk.json: answer below the first threshold, retrieve between, abstain
+    beyond the second; check-policy prints both guarantees."""
+    import shutil
+
+    from ssd_guard.artifact import bundled_artifact_path
+    from ssd_guard.calibration import load_calibration
+    from ssd_guard.cli import main
+    from ssd_guard.errors import PolicyError
+    from ssd_guard.policy import load_policy
+
+    root = Path(__file__).resolve().parents[1]
+    policy = load_policy(root / "policies" / "calibrated.yaml")
+    cal = load_calibration(bundled_artifact_path() / "calibration-risk.json")
+    assert cal.abstain_threshold is not None and cal.abstain_threshold > cal.threshold
+    assert policy.resolve_thresholds("surely-wrong") == {"risk.ge": cal.abstain_threshold}
+    assert policy.resolve_thresholds("not-guaranteed") == {"risk.gt": cal.threshold}
+    mid = (cal.threshold + cal.abstain_threshold) / 2
+    actions = [
+        policy.decide("prompt", {"risk": r, "entropy": 0.0}).action
+        for r in (cal.threshold - 0.01, mid, cal.abstain_threshold + 0.001)
+    ]
+    assert actions == ["allow", "retrieve", "abstain"]
+    assert main(["check-policy", str(root / "policies" / "calibrated.yaml")]) == 0
+
+    # A stricter abstain target than the file guarantees, or a file with no abstain
+    # threshold, is refused with what to re-run.
+    student = tmp_path / "student"
+    shutil.copytree(bundled_artifact_path(), student)
+    text = (root / "policies" / "calibrated.yaml").read_text(encoding="utf-8")
+    text = text.replace("student: bundled", "student: student")
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(text.replace("abstain_max_right: 0.1", "abstain_max_right: 0.05"))
+    with pytest.raises(PolicyError, match=r"--abstain-beta 0\.05"):
+        load_policy(strict)
+    one_sided = cal.model_copy(update={"abstain_threshold": None, "abstain_beta": None})
+    (student / "calibration-risk.json").write_text(one_sided.model_dump_json())
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(text)
+    with pytest.raises(PolicyError, match="no abstain threshold"):
+        load_policy(plain)

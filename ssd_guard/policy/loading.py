@@ -114,6 +114,30 @@ def resolve_calibrated(policy: Policy, base_dir: str | Path | None = None) -> No
                 )
             )
             continue
+        if want.abstain_max_right is not None:
+            if cal.abstain_threshold is None or cal.abstain_beta is None:
+                problems.append(
+                    (
+                        key,
+                        "the calibration file has no abstain threshold: re-run `ssd-guard "
+                        f"calibrate --abstain-beta {want.abstain_max_right:g}`",
+                    )
+                )
+                continue
+            if cal.abstain_beta > want.abstain_max_right + 1e-12:
+                problems.append(
+                    (
+                        key,
+                        f"the calibration's abstain region guarantees at most "
+                        f"{cal.abstain_beta:g} right answers, the rule asks "
+                        f"{want.abstain_max_right:g}: re-run `ssd-guard calibrate "
+                        f"--abstain-beta {want.abstain_max_right:g}`",
+                    )
+                )
+                continue
+            op = "ge" if cal.higher_is_riskier else "le"
+            threshold.resolve_calibrated(op, cal.abstain_threshold, describe_guarantee(cal))
+            continue
         op = "gt" if cal.higher_is_riskier else "lt"
         threshold.resolve_calibrated(op, cal.threshold, describe_guarantee(cal))
     if problems:

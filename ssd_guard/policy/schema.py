@@ -249,6 +249,11 @@ class CalibratedBound(_Model):
 
     max_error: float = Field(gt=0, lt=1)
     confidence: float = Field(gt=0, lt=1)
+    abstain_max_right: float | None = Field(default=None, gt=0, lt=1)
+    """Match the calibrated *abstain* region instead (``ssd-guard calibrate
+    --abstain-beta``): the prompts where at most this share of the default answers would
+    have been right. Put such a rule (``abstain``) before the plain one (``retrieve``) to
+    route answer / escalate / abstain."""
 
 
 class Threshold(_Model):
