@@ -39,3 +39,12 @@ def minilm():
     from ssd_guard.models import shared_embedder
 
     return shared_embedder(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny tensors: one intra-op thread (more only add synchronisation on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,14 +15,7 @@ import torch
 
 from tests.tiny import build_tiny_lm
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """Tiny tensors: one intra-op thread (two only add synchronisation on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FEW_SHOT = "Question: What is the capital of France?\nAnswer: Paris\n\n"
