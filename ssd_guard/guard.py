@@ -501,6 +501,13 @@ class Guard:
 
     # ------------------------------------------------------------------ properties
     @property
+    def needs_token_stats(self) -> bool:
+        """True when an answer rule reads ``risk``: a guarded generation then records its
+        token statistics for the combined risk's ``post_gen`` variant (otherwise the
+        decode loop skips that work)."""
+        return "risk" in self._answer_needs
+
+    @property
     def has_blocking_rules(self) -> bool:
         """True when some decision can stop a call (an abstain / reject rule, an
         ``abstain`` default, or a cache configured to fail closed)."""
@@ -830,9 +837,13 @@ class Guard:
         generation, ``post`` after; a guarded generation's ``post_gen`` values are read on
         ``post``'s scale)."""
         base = getattr(self.scorer, "calibration", None) or {}
-        out = {k: list(v) for k, v in base.items()}
+        if not self.pair_scorers and "risk:pre" not in base:
+            return base or None  # the common case: the student's values as they are
+        # A shallow merge (the value lists are shared, never copied: policies treat them
+        # as immutable), made per decision so a scorer's later changes are seen.
+        out = dict(base)
         for ps in self.pair_scorers.values():
-            out.update({k: list(v) for k, v in (ps.calibration or {}).items()})
+            out.update(ps.calibration or {})
         variant = "risk:pre" if scope == "prompt" else "risk:post"
         if variant in out:
             out["risk"] = out[variant]

@@ -207,7 +207,8 @@ class GuardedLocalModel:
     def _decode(self, pre: _Prefill, temperature: float, stats: CallStats | None = None) -> str:
         t0 = time.perf_counter()
         greedy = temperature <= 0
-        acc = TokenStatsAccumulator(1, self._device) if stats is not None else None
+        want = stats is not None and self.guard.needs_token_stats
+        acc = TokenStatsAccumulator(1, self._device) if want else None
         tokens, lengths = decode_loop(
             self.model,
             pre.cache,

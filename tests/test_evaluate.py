@@ -429,10 +429,13 @@ def test_fit_risk_and_calibrate_cli(
         ]
     )
     text = capsys.readouterr()
-    if rc == 0:
-        cal = load_calibration(art / "calibration-risk.json", fingerprint=fingerprint)
-        assert cal.signal == "risk" and cal.abstain_beta == 0.9
-        assert sum(cal.shares.values()) == pytest.approx(1.0)
-        assert "at most 95% are wrong" in text.out
-    else:
-        assert "smallest feasible alpha" in text.err or "feasible" in text.err
+    assert rc == 0, text.err
+    cal = load_calibration(art / "calibration-risk.json", fingerprint=fingerprint)
+    assert cal.signal == "risk" and cal.abstain_beta == 0.9
+    assert sum(cal.shares.values()) == pytest.approx(1.0)
+    assert "at most 95% are wrong" in text.out
+    # An unreachable target is refused, saying what is feasible.
+    args = ["calibrate", "--workdir", str(qa), "--artifact", str(art), "--signal", "risk"]
+    assert main([*args, "--alpha", "0.01", "--out", str(tmp_path / "x.json")]) != 0
+    assert "feasible" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ssd_guard.cache import MemoryCache
-from ssd_guard.errors import ArtifactMismatchError, ConfigError
+from ssd_guard.errors import ArtifactMismatchError, ConfigError, PolicyError
 from ssd_guard.guard import Guard
 from ssd_guard.policy import Policy
 from ssd_guard.testing import capture_decisions
@@ -163,12 +163,12 @@ def test_refusals(scorer, tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="draft_eu"):
         Guard(scorer, policy)
-    with pytest.raises(Exception, match="not available on scope 'prompt'"):
+    with pytest.raises(PolicyError, match="not available on scope 'prompt'"):
         Policy.from_yaml_text(
             "name: p\nrules:\n  - {name: g, scope: prompt, when: {semgrad: {gt: 0.5}}, "
             "action: abstain}\n"
         )
-    with pytest.raises(Exception, match="not available on scope 'document'"):
+    with pytest.raises(PolicyError, match="not available on scope 'document'"):
         Policy.from_yaml_text(
             "name: p\nrules:\n  - {name: g, scope: document, when: {risk: {gt: 0.5}}, "
             "action: flag_poisoned}\n"
@@ -233,7 +233,6 @@ def test_shipped_calibrated_policy_routes_answer_retrieve_abstain(tmp_path: Path
     from ssd_guard.artifact import bundled_artifact_path
     from ssd_guard.calibration import load_calibration
     from ssd_guard.cli import main
-    from ssd_guard.errors import PolicyError
     from ssd_guard.policy import load_policy
 
     root = Path(__file__).resolve().parents[1]

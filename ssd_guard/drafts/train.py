@@ -87,6 +87,7 @@ from ssd_guard.drafts.model import (
 )
 from ssd_guard.drafts.recipe import DraftRecipe
 from ssd_guard.errors import ConfigError
+from ssd_guard.scoring.token_stats import answer_token_ids
 
 __all__ = ["DraftContext", "TeacherCache", "run_draft_pipeline", "stage_names", "train_one"]
 
@@ -183,9 +184,7 @@ def stage_data(wd: Workdir, ctx: DraftContext) -> dict[str, Any]:
             texts = texts[:1]
         answers = []
         for j, a in enumerate(texts):
-            a_ids = [int(i) for i in tok(" " + a.strip(), add_special_tokens=False)["input_ids"]][
-                : r.data.max_answer_tokens
-            ]
+            a_ids = answer_token_ids(tok, a, r.data.max_answer_tokens)
             if a.strip() and a_ids:
                 answers.append({"j": j, "ids": a_ids})
         if answers:

@@ -33,7 +33,7 @@ from ssd_guard.evaluation.baselines.semantic_entropy import SemanticEntropy
 from ssd_guard.evaluation.baselines.stats import Stats
 from ssd_guard.evaluation.scorers import SSDStatsScorer, features_from_stats
 from ssd_guard.scoring.risk import RISK_INPUTS, LinearProbeWeights, RiskModel, RiskVariant
-from ssd_guard.scoring.token_stats import teacher_forced_token_stats
+from ssd_guard.scoring.token_stats import TOKEN_STAT_NAMES, teacher_forced_token_stats
 
 __all__ = ["fit_risk", "risk_inputs", "workdir_token_stats"]
 
@@ -143,15 +143,9 @@ def risk_inputs(
     for k, v in sc.answer_signals(stats, stats.default_embeddings).items():
         cols[k] = np.asarray(v, dtype=np.float64)
     if token_stats is not None:
-        for j, name in enumerate(("tok_lp_mean", "tok_lp_min", "tok_entropy_mean")):
+        for j, name in enumerate(TOKEN_STAT_NAMES):
             cols[name] = np.asarray(token_stats[:, j], dtype=np.float64)
     return cols
-
-
-def _matrix(cols: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
-    x = np.stack([cols[n] for n in names], axis=-1)
-    # An empty default answer has no token statistics: the training rows' mean stands in.
-    return x
 
 
 def _fit_variant(
@@ -164,7 +158,9 @@ def _fit_variant(
 ) -> tuple[RiskVariant, dict[str, Any]]:
     from sklearn.linear_model import LogisticRegression
 
-    x_tr, x_va = _matrix(tr, names), _matrix(va, names)
+    x_tr = np.stack([tr[n] for n in names], axis=-1)
+    x_va = np.stack([va[n] for n in names], axis=-1)
+    # An empty default answer has no token statistics: the training rows' mean stands in.
     fill = np.nanmean(x_tr, axis=0)
     x_tr = np.where(np.isfinite(x_tr), x_tr, fill)
     x_va = np.where(np.isfinite(x_va), x_va, fill)
@@ -210,13 +206,11 @@ def fit_risk(
     if spec.pooled_layers:
         raise ValueError("the risk probes read last-token features; this student reads pooled")
     layers = list(spec.layers)
-    h = int(ssd.encoder.hidden_size) if hasattr(ssd.encoder, "hidden_size") else None
     tr_rows, va_rows = data.split["train"], data.split["validation"]
     train, val = data.stats.subset(tr_rows), data.stats.subset(va_rows)
     f_tr = features_from_stats(spec, train)
     f_va = features_from_stats(spec, val)
-    if h is None:
-        h = f_tr.shape[1] // len(layers)
+    h = f_tr.shape[1] // len(layers)  # last-token states only: one hidden size per layer
     y_tr = ~np.asarray(data.correct[tr_rows], dtype=bool)
     y_va = ~np.asarray(data.correct[va_rows], dtype=bool)
     ls_tr, ls_va = _layer_stats(train, f_tr, layers, h), _layer_stats(val, f_va, layers, h)
@@ -233,6 +227,7 @@ def fit_risk(
         probes[kind] = _weights(probe, layers, h)
         # Out-of-fold logits for the combiner's training rows (same layer, C, SE split).
         pred = np.zeros(len(tr_rows))
+        se_all = probe.entropy.score(ls_tr) if kind == "sep" else None
         for f in range(folds):
             sub_tr, sub_te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
             sub = ls_tr.subset(sub_tr)
@@ -240,7 +235,7 @@ def fit_risk(
                 p2: Any = KnowProbe(int(probe.layer_), C=c, seed=seed)
                 p2.fit(sub, ~y_tr[sub_tr])
             else:
-                se_all = probe.entropy.score(ls_tr)
+                assert se_all is not None
                 p2 = SemanticEntropyProbe(int(probe.layer_), threshold=probe.threshold_, C=c)
                 p2.fit(sub, se_all[sub_tr])
             pred[sub_te] = _logit(_weights(p2, layers, h), f_tr[sub_te])

@@ -382,14 +382,13 @@ def _risk_scores(
     if model is None:
         return {}
     from ssd_guard.evaluation.risk_fit import risk_inputs, workdir_token_stats
-    from ssd_guard.evaluation.scorers import features_from_stats
+    from ssd_guard.scoring.token_stats import TOKEN_STAT_NAMES
 
     token_stats = None
     if lm is not None and "post_gen" in model.variants:
         all_ts = workdir_token_stats(data, lm.model, lm.tokenizer, log=log)
         token_stats = all_ts[data.split["test"]]
     cols = risk_inputs(ssd, test, model.probes, token_stats)
-    feats = features_from_stats(ssd.features, test)
     tcols = {k: torch.as_tensor(v) for k, v in cols.items()}
     for variant in model.variants:
         if variant == "post_gen" and token_stats is None:
@@ -399,25 +398,27 @@ def _risk_scores(
             prompt_scores["risk"] = p
         else:
             answer_scores["risk-post" if variant == "post" else "risk-post-gen"] = p
-    for name in ("tok_lp_mean", "tok_lp_min", "tok_entropy_mean"):
+    for name in TOKEN_STAT_NAMES:
         if name in cols:
             sign = 1.0 if name == "tok_entropy_mean" else -1.0
             v = sign * cols[name]
             # An empty default answer has no token: counted as the riskiest.
             answer_scores[f"gen-{name}"] = np.where(np.isfinite(v), v, np.nanmax(v))
-    del feats
     return {"variants": sorted(model.variants), "info": model.info}
 
 
 def _same_pass(a: Any, b: Any) -> bool:
-    keys = ("model", "position", "layers", "max_answer_tokens")
+    """Whether *b*'s outputs come from the very pass *a* ran (same implementation of
+    ``score_pairs_all``, same model, anchor and layers)."""
+    impl = getattr(type(a), "score_pairs_all", None)
     return (
-        type(a).__mro__[-2] is type(b).__mro__[-2]
+        impl is not None
+        and impl is getattr(type(b), "score_pairs_all", None)
+        and getattr(a, "model", None) is getattr(b, "model", None)
         and all(
-            getattr(a, k, None) is getattr(b, k, None) or getattr(a, k, None) == getattr(b, k, None)
-            for k in keys
+            getattr(a, k, None) == getattr(b, k, None)
+            for k in ("position", "layers", "max_answer_tokens")
         )
-        and hasattr(a, "score_pairs_all")
     )
 
 

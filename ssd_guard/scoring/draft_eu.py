@@ -38,6 +38,7 @@ from ssd_guard.drafts.artifact import (
 from ssd_guard.drafts.model import Draft, Segments, TargetParts, flat_logit_index, token_eu
 from ssd_guard.errors import ArtifactError
 from ssd_guard.scoring.ssd import apply_prompt_format
+from ssd_guard.scoring.token_stats import answer_token_ids
 
 __all__ = ["FEATURES", "DraftEUScorer", "lr_probability"]
 
@@ -145,10 +146,7 @@ class DraftEUScorer:
         return apply_prompt_format(prompt, fmt.few_shot, fmt.template)
 
     def answer_ids(self, answer: str) -> list[int]:
-        if not answer.strip():
-            return []
-        ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-        return [int(i) for i in ids][: self.manifest.max_answer_tokens]
+        return answer_token_ids(self.tokenizer, answer, self.manifest.max_answer_tokens)
 
     def _split(self, text: str) -> tuple[bool, list[int]]:
         ids = [int(i) for i in self.tokenizer(text)["input_ids"]]

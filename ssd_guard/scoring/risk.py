@@ -27,7 +27,7 @@ variant's sorted validation-split values, so quantile thresholds work like the S
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,8 +262,3 @@ def load_risk_model(artifact_dir: str | Path, fingerprint: str) -> RiskModel | N
     another student)."""
     p = Path(artifact_dir) / RISK_FILENAME
     return RiskModel.load(p, fingerprint=fingerprint) if p.is_file() else None
-
-
-def risk_columns(names: Sequence[str]) -> list[str]:
-    """The inputs among *names* that are token statistics (helper for reports)."""
-    return [n for n in names if n in TOKEN_STAT_NAMES]

@@ -49,6 +49,7 @@ import torch
 
 from ssd_guard.errors import ArtifactError, ArtifactMismatchError
 from ssd_guard.models import model_fingerprint
+from ssd_guard.scoring.token_stats import answer_token_ids
 
 __all__ = [
     "ALL_OUTPUTS",
@@ -89,11 +90,6 @@ def _text_config(config: Any) -> Any:
 def default_layers(num_layers: int) -> list[int]:
     """The upper half of the layers, the last excluded: ``range(L - L//2, L)``."""
     return list(range(num_layers - num_layers // 2, num_layers))
-
-
-def _answer_ids(tokenizer: Any, answer: str) -> list[int]:
-    ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-    return [int(i) for i in ids]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -231,7 +227,7 @@ class GradientScorer:
                 continue
             text = fmt(p) if fmt is not None else p
             p_ids = [int(t) for t in self.tokenizer(text)["input_ids"]]
-            a_ids = _answer_ids(self.tokenizer, a)[: self.max_answer_tokens]
+            a_ids = answer_token_ids(self.tokenizer, a, self.max_answer_tokens)
             if p_ids and a_ids:
                 rows.append((i, p_ids, a_ids))
         return rows

@@ -26,6 +26,7 @@ import torch
 __all__ = [
     "TOKEN_STAT_NAMES",
     "TokenStatsAccumulator",
+    "answer_token_ids",
     "step_logprob_entropy",
     "teacher_forced_token_stats",
 ]
@@ -75,10 +76,14 @@ class TokenStatsAccumulator:
         return torch.where((self.count > 0).unsqueeze(-1), out, torch.full_like(out, float("nan")))
 
 
-def _answer_ids(tokenizer: Any, answer: str) -> list[int]:
-    # The model generated the answer after "Answer:", so its first token carries the space.
+def answer_token_ids(tokenizer: Any, answer: str, max_tokens: int | None = None) -> list[int]:
+    """The token ids of an answer as the model generated it after ``"Answer:"`` (its first
+    token carries the leading space), at most *max_tokens*; ``[]`` for an empty answer.
+    Every scorer that concatenates prompt and answer ids tokenises answers this way."""
+    if not answer.strip():
+        return []
     ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-    return [int(i) for i in ids]
+    return [int(i) for i in ids][:max_tokens]
 
 
 @torch.inference_mode()
@@ -106,7 +111,7 @@ def teacher_forced_token_stats(
             prompts[start : start + batch_size], answers[start : start + batch_size], strict=True
         ):
             p_ids = [int(i) for i in tokenizer(p)["input_ids"]]
-            a_ids = _answer_ids(tokenizer, a)[:max_answer_tokens] if a.strip() else []
+            a_ids = answer_token_ids(tokenizer, a, max_answer_tokens)
             rows.append((p_ids, a_ids))
         width = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
