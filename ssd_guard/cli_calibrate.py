@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +180,27 @@ def add_commands(sub: Any) -> None:
     f.add_argument("--artifact", default="bundled", help="student artifact (default: bundled)")
     f.add_argument("--out", type=Path, help="directory to write to (default: the artifact)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--loso-rows",
+        choices=["validation", "train+validation"],
+        default="validation",
+        help="where a held-out source is scored when the inputs and C are chosen "
+        "leave-one-source-out: its validation rows (default), or its training rows too "
+        "(never fitted on while it is held out; more rows, less noise)",
+    )
+    f.add_argument(
+        "--report",
+        type=Path,
+        help="write the selection report (JSON): per variant the LOSO table, the choice, "
+        "and the test split's per-source AUROCs of the risk against each single input",
+    )
     f.add_argument("--device")
     f.set_defaults(func=_fit_risk)
 
 
 def _fit_risk(args: argparse.Namespace) -> int:
     from ssd_guard.artifact import bundled_artifact_path
-    from ssd_guard.evaluation.risk_fit import fit_risk, workdir_token_stats
+    from ssd_guard.evaluation.risk_fit import fit_risk_with_report, workdir_token_stats
     from ssd_guard.evaluation.workdir import load_workdir
     from ssd_guard.scoring.ssd import SSDScorer
 
@@ -192,10 +208,43 @@ def _fit_risk(args: argparse.Namespace) -> int:
     data = load_workdir(_workdir_of(args))
     enc = ssd.encoder
     ts = workdir_token_stats(data, enc.model, enc.tokenizer, log=print)
-    model = fit_risk(data, ssd, token_stats=ts, seed=args.seed, log=print)
+    model, report = fit_risk_with_report(
+        data, ssd, token_stats=ts, seed=args.seed, loso_rows=args.loso_rows, log=print
+    )
     out = args.out or (
         bundled_artifact_path() if args.artifact == "bundled" else Path(args.artifact)
     )
     path = model.save(out)
+    if args.report is not None:
+        report["risk_model"] = str(path)
+        report["command"] = "ssd-guard " + " ".join(sys.argv[1:])
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(_finite(report), indent=2) + "\n", encoding="utf-8")
+        _print_test_table(report)
     print(json.dumps({"risk_model": str(path), **model.info}, indent=2, default=str))
     return 0
+
+
+def _finite(obj: Any) -> Any:
+    """*obj* with every non-finite float as ``None`` (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _print_test_table(report: dict[str, Any]) -> None:
+    """Per variant and source: the risk's test AUROC against its best single input."""
+    for name, rep in report["variants"].items():
+        ch = rep["choice"]
+        print(f"risk {name}: chose {ch['candidate']} ({', '.join(ch['inputs'])}), C {ch['C']}")
+        for key in ("test", "test_loso"):
+            for s, r in rep.get(key, {}).get("per_source", {}).items():
+                flag = "ok" if r["combined_ge_best_single"] else "BELOW"
+                print(
+                    f"  {key:9s} {s:16s} risk {r['combined']:.3f}  best single "
+                    f"{r['best_single']} {r['best_single_auroc']:.3f}  {flag}"
+                )

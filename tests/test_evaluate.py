@@ -439,3 +439,51 @@ def test_fit_risk_and_calibrate_cli(
     assert main([*args, "--alpha", "0.01", "--out", str(tmp_path / "x.json")]) != 0
     assert "feasible" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_fit_risk_leave_one_source_out_report(
+    workdirs: tuple[Path, Path], tiny_lm: Any, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """Two pooled sources: `fit-risk --report` chooses each variant's inputs and C leave-one-
+    source-out, stores the chosen inputs in the risk model and reports the per-source test
+    table (the stored model and leave-one-source-out)."""
+    import shutil
+
+    import ssd_guard.models as models
+    from ssd_guard.artifact import load_artifact
+    from ssd_guard.cli import main
+    from ssd_guard.scoring.risk import RISK_INPUTS, RiskModel
+
+    monkeypatch.setattr(models, "shared_embedder", lambda *a, **k: TrigramEmbedder())
+    monkeypatch.setattr(models, "shared_causal_lm", lambda *a, **k: tiny_lm)
+    qa, _ = workdirs
+    wd = tmp_path / "pooled"
+    shutil.copytree(qa, wd)
+    rows = [json.loads(x) for x in (wd / "prompts.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["source"] = "first" if (i // 2) % 2 == 0 else "second"  # both labels in each
+    _jsonl(wd / "prompts.jsonl", rows)
+    art, out = tmp_path / "student", tmp_path / "risk-loso.json"
+    shutil.copytree(qa / "artifact", art)
+    args = ["fit-risk", "--workdir", str(wd), "--artifact", str(art), "--report", str(out)]
+    assert main([*args, "--loso-rows", "train+validation"]) == 0
+    assert "test_loso" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["sources"] == ["first", "second"]
+    assert report["selection"] == "leave-one-source-out"
+    model = RiskModel.load(art, fingerprint=load_artifact(art)[0].fingerprint)
+    for name, rep in report["variants"].items():
+        assert set(rep["loso"]["candidates"]) == set(rep["candidates"])
+        for row in rep["loso"]["candidates"].values():
+            assert set(row["auroc"]) == {"first", "second"}
+        choice = rep["choice"]
+        assert choice["inputs"] == rep["candidates"][choice["candidate"]]
+        assert list(model.variants[name].inputs) == choice["inputs"]
+        assert model.info["variants"][name]["candidate"] == choice["candidate"]
+        for key in ("test", "test_loso"):
+            per = rep[key]["per_source"]
+            assert set(per) == {"first", "second"}
+            for r in per.values():
+                assert set(r["single"]) == set(RISK_INPUTS[name])
+                assert isinstance(r["combined_ge_best_single"], bool)
+            assert isinstance(rep[key]["combined_ge_best_single_every_source"], bool)

@@ -148,3 +148,104 @@ def test_teacher_forcing_matches_the_decode_loop(tiny_lm) -> None:
     # The text-level helper agrees on an answer without a leading-space ambiguity.
     text_stats = teacher_forced_token_stats(model, tok, [prompt, prompt], ["cat", ""])
     assert np.isfinite(text_stats[0]).all() and np.isnan(text_stats[1]).all()
+
+
+# --------------------------------------------------------------------------- LOSO selection
+Cols = dict[str, np.ndarray]
+
+
+def _pooled(
+    seed: int = 0, n_train: int = 300, n_val: int = 80, sources: tuple[str, ...] = tuple("abcd")
+) -> tuple[Cols, np.ndarray, np.ndarray, dict[str, tuple[Cols, np.ndarray]]]:
+    """Pooled synthetic sources: ``entropy`` and ``loglik`` are (independently, weakly)
+    predictive in every source; ``pcp`` is a probe-like input: strong on the rows it was
+    fitted with (every training row, out of fold) and noise on a source it never saw."""
+    rng = np.random.default_rng(seed)
+
+    def rows(n: int, in_domain: bool) -> tuple[Cols, np.ndarray]:
+        y = rng.uniform(size=n) < 0.4
+        cols = {
+            "entropy": 1.0 * y + rng.normal(size=n),
+            "loglik": -1.0 * y + rng.normal(size=n),
+            "pcp": (3.0 * y if in_domain else 0.0) + rng.normal(size=n),
+            "sep": rng.normal(size=n),
+            "pmi": rng.normal(size=n),
+            "consensus": rng.normal(size=n),
+        }
+        return cols, y
+
+    parts = [rows(n_train, True) for _ in sources]
+    cols_tr = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    y_tr = np.concatenate([p[1] for p in parts])
+    src_tr = np.repeat(np.array(list(sources)), n_train)
+    held = {s: rows(n_val, False) for s in sources}
+    return cols_tr, y_tr, src_tr, held
+
+
+def test_loso_prefers_the_input_that_carries_over() -> None:
+    from ssd_guard.evaluation.risk_fit import loso_select, risk_candidates
+
+    cols_tr, y_tr, src_tr, held = _pooled()
+    cands = risk_candidates(RISK_INPUTS["pre"])
+    assert set(cands) == {"single:entropy", "single:pcp", "single:sep", "full"}  # no dupe
+    sel = loso_select(cands, cols_tr, y_tr, src_tr, held)
+    assert sel["choice"]["candidate"] == "single:entropy"
+    assert sel["choice"]["single_input"] and sel["choice"]["inputs"] == ["entropy"]
+    table = sel["candidates"]
+    assert set(table["full"]["auroc"]) == set("abcd") == set(sel["sources"])
+    assert table["single:entropy"]["worst"] > table["full"]["worst"]
+    assert table["single:entropy"]["worst"] > table["single:pcp"]["worst"]
+    assert set(table["full"]["by_C"]) == {"0.01", "0.1", "1.0", "10.0"}
+    # In domain the probe looks best -- what a validation-only selection would have kept.
+    from ssd_guard.evaluation import metrics as M
+
+    assert M.auroc(y_tr, cols_tr["pcp"]) > M.auroc(y_tr, cols_tr["entropy"]) + 0.2
+
+    # With two inputs that both carry over, the set without the probes wins.
+    cands = risk_candidates(RISK_INPUTS["post"])
+    assert cands["no_probes"] == ("entropy", "loglik", "pmi", "consensus")
+    sel = loso_select(cands, cols_tr, y_tr, src_tr, held)
+    assert sel["choice"]["candidate"] == "no_probes"
+    assert not sel["choice"]["single_input"]
+
+
+def test_compare_to_singles_report_keys() -> None:
+    from ssd_guard.evaluation.risk_fit import _signed, compare_to_singles
+
+    rng = np.random.default_rng(1)
+    y = rng.uniform(size=200) < 0.5
+    good = y + rng.normal(size=200)
+    # Sign-corrected on training rows: a "lower = riskier" input is flipped.
+    flipped, sign = _signed(-good, y, -good)
+    assert sign == -1.0
+    with_nan = good.copy()
+    with_nan[:3] = np.nan
+    filled, _ = _signed(good, y, with_nan)
+    assert np.isfinite(filled).all() and filled[:3].min() > np.nanmax(with_nan)  # riskiest
+    row = compare_to_singles(y, good + 0.1 * rng.normal(size=200), {"a": flipped, "b": -good})
+    for key in ("n", "error_rate", "combined", "single", "best_single", "best_single_auroc"):
+        assert key in row
+    assert row["best_single"] == "a" and isinstance(row["combined_ge_best_single"], bool)
+    assert compare_to_singles(y, good, {"a": good})["combined_ge_best_single"]  # ties count
+
+
+def test_a_variant_over_chosen_inputs_round_trips(tmp_path: Path) -> None:
+    """A variant may read a subset of its inputs (the LOSO choice); the file stays format
+    1, so files with every input (fitted before) load as they did."""
+    m = _model("s")
+    m.variants["post"] = RiskVariant(
+        inputs=("entropy", "loglik"),
+        mean=np.zeros(2),
+        scale=np.ones(2),
+        coef=np.array([1.0, -1.0]),
+        intercept=0.0,
+    )
+    m.save(tmp_path)
+    back = RiskModel.load(tmp_path, fingerprint="s")
+    assert back.variants["post"].inputs == ("entropy", "loglik")
+    assert back.variants["pre"].inputs == RISK_INPUTS["pre"]
+    feats, ent = torch.randn(4, 4), torch.randn(4)
+    sig = {k: torch.randn(4) for k in ("loglik", "pmi", "consensus")}
+    p, variant = back.predict(feats, ent, sig)
+    assert variant == "post"
+    torch.testing.assert_close(p, torch.sigmoid(ent - sig["loglik"]))

@@ -9,9 +9,24 @@ only** (selection of the probes' layer and regularisation on validation, nothing
    split's best split).
 2. Out-of-fold probe logits for the training rows (5 folds), so the combiner sees probe
    values as noisy as at run time.
-3. One logistic regression per variant (``pre``, ``post``, ``post_gen``) on the
-   standardised inputs; ``C`` chosen on validation.
+3. One logistic regression per variant (``pre``, ``post``, ``post_gen``) whose **input set
+   and** ``C`` are chosen by leave-one-source-out (LOSO, issue 18 item 4) when the work
+   directory pools two or more sources (the ``source`` field of ``prompts.jsonl``): the
+   candidates are each single input, the full input set and the full set without the
+   hidden-state probes (:data:`PROBE_INPUTS`); for each held-out source a candidate is
+   fitted on the other sources' training rows and scored on the held-out source's
+   validation rows (``loso_rows="train+validation"``: its training rows too), the probe
+   columns of those rows coming from PCP / SEP probes refitted *without* that source --
+   so a probe counts only as much as it carries over to a source it never saw. The
+   candidate with the best worst-case AUROC over held-out sources wins (ties: the mean),
+   and is refitted on every training row. One source only: the full set, ``C`` on
+   validation (as before).
 4. ``calibration``: each variant's sorted validation values (for quantile thresholds).
+
+:func:`fit_risk_with_report` also returns the selection tables and the test split's per
+source AUROCs of the combined risk against each single input (``--report``), both for the
+stored model (every source in its training data) and leave-one-source-out (the source's
+test rows scored by a model that never saw the source: the transfer to new questions).
 
 The token statistics of the default answers are computed once per work directory by
 teacher forcing and kept in ``<workdir>/token_stats.safetensors`` (resumable).
@@ -20,7 +35,8 @@ teacher forcing and kept in ``<workdir>/token_stats.safetensors`` (resumable).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +51,28 @@ from ssd_guard.evaluation.scorers import SSDStatsScorer, features_from_stats
 from ssd_guard.scoring.risk import RISK_INPUTS, LinearProbeWeights, RiskModel, RiskVariant
 from ssd_guard.scoring.token_stats import TOKEN_STAT_NAMES, teacher_forced_token_stats
 
-__all__ = ["fit_risk", "risk_inputs", "workdir_token_stats"]
+__all__ = [
+    "PROBE_INPUTS",
+    "compare_to_singles",
+    "fit_risk",
+    "fit_risk_with_report",
+    "loso_select",
+    "risk_candidates",
+    "risk_inputs",
+    "workdir_token_stats",
+]
 
 Logger = Callable[[str], None]
 TOKEN_STATS_FILE = "token_stats.safetensors"
 _C_GRID = (0.01, 0.1, 1.0, 10.0)
+Columns = dict[str, np.ndarray]
+
+#: The inputs read from the student's hidden states: fitted on the pooled sources, so
+#: in-domain by construction; the LOSO selection weighs them by how they carry over.
+PROBE_INPUTS: tuple[str, ...] = ("pcp", "sep")
+
+#: Where a held-out source is scored in the LOSO selection.
+LOSO_ROWS = ("validation", "train+validation")
 
 
 def workdir_token_stats(
@@ -148,46 +181,215 @@ def risk_inputs(
     return cols
 
 
-def _fit_variant(
-    names: Sequence[str],
-    tr: dict[str, np.ndarray],
-    y_tr: np.ndarray,
-    va: dict[str, np.ndarray],
-    y_va: np.ndarray,
-    seed: int,
-) -> tuple[RiskVariant, dict[str, Any]]:
+def _rows(cols: Mapping[str, np.ndarray], idx: np.ndarray) -> Columns:
+    return {k: np.asarray(v)[idx] for k, v in cols.items()}
+
+
+def _concat(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Columns:
+    return {k: np.concatenate([np.asarray(a[k]), np.asarray(b[k])]) for k in a if k in b}
+
+
+def risk_candidates(inputs: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The LOSO candidates of a variant with *inputs*: each single input
+    (``single:<name>``), the full set (``full``) and the full set without the hidden-state
+    probes (``no_probes``; left out when it repeats another candidate, as in ``pre``)."""
+    out: dict[str, tuple[str, ...]] = {f"single:{n}": (n,) for n in inputs}
+    out["full"] = tuple(inputs)
+    rest = tuple(n for n in inputs if n not in PROBE_INPUTS)
+    if rest and rest not in out.values():
+        out["no_probes"] = rest
+    return out
+
+
+@dataclass
+class _Fit:
+    """A fitted regression and the training means standing in for missing inputs."""
+
+    variant: RiskVariant
+    fill: np.ndarray
+
+    def predict(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
+        from scipy.special import expit
+
+        v = self.variant
+        x = np.stack([np.asarray(cols[n], dtype=np.float64) for n in v.inputs], axis=-1)
+        x = np.where(np.isfinite(x), x, self.fill)
+        return np.asarray(expit(((x - v.mean) / v.scale) @ v.coef + v.intercept))
+
+
+def _fit_lr(
+    names: Sequence[str], cols: Mapping[str, np.ndarray], y: np.ndarray, c: float, seed: int
+) -> _Fit:
+    """Standardise + logistic regression on the named columns (a missing value -- an
+    empty answer's token statistics -- is the training rows' mean)."""
     from sklearn.linear_model import LogisticRegression
 
-    x_tr = np.stack([tr[n] for n in names], axis=-1)
-    x_va = np.stack([va[n] for n in names], axis=-1)
-    # An empty default answer has no token statistics: the training rows' mean stands in.
-    fill = np.nanmean(x_tr, axis=0)
-    x_tr = np.where(np.isfinite(x_tr), x_tr, fill)
-    x_va = np.where(np.isfinite(x_va), x_va, fill)
-    mean, scale = x_tr.mean(0), x_tr.std(0)
+    x = np.stack([np.asarray(cols[n], dtype=np.float64) for n in names], axis=-1)
+    finite = np.isfinite(x)
+    counts = finite.sum(0)
+    fill = np.where(counts > 0, np.where(finite, x, 0.0).sum(0) / np.maximum(counts, 1), 0.0)
+    x = np.where(finite, x, fill)
+    mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 1e-8, scale, 1.0)
-    z_tr, z_va = (x_tr - mean) / scale, (x_va - mean) / scale
-    best: tuple[float, float, Any] | None = None
-    for c in _C_GRID:
-        lr = LogisticRegression(C=c, max_iter=5000, random_state=seed).fit(z_tr, y_tr)
-        a = M.auroc(y_va, lr.predict_proba(z_va)[:, 1])
-        if best is None or a > best[0]:
-            best = (a, c, lr)
-    assert best is not None
-    lr = best[2]
-    variant = RiskVariant(
-        inputs=tuple(names),
-        mean=mean,
-        scale=scale,
-        coef=np.asarray(lr.coef_[0], dtype=np.float64),
-        intercept=float(lr.intercept_[0]),
-    )
-    info = {
-        "C": best[1],
-        "validation_auroc": best[0],
-        "coef": dict(zip(names, [float(c) for c in lr.coef_[0]], strict=True)),
+    y = np.asarray(y, dtype=bool)
+    if y.all() or not y.any():  # one class only: a constant risk
+        rate = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
+        coef, intercept = np.zeros(len(names)), float(np.log(rate / (1 - rate)))
+    else:
+        lr = LogisticRegression(C=c, max_iter=5000, random_state=seed)
+        lr.fit((x - mean) / scale, y)
+        coef, intercept = np.asarray(lr.coef_[0], dtype=np.float64), float(lr.intercept_[0])
+    return _Fit(RiskVariant(tuple(names), mean, scale, coef, intercept), fill)
+
+
+def _summary(aurocs: Mapping[str, float]) -> tuple[float, float]:
+    """(worst, mean) AUROC over the sources where it is defined (-inf when none is)."""
+    vals = [float(a) for a in aurocs.values() if np.isfinite(a)]
+    return (min(vals), float(np.mean(vals))) if vals else (-np.inf, -np.inf)
+
+
+def _key(row: Mapping[str, Any]) -> tuple[float, float]:
+    return (round(float(row["worst"]), 9), round(float(row["mean"]), 9))
+
+
+def loso_select(
+    candidates: Mapping[str, Sequence[str]],
+    cols_tr: Mapping[str, np.ndarray],
+    y_tr: np.ndarray,
+    src_tr: np.ndarray,
+    held_out: Mapping[str, tuple[Mapping[str, np.ndarray], np.ndarray]],
+    *,
+    c_grid: Sequence[float] = _C_GRID,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Leave-one-source-out choice of a regression's inputs and ``C``.
+
+    For every candidate (name -> input names), ``C`` and held-out source ``s`` of
+    *held_out* (``s -> (columns, y)`` of the rows it is scored on), fit on the training
+    rows whose source is not ``s`` and take the AUROC on ``s``'s rows. A candidate's ``C``
+    and then the candidate are chosen by the best worst-case AUROC over the sources, ties
+    by the mean (then: the larger ``C``, the earlier candidate -- single inputs first).
+    Returns ``{"sources", "n_rows", "candidates": {name: {"inputs", "C", "auroc":
+    {source: AUROC}, "worst", "mean", "by_C"}}, "choice": {...}}``.
+    """
+    y_tr = np.asarray(y_tr, dtype=bool)
+    src_tr = np.asarray(src_tr)
+    sources = sorted(held_out)
+    table: dict[str, dict[str, Any]] = {}
+    best: str | None = None
+    for name, inputs in candidates.items():
+        by_c: dict[float, dict[str, Any]] = {}
+        for c in sorted(c_grid, reverse=True):
+            per: dict[str, float] = {}
+            for s in sources:
+                keep = np.flatnonzero(src_tr != s)
+                fit = _fit_lr(inputs, _rows(cols_tr, keep), y_tr[keep], c, seed)
+                cols_s, y_s = held_out[s]
+                per[s] = M.auroc(np.asarray(y_s, dtype=bool), fit.predict(cols_s))
+            worst, mean = _summary(per)
+            by_c[c] = {"auroc": per, "worst": worst, "mean": mean}
+        c_best = max(by_c, key=lambda c: _key(by_c[c]))  # first of ties: the larger C
+        row = {"inputs": list(inputs), "C": c_best, **by_c[c_best]}
+        row["by_C"] = {str(c): v for c, v in by_c.items()}
+        table[name] = row
+        if best is None or _key(row) > _key(table[best]):
+            best = name
+    if best is None:
+        raise ValueError("no LOSO candidate")
+    chosen = table[best]
+    return {
+        "sources": sources,
+        "n_rows": {s: len(held_out[s][1]) for s in sources},
+        "error_rate": {s: float(np.mean(held_out[s][1])) for s in sources},
+        "candidates": table,
+        "choice": {
+            "candidate": best,
+            "inputs": list(chosen["inputs"]),
+            "C": chosen["C"],
+            "worst_auroc": chosen["worst"],
+            "mean_auroc": chosen["mean"],
+            "single_input": len(chosen["inputs"]) == 1,
+        },
     }
-    return variant, info
+
+
+def _signed(
+    x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """*x_eval* sign-corrected by the training rows (higher = riskier: the sign of the
+    training AUROC - 1/2); a missing value counts as the riskiest (an empty answer)."""
+    ok = np.isfinite(x_train)
+    a = M.auroc(np.asarray(y_train, dtype=bool)[ok], x_train[ok])
+    sign = -1.0 if np.isfinite(a) and a < 0.5 else 1.0
+    v = sign * np.asarray(x_eval, dtype=np.float64)
+    fin = np.isfinite(v)
+    top = float(v[fin].max()) + 1.0 if fin.any() else 0.0
+    return np.where(fin, v, top), sign
+
+
+def compare_to_singles(
+    y: np.ndarray, combined: np.ndarray, singles: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
+    """AUROC of the combined risk and of each single input (already sign-corrected) on
+    one set of rows, the best single input and ``combined_ge_best_single``."""
+    y = np.asarray(y, dtype=bool)
+    comb = M.auroc(y, combined)
+    single = {n: M.auroc(y, v) for n, v in singles.items()}
+    finite = {n: a for n, a in single.items() if np.isfinite(a)}
+    best = max(finite, key=lambda n: finite[n]) if finite else None
+    best_auc = finite[best] if best is not None else float("nan")
+    return {
+        "n": len(y),
+        "error_rate": float(y.mean()) if len(y) else float("nan"),
+        "combined": comb,
+        "single": single,
+        "best_single": best,
+        "best_single_auroc": best_auc,
+        "margin": comb - best_auc,
+        "combined_ge_best_single": bool(
+            np.isfinite(comb) and best is not None and comb >= best_auc - 1e-12
+        ),
+    }
+
+
+def _refit_probe(
+    kind: str,
+    probe: Any,
+    c: float,
+    sub: Stats,
+    target: np.ndarray,
+    layers: Sequence[int],
+    h: int,
+    seed: int,
+) -> LinearProbeWeights:
+    """*probe*'s kind, layer and ``C`` (SEP: its SE split) refitted on *sub* (targets:
+    PCP the correctness labels, SEP the semantic entropies)."""
+    p: Any
+    if kind == "pcp":
+        p = KnowProbe(int(probe.layer_), C=c, seed=seed)
+    else:
+        p = SemanticEntropyProbe(int(probe.layer_), threshold=probe.threshold_, C=c)
+    p.fit(sub, target)
+    return _weights(p, layers, h)
+
+
+def _choose_on_validation(
+    names: Sequence[str],
+    cols_tr: Columns,
+    y_tr: np.ndarray,
+    cols_va: Columns,
+    y_va: np.ndarray,
+    seed: int,
+) -> float:
+    """``C`` by validation AUROC (one source: nothing to hold out)."""
+    best: tuple[float, float] | None = None
+    for c in _C_GRID:
+        a = M.auroc(y_va, _fit_lr(names, cols_tr, y_tr, c, seed).predict(cols_va))
+        a = a if np.isfinite(a) else -np.inf
+        if best is None or a > best[0]:
+            best = (a, c)
+    assert best is not None
+    return best[1]
 
 
 def fit_risk(
@@ -197,26 +399,57 @@ def fit_risk(
     token_stats: np.ndarray | None,
     seed: int = 0,
     folds: int = 5,
+    loso_rows: str = "validation",
     log: Logger | None = None,
 ) -> RiskModel:
     """Fit the probes and the three variants on *data*'s training split (see the module
     doc); *token_stats* ``[N, 3]`` for every row (``None``: no ``post_gen`` variant)."""
+    return fit_risk_with_report(
+        data, ssd, token_stats=token_stats, seed=seed, folds=folds, loso_rows=loso_rows, log=log
+    )[0]
+
+
+def fit_risk_with_report(
+    data: Any,
+    ssd: Any,
+    *,
+    token_stats: np.ndarray | None,
+    seed: int = 0,
+    folds: int = 5,
+    loso_rows: str = "validation",
+    log: Logger | None = None,
+) -> tuple[RiskModel, dict[str, Any]]:
+    """:func:`fit_risk`, and the report: per variant the LOSO table, the choice, and the
+    test split's per-source AUROCs of the combined risk and of each single input, for the
+    stored model (``test``) and leave-one-source-out (``test_loso``)."""
     say = log or (lambda m: None)
+    if loso_rows not in LOSO_ROWS:
+        raise ValueError(f"loso_rows must be one of {LOSO_ROWS}, not {loso_rows!r}")
     spec = ssd.features
     if spec.pooled_layers:
         raise ValueError("the risk probes read last-token features; this student reads pooled")
     layers = list(spec.layers)
     tr_rows, va_rows = data.split["train"], data.split["validation"]
+    te_rows = np.asarray(data.split.get("test", []), dtype=np.intp)
     train, val = data.stats.subset(tr_rows), data.stats.subset(va_rows)
     f_tr = features_from_stats(spec, train)
     f_va = features_from_stats(spec, val)
     h = f_tr.shape[1] // len(layers)  # last-token states only: one hidden size per layer
     y_tr = ~np.asarray(data.correct[tr_rows], dtype=bool)
     y_va = ~np.asarray(data.correct[va_rows], dtype=bool)
+    src = np.asarray([str(r.get("source", "")) for r in data.prompts])
+    src_tr, src_va = src[tr_rows], src[va_rows]
+    sources = sorted(set(src_tr.tolist()))
+    use_loso = len(sources) >= 2
     ls_tr, ls_va = _layer_stats(train, f_tr, layers, h), _layer_stats(val, f_va, layers, h)
     probes: dict[str, LinearProbeWeights] = {}
     info: dict[str, Any] = {"probes": {}, "variants": {}}
     oof: dict[str, np.ndarray] = {}
+    # Per held-out source, the probe logits of its rows from probes fitted without it.
+    held_logits: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    test = data.stats.subset(te_rows) if len(te_rows) else None
+    f_te = features_from_stats(spec, test) if test is not None else None
+    src_te = src[te_rows]
     rng = np.random.default_rng(seed)
     fold = rng.permutation(len(tr_rows)) % folds
     for kind in ("pcp", "sep"):
@@ -225,21 +458,26 @@ def fit_risk(
         y_v = None if kind == "sep" else ~y_va
         probe, c, score = _fit_probe(kind, ls_tr, y_t, ls_va, y_v, layers, seed)
         probes[kind] = _weights(probe, layers, h)
+        target = probe.entropy.score(ls_tr) if kind == "sep" else ~y_tr
         # Out-of-fold logits for the combiner's training rows (same layer, C, SE split).
         pred = np.zeros(len(tr_rows))
-        se_all = probe.entropy.score(ls_tr) if kind == "sep" else None
         for f in range(folds):
             sub_tr, sub_te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            sub = ls_tr.subset(sub_tr)
-            if kind == "pcp":
-                p2: Any = KnowProbe(int(probe.layer_), C=c, seed=seed)
-                p2.fit(sub, ~y_tr[sub_tr])
-            else:
-                assert se_all is not None
-                p2 = SemanticEntropyProbe(int(probe.layer_), threshold=probe.threshold_, C=c)
-                p2.fit(sub, se_all[sub_tr])
-            pred[sub_te] = _logit(_weights(p2, layers, h), f_tr[sub_te])
+            w = _refit_probe(kind, probe, c, ls_tr.subset(sub_tr), target[sub_tr], layers, h, seed)
+            pred[sub_te] = _logit(w, f_tr[sub_te])
         oof[kind] = pred
+        held_logits[kind] = {}
+        if use_loso:
+            for s in sources:
+                keep = np.flatnonzero(src_tr != s)
+                w = _refit_probe(kind, probe, c, ls_tr.subset(keep), target[keep], layers, h, seed)
+                held_logits[kind][s] = {
+                    "train": _logit(w, f_tr[np.flatnonzero(src_tr == s)]),
+                    "validation": _logit(w, f_va[np.flatnonzero(src_va == s)]),
+                    "test": _logit(w, f_te[np.flatnonzero(src_te == s)])
+                    if f_te is not None
+                    else np.zeros(0),
+                }
         info["probes"][kind] = {
             "layer": int(probe.layer_),
             "C": c,
@@ -249,17 +487,86 @@ def fit_risk(
         say(f"{kind}: layer {probe.layer_}, C {c}, validation AUROC {score:.3f}")
     ts_tr = None if token_stats is None else token_stats[tr_rows]
     ts_va = None if token_stats is None else token_stats[va_rows]
+    ts_te = None if token_stats is None else token_stats[te_rows]
     cols_tr = risk_inputs(ssd, train, probes, ts_tr)
     cols_tr.update(oof)
     cols_va = risk_inputs(ssd, val, probes, ts_va)
+    cols_te = risk_inputs(ssd, test, probes, ts_te) if test is not None else None
+    y_te = ~np.asarray(data.correct[te_rows], dtype=bool)
+    by_split = {"train": (cols_tr, src_tr), "validation": (cols_va, src_va)}
+    if cols_te is not None:
+        by_split["test"] = (cols_te, src_te)
+    ys = {"train": y_tr, "validation": y_va, "test": y_te}
+
+    def held(split: str, s: str) -> tuple[Columns, np.ndarray]:
+        """Source *s*'s rows of *split*, probe columns from probes that never saw *s*."""
+        cols, srcs = by_split[split]
+        rows = np.flatnonzero(srcs == s)
+        out = _rows(cols, rows)
+        for kind in PROBE_INPUTS:
+            out[kind] = held_logits[kind][s][split]
+        return out, ys[split][rows]
+
+    def scored(s: str) -> tuple[Columns, np.ndarray]:
+        if loso_rows == "validation":
+            return held("validation", s)
+        (a, ya), (b, yb) = held("train", s), held("validation", s)
+        return _concat(a, b), np.concatenate([ya, yb])
+
+    held_out = {s: scored(s) for s in sources} if use_loso else {}
     variants: dict[str, RiskVariant] = {}
     calibration: dict[str, list[float]] = {}
+    report: dict[str, Any] = {
+        "workdir": str(data.root),
+        "sources": sources,
+        "selection": "leave-one-source-out" if use_loso else "validation (one source)",
+        "loso_rows": loso_rows if use_loso else None,
+        "split_sizes": {
+            split: {s: int(np.sum(srcs == s)) for s in sources}
+            for split, (_, srcs) in by_split.items()
+        },
+        "variants": {},
+    }
+    fits: dict[str, tuple[tuple[str, ...], float]] = {}
     for name, inputs in RISK_INPUTS.items():
         if name == "post_gen" and token_stats is None:
             continue
-        variants[name], vinfo = _fit_variant(inputs, cols_tr, y_tr, cols_va, y_va, seed)
+        cands = risk_candidates(inputs)
+        sel: dict[str, Any] | None = None
+        if use_loso:
+            sel = loso_select(cands, cols_tr, y_tr, src_tr, held_out, seed=seed)
+            chosen, c = tuple(sel["choice"]["inputs"]), float(sel["choice"]["C"])
+            cand = str(sel["choice"]["candidate"])
+        else:
+            chosen, cand = tuple(inputs), "full"
+            c = _choose_on_validation(chosen, cols_tr, y_tr, cols_va, y_va, seed)
+        fit = _fit_lr(chosen, cols_tr, y_tr, c, seed)
+        variants[name] = fit.variant
+        fits[name] = (chosen, c)
+        vinfo: dict[str, Any] = {
+            "selection": "loso" if use_loso else "validation",
+            "candidate": cand,
+            "inputs": list(chosen),
+            "C": c,
+            "validation_auroc": M.auroc(y_va, fit.predict(cols_va)),
+            "coef": dict(zip(chosen, [float(x) for x in fit.variant.coef], strict=True)),
+        }
+        if sel is not None:
+            vinfo["loso_worst_auroc"] = sel["choice"]["worst_auroc"]
+            vinfo["loso_mean_auroc"] = sel["choice"]["mean_auroc"]
         info["variants"][name] = vinfo
-        say(f"risk {name}: validation AUROC {vinfo['validation_auroc']:.3f}, C {vinfo['C']}")
+        report["variants"][name] = {
+            "available_inputs": list(inputs),
+            "candidates": {k: list(v) for k, v in cands.items()},
+            "loso": sel,
+            "choice": {k: v for k, v in vinfo.items() if k != "coef"},
+            "coef": vinfo["coef"],
+        }
+        say(
+            f"risk {name}: {cand} ({', '.join(chosen)}), C {c}, "
+            + (f"LOSO worst AUROC {vinfo['loso_worst_auroc']:.3f}, " if sel else "")
+            + f"validation AUROC {vinfo['validation_auroc']:.3f}"
+        )
     model = RiskModel(ssd.fingerprint, probes, variants, {}, info)
     feats_va = torch.as_tensor(f_va)
     for name in variants:
@@ -274,9 +581,91 @@ def fit_risk(
             "train_error_rate": float(y_tr.mean()),
             "seed": seed,
             "folds": folds,
+            "sources": sources,
+            "selection": report["selection"],
+            "loso_rows": report["loso_rows"],
         }
     )
-    return model
+    if cols_te is not None and f_te is not None:
+        _test_report(
+            report, model, fits, cols_tr, y_tr, src_tr, cols_te, y_te, src_te, f_te,
+            held if use_loso else None, sources, seed,
+        )  # fmt: skip
+    return model, report
+
+
+def _test_report(
+    report: dict[str, Any],
+    model: RiskModel,
+    fits: Mapping[str, tuple[tuple[str, ...], float]],
+    cols_tr: Columns,
+    y_tr: np.ndarray,
+    src_tr: np.ndarray,
+    cols_te: Columns,
+    y_te: np.ndarray,
+    src_te: np.ndarray,
+    f_te: torch.Tensor,
+    held: Callable[[str, str], tuple[Columns, np.ndarray]] | None,
+    sources: Sequence[str],
+    seed: int,
+) -> None:
+    """Fill each variant's ``test`` (the stored model; every source is in its training
+    data) and ``test_loso`` (each source's test rows scored by the variant's chosen
+    candidate fitted without that source, its probes too) per source."""
+    feats = torch.as_tensor(f_te)
+    post_loso: dict[str, np.ndarray] = {}
+    for name, (chosen, c) in fits.items():
+        inputs = RISK_INPUTS[name]
+        comb = predict_rows(model, name, cols_te, feats)
+        singles = {n: _signed(cols_tr[n], y_tr, cols_te[n])[0] for n in inputs}
+        per = {}
+        for s in sorted(set(src_te.tolist())):
+            m = src_te == s
+            per[s] = compare_to_singles(y_te[m], comb[m], {n: v[m] for n, v in singles.items()})
+        rep = report["variants"][name]
+        rep["test"] = {
+            "what": "the stored model (fitted on every source's training rows)",
+            "pooled": compare_to_singles(y_te, comb, singles),
+            "per_source": per,
+            "combined_ge_best_single_every_source": all(
+                r["combined_ge_best_single"] for r in per.values()
+            ),
+        }
+        if held is None:
+            continue
+        full = tuple(inputs)
+        c_full = float(rep["loso"]["candidates"]["full"]["C"])
+        per_loso: dict[str, Any] = {}
+        for s in sources:
+            cols_s, y_s = held("test", s)
+            if not len(y_s):
+                continue
+            keep = np.flatnonzero(src_tr != s)
+            sub, y_sub = _rows(cols_tr, keep), y_tr[keep]
+            p = _fit_lr(chosen, sub, y_sub, c, seed).predict(cols_s)
+            if name == "post":
+                post_loso[s] = p
+            elif name == "post_gen" and s in post_loso:  # as at run time: no token, post
+                missing = np.zeros(len(y_s), dtype=bool)
+                for n in TOKEN_STAT_NAMES:
+                    missing |= ~np.isfinite(cols_s[n])
+                p = np.where(missing, post_loso[s], p)
+            sgl = {n: _signed(sub[n], y_sub, cols_s[n])[0] for n in inputs}
+            row = compare_to_singles(y_s, p, sgl)
+            row["full_set"] = M.auroc(y_s, _fit_lr(full, sub, y_sub, c_full, seed).predict(cols_s))
+            per_loso[s] = row
+        rep["test_loso"] = {
+            "what": (
+                "each source's test rows scored by the chosen candidate fitted on the other "
+                "sources' training rows (probes refitted without the source); singles "
+                "sign-corrected on those training rows; full_set: the full input set at its "
+                "LOSO C, for reference"
+            ),
+            "per_source": per_loso,
+            "combined_ge_best_single_every_source": all(
+                r["combined_ge_best_single"] for r in per_loso.values()
+            ),
+        }
 
 
 def predict_rows(

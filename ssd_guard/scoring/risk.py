@@ -20,7 +20,11 @@ Every input is standardised with the training split's mean and scale, then
 ``risk = sigmoid(coef . x + intercept)``. The probes and the regressions are fitted on the
 training split only (``ssd-guard fit-risk``, :mod:`ssd_guard.evaluation.risk_fit`); the
 probes' values for the regression's own training rows are out-of-fold (stacking), so the
-regression does not learn to trust in-sample probe outputs. ``calibration`` holds each
+regression does not learn to trust in-sample probe outputs. :data:`RISK_INPUTS` are the
+inputs a variant *may* read: on pooled sources the fit chooses each variant's input set
+(a single input, all of them, or all but the hidden-state probes) leave-one-source-out,
+and a :class:`RiskVariant` lists (and the file stores) only the inputs it was fitted on --
+files whose variants read every input load unchanged. ``calibration`` holds each
 variant's sorted validation-split values, so quantile thresholds work like the SSD ones.
 """
 
@@ -91,7 +95,8 @@ class LinearProbeWeights:
 
 @dataclass
 class RiskVariant:
-    """One logistic regression over named inputs."""
+    """One logistic regression over named inputs (a subset of the variant's
+    :data:`RISK_INPUTS`, in that order, when the fit chose fewer)."""
 
     inputs: tuple[str, ...]
     mean: np.ndarray
