@@ -15,8 +15,17 @@ Shakespeare.", "The answer is Paris."). Two steps keep the score on content:
 from __future__ import annotations
 
 import re
+from typing import Any
 
-__all__ = ["core_span", "normalise_answer", "question_of"]
+__all__ = [
+    "answer_core",
+    "chat_prompt",
+    "core_span",
+    "grade_choice",
+    "normalise_answer",
+    "question_of",
+    "question_stem",
+]
 
 _BOILERPLATE = re.compile(
     r"^\s*(?:(?:the\s+)?(?:correct\s+|final\s+|short\s+)?answer\s+(?:is|would\s+be)\s*:?|"
@@ -69,3 +78,79 @@ def core_span(question: str, answer: str, min_words: int = 4) -> str | None:
     if not core or len(core) == len(words):
         return None
     return " ".join(core)
+
+
+_CHOICE_LINE = re.compile(r"^\s*(?:Choices\s*:|\(?[A-H][.)]\s)", re.IGNORECASE)
+
+
+_CHOICE_PICK = re.compile(r"^\(?[A-H][.)](?:\s|$)")
+
+
+def question_stem(question: str) -> str:
+    """The question without its lettered choice lines (``A. ...`` / ``Choices:``)."""
+    lines = question.splitlines()
+    for i, line in enumerate(lines):
+        if i and _CHOICE_LINE.match(line):
+            return "\n".join(lines[:i]).strip()
+    return question.strip()
+
+
+def answer_core(question: str, answer: str) -> str:
+    """What an answer says beyond restating its question: the normalised answer's core
+    span (two words or more), else the normalised answer. "The capital of Italy is Rome."
+    and "Rome" both give "Rome" for "What is the capital of Italy?"; chat students embed
+    this on both sides (artifact ``answers.core_embed``)."""
+    norm = normalise_answer(answer)
+    if _CHOICE_PICK.match(norm):  # "B. hat shop": a pick among choices is its own content
+        return norm
+    core = core_span(question_stem(question), norm, min_words=2)
+    return core or norm
+
+
+def chat_prompt(tokenizer: Any, question: str, system: str | None = None) -> str:
+    """The text a chat model sees for one user *question*: the tokenizer's chat template
+    with an optional *system* message and the assistant turn opened."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this tokenizer has no chat template; use a few-shot recipe instead")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return str(text)
+
+
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+_LEAD_LETTER = re.compile(
+    r"^\W*(?:(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is|would\s+be)?\s*:?\s*)?"
+    r"\(?([A-H])(?:[.):]|\s*$|\s+[-–])"
+)
+_LISTED = re.compile(r"^\s*\(?([A-H])[.)]\s", re.MULTILINE)
+_ANY_LETTER = re.compile(r"\b(?:answer|option|choice)\s*(?:is\s*)?:?\s*\(?([A-H])\b(?!['’])")
+
+
+def grade_choice(answer: str, choices: list[str] | tuple[str, ...], lettered: bool) -> int | None:
+    """The index of the choice a free-text *answer* picks, or ``None`` when it picks none
+    or several. Yes/no sets: the first "yes" / "no". Lettered sets: a leading letter
+    ("B.", "(B)", "The answer is B"), else the one choice text the answer contains."""
+    from ssd_guard.distill.data import normalize_answer
+
+    text = answer.strip()
+    listed = {m.group(1) for m in _LISTED.finditer(text)}
+    if lettered and len(listed) > 1:  # the answer repeats the choice list: it picks none
+        return None
+    if [c.lower() for c in choices] == ["yes", "no"]:
+        m = _YES_NO.search(text)
+        return None if m is None else (0 if m.group(1).lower() == "yes" else 1)
+    if lettered:
+        m = _LEAD_LETTER.match(text) or _ANY_LETTER.search(text)
+        if m is not None:
+            k = ord(m.group(1)) - ord("A")
+            return k if k < len(choices) else None
+    norm = f" {normalize_answer(text)} "
+    hits = [i for i, c in enumerate(choices) if f" {normalize_answer(c)} " in norm]
+    if len(hits) > 1:  # "department store" contains "store": keep the longest match
+        longest = max(hits, key=lambda i: len(choices[i]))
+        if all(normalize_answer(choices[i]) in normalize_answer(choices[longest]) for i in hits):
+            return longest
+        return None
+    return hits[0] if hits else None

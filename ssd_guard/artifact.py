@@ -77,6 +77,11 @@ class HeadInfo(_Model):
 class PromptFormat(_Model):
     few_shot: str = ""
     template: str = "Question: {question}\nAnswer:"
+    #: The student was distilled on chat-templated prompts: the question is the user
+    #: message (after ``system`` when set) in the base model's own chat template;
+    #: ``few_shot`` / ``template`` are then unused.
+    chat: bool = False
+    system: str | None = None
 
 
 class AnswerInfo(_Model):
@@ -94,6 +99,9 @@ class AnswerInfo(_Model):
     #: The answer signal the student was validated for (``loglik``, ``pmi`` or
     #: ``consensus``): the evaluation's mismatch / multiple-choice default.
     default_signal: Literal["loglik", "pmi", "consensus"] = "loglik"
+    #: Answers are embedded by their core (:func:`ssd_guard.answers.answer_core`: what
+    #: they say beyond restating the question) at distillation and at run time.
+    core_embed: bool = False
 
 
 class Manifest(_Model):

@@ -15,6 +15,7 @@ __all__ = [
     "MCExample",
     "QAExample",
     "is_correct",
+    "load_mc_as_chat",
     "load_mc_jsonl",
     "load_open_from_mc",
     "load_qa_jsonl",
@@ -215,6 +216,29 @@ def load_open_from_mc(path: str | Path, limit: int | None = None) -> list[QAExam
         if not question:
             raise ConfigError(f"{p}: row {ex.id}: no question text left after removing choices")
         choices = tuple(lettered.get(c, c) for c in ex.choices)
+        gold = choices[ex.gold]
+        out.append(QAExample(ex.id, f"Question: {question}\nAnswer:", gold, (gold,), choices))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def load_mc_as_chat(path: str | Path, limit: int | None = None) -> list[QAExample]:
+    """Multiple-choice rows asked as a chat user would: the question (with its context),
+    then the lettered choices ``A. ...`` on their own lines; yes/no sets keep the bare
+    question. ``choices`` are the choice texts, ``answer`` the gold one; grade a free-text
+    answer with :func:`ssd_guard.answers.grade_choice`.
+    """
+    p = Path(path)
+    out: list[QAExample] = []
+    for ex in load_mc_jsonl(p, None):
+        question, lettered = _strip_choices(ex.prompt)
+        if not question:
+            raise ConfigError(f"{p}: row {ex.id}: no question text left after removing choices")
+        choices = tuple(lettered.get(c, c) for c in ex.choices)
+        if [c.lower() for c in choices] != ["yes", "no"]:
+            letters = "ABCDEFGH"
+            question += "".join(f"\n{letters[i]}. {c}" for i, c in enumerate(choices))
         gold = choices[ex.gold]
         out.append(QAExample(ex.id, f"Question: {question}\nAnswer:", gold, (gold,), choices))
         if limit is not None and len(out) >= limit:

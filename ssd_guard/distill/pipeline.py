@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from ssd_guard.distill.data import load_mc_jsonl, load_open_from_mc, load_qa_jsonl, split_ids
+from ssd_guard.distill.data import (
+    load_mc_as_chat,
+    load_mc_jsonl,
+    load_open_from_mc,
+    load_qa_jsonl,
+    split_ids,
+)
 from ssd_guard.distill.recipe import Recipe
 from ssd_guard.distill.workdir import (
     Context,
@@ -53,8 +59,8 @@ def stage_prompts(wd: Workdir, ctx: Context) -> dict[str, Any]:
     for name, raw_path, fmt, limit in layout:
         path = r.resolve(raw_path)
         part: list[dict[str, Any]]
-        if fmt in ("qa", "open_mc"):
-            loader = load_qa_jsonl if fmt == "qa" else load_open_from_mc
+        if fmt in ("qa", "open_mc", "chat_mc"):
+            loader = {"qa": load_qa_jsonl, "open_mc": load_open_from_mc}.get(fmt, load_mc_as_chat)
             part = [
                 {"id": e.id, "prompt": e.prompt, "answer": e.answer, "aliases": list(e.aliases)}
                 | (
@@ -62,6 +68,7 @@ def stage_prompts(wd: Workdir, ctx: Context) -> dict[str, Any]:
                     if e.choices
                     else {}
                 )
+                | ({"grade": "choice"} if fmt == "chat_mc" else {})
                 for e in loader(path, limit)
             ]
         else:
@@ -80,9 +87,10 @@ def stage_prompts(wd: Workdir, ctx: Context) -> dict[str, Any]:
         for k, v in part_splits.items():
             splits[k].extend(prefix + i for i in v)
         rows.extend(part)
+    tokenizer = ctx.lm.tokenizer if r.prompt.chat else None
     with wd.path("prompts.jsonl.tmp").open("w", encoding="utf-8") as fh:
         for row in rows:
-            row["text"] = r.format_prompt(row["prompt"])
+            row["text"] = r.format_prompt(row["prompt"], tokenizer)
             fh.write(json.dumps(row) + "\n")
     os.replace(wd.path("prompts.jsonl.tmp"), wd.path("prompts.jsonl"))
     _atomic_write_text(wd.path("split.json"), json.dumps(splits))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,8 +24,10 @@ class SourceConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
     #: ``qa``: TriviaQA-style rows; ``open_mc``: a multiple-choice set asked as open
-    #: questions (choices removed; the gold choice's text is the accepted answer).
-    format: Literal["qa", "open_mc"] = "qa"
+    #: questions (choices removed; the gold choice's text is the accepted answer);
+    #: ``chat_mc``: a multiple-choice set asked with its lettered choices, as a chat user
+    #: would (graded by the letter or the choice text the answer picks).
+    format: Literal["qa", "open_mc", "chat_mc"] = "qa"
     limit: int | None = Field(default=None, ge=1)
 
 
@@ -55,6 +57,18 @@ class PromptConfig(_Strict):
     few_shot: str = ""
     #: Python format string; ``{prompt}`` is the dataset's prompt (``Question: ...\nAnswer:``).
     template: str = "{prompt}"
+    #: Ask through the base model's chat template instead (``few_shot`` / ``template``
+    #: unused): the bare question is the user message, after ``system`` when given. The
+    #: teacher's answers are then the chat model's own sentences, and the student reads
+    #: the same chat-templated text a deployed chat model sees.
+    chat: bool = False
+    system: str | None = None
+
+    @model_validator(mode="after")
+    def _chat_plain(self) -> PromptConfig:
+        if self.chat and (self.few_shot or self.template != "{prompt}"):
+            raise ValueError("chat: true takes no few_shot / template (the chat template is used)")
+        return self
 
     @field_validator("template")
     @classmethod
@@ -99,6 +113,10 @@ class EmbeddingConfig(_Strict):
     #: Normalise answer texts before embedding (first line, "The answer is" and similar
     #: boilerplate, a final period); the artifact records it and the scorer does the same.
     normalise: bool = True
+    #: Embed each answer's *core* (the words that do not restate the question, see
+    #: ssd_guard.answers.answer_core) on both sides: a chat model's sentence ("The capital
+    #: of Italy is Rome.") and its short form ("Rome") then get one embedding.
+    core: bool = False
 
     @model_validator(mode="after")
     def _order(self) -> EmbeddingConfig:
@@ -202,7 +220,23 @@ class Recipe(RecipeFile):
     #: Where the final artifact goes (default ``<workdir>/artifact``).
     artifact: str | None = None
 
-    def format_prompt(self, prompt: str) -> str:
+    @model_validator(mode="after")
+    def _chat_teacher(self) -> Recipe:
+        if self.prompt.chat and (self.teacher.pool or self.layers.pooled):
+            raise ValueError(
+                "prompt.chat: true needs teacher.pool: false and no layers.pooled (the "
+                "question-pooled state assumes a few-shot prefix)"
+            )
+        return self
+
+    def format_prompt(self, prompt: str, tokenizer: Any = None) -> str:
+        """The text the base model sees; chat recipes need the model's *tokenizer*."""
+        if self.prompt.chat:
+            from ssd_guard.answers import chat_prompt, question_of
+
+            if tokenizer is None:
+                raise ConfigError("a chat recipe formats prompts with the model's tokenizer")
+            return chat_prompt(tokenizer, question_of(prompt), self.prompt.system)
         return self.prompt.few_shot + self.prompt.template.format(prompt=prompt)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ssd_guard.answers import normalise_answer
+from ssd_guard.answers import answer_core, grade_choice, normalise_answer, question_of
 from ssd_guard.distill.data import is_correct
 from ssd_guard.distill.workdir import (
     _atomic_save,
@@ -71,6 +71,9 @@ def stage_labels(wd: Workdir, ctx: Context) -> dict[str, Any]:
         aliases = p.get("aliases") or ([p["choices"][p["gold"]]] if "choices" in p else [])
         if judge is not None:
             ok = bool(judge(p["prompt"], r["default"], aliases))
+        elif p.get("grade") == "choice":
+            lettered = [c.lower() for c in p["choices"]] != ["yes", "no"]
+            ok = grade_choice(r["default"], p["choices"], lettered) == p["gold"]
         else:
             ok = is_correct(r["default"], aliases, containment=cfg.containment)
         rows.append({"id": p["id"], "correct": ok, "default": r["default"]})
@@ -98,7 +101,10 @@ def stage_embed(wd: Workdir, ctx: Context) -> dict[str, Any]:
     emb = AnswerEmbedder(ctx.embedder, batch_size=cfg.batch_size)
     n, s = len(records), len(records[0]["samples"])
     texts = [t for r in records for t in (r["default"], *r["samples"])]
-    if cfg.normalise:
+    if cfg.core:  # what each answer says beyond restating its question
+        questions = [question_of(p["prompt"]) for p in prompts for _ in range(s + 1)]
+        texts = [answer_core(q, t) for q, t in zip(questions, texts)]
+    elif cfg.normalise:
         texts = [normalise_answer(t) for t in texts]
     raw = emb.embed_raw(texts).view(n, s + 1, -1)
     default, samples = raw[:, 0].contiguous(), raw[:, 1:].contiguous()
@@ -456,12 +462,15 @@ def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str,
         prompt=PromptFormat(
             few_shot=r.prompt.few_shot,
             template=r.prompt.template.replace("{prompt}", "Question: {question}\nAnswer:"),
+            chat=r.prompt.chat,
+            system=r.prompt.system,
         ),
         answers=AnswerInfo(
             normalise=r.embedding.normalise,
             core_span=sc.core_span,
             marginal=sc.marginal_components > 0,
             default_signal=sc.answer_signal,
+            core_embed=r.embedding.core,
         ),
         training={
             "recipe": r.name,

@@ -31,7 +31,7 @@ from typing import Any, cast
 
 import torch
 
-from ssd_guard.answers import core_span, normalise_answer, question_of
+from ssd_guard.answers import answer_core, chat_prompt, core_span, normalise_answer, question_of
 from ssd_guard.artifact import Manifest, bundled_artifact_path, check_compatible, load_artifact
 from ssd_guard.encoding import AnswerEmbedder, PCAProjection, PromptEncoder
 from ssd_guard.errors import ArtifactError
@@ -58,15 +58,20 @@ def load_marginal(tensors: dict[str, torch.Tensor]) -> GaussianMixture | None:
     )
 
 
-def apply_prompt_format(prompt: str, few_shot: str, template: str) -> str:
-    """``few_shot`` + ``template`` with ``{question}`` the prompt's question: the prompt
-    may be a bare question or already in ``Question: ...\nAnswer:`` form."""
+def bare_question(prompt: str) -> str:
+    """The question of a prompt given bare or in ``Question: ...\nAnswer:`` form."""
     text = prompt.strip()
     if text.startswith("Question:"):
         text = text[len("Question:") :].strip()
     if text.endswith("Answer:"):
         text = text[: -len("Answer:")].strip()
-    return few_shot + template.replace("{question}", text)
+    return text
+
+
+def apply_prompt_format(prompt: str, few_shot: str, template: str) -> str:
+    """``few_shot`` + ``template`` with ``{question}`` the prompt's question: the prompt
+    may be a bare question or already in ``Question: ...\nAnswer:`` form."""
+    return few_shot + template.replace("{question}", bare_question(prompt))
 
 
 def build_heads(
@@ -248,6 +253,8 @@ class SSDScorer:
         The text may be a bare question or already in ``Question: ...\nAnswer:`` form.
         """
         fmt = self.manifest.prompt
+        if fmt.chat:  # the user message in the base model's chat template, as distilled
+            return chat_prompt(self.encoder.tokenizer, bare_question(prompt), fmt.system)
         return apply_prompt_format(prompt, fmt.few_shot, fmt.template)
 
     def hidden(
@@ -425,9 +432,14 @@ class SSDScorer:
         texts: list[str] = []
         owner: list[tuple[int, int]] = []
         use_core = self.manifest.answers.core_span
+        core_embed = self.manifest.answers.core_embed
         for i, (p, lst) in enumerate(zip(prompts, lists)):
             question = question_of(p)
             for j, a in enumerate(lst):
+                if core_embed:  # the student models answer cores: embed exactly that
+                    texts.append(answer_core(question, a))
+                    owner.append((i, j))
+                    continue
                 texts.append(a)
                 owner.append((i, j))
                 if use_core:
