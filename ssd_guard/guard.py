@@ -26,10 +26,16 @@
       deterministic=True)``, or a ``deterministic = True`` attribute on ``generate``) is not
       called again: the guard abstains at once. One declared non-deterministic
       (``deterministic=False``: it samples by itself) is called again as it is; so is any
-      other generator, but the guard stops as soon as it repeats a rejected answer. Each
-      ``reject_answer`` event says what happens next in ``regeneration``: ``sample`` (with
-      ``regen_temperature``), ``same-settings``, ``skipped-deterministic``,
-      ``stopped-identical`` or ``exhausted`` (``max_regenerations`` reached);
+      other generator, but the guard stops as soon as it repeats a rejected answer. A
+      generator with a ``can_sample = False`` attribute (a model the integration cannot
+      switch to sampling) is not called again either. Each event of the rule says what
+      happens next in ``regeneration``: ``sample`` (with ``regen_temperature``) or
+      ``same-settings`` (the event's action is ``reject_answer``; a regeneration's event
+      carries its ``attempt``, 1, 2...), or ``skipped-deterministic``,
+      ``skipped-no-sampling``, ``stopped-identical`` or ``exhausted``
+      (``max_regenerations`` reached): nothing more is tried, the guard abstains and the
+      event's action is ``abstain`` (its ``rule`` is the ``reject_answer`` rule). A
+      regenerated answer is always checked again, also when it repeats the draft;
   ``flag_poisoned``
       the document is left out of the prompt: dropped (``mode: drop``) or kept aside in
       :attr:`GuardResult.quarantined` (``mode: quarantine``);
@@ -71,6 +77,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -223,9 +230,15 @@ def _stats_kw(method: Callable[..., Any], stats: CallStats) -> dict[str, Any]:
     return {"stats": stats} if takes else {}
 
 
-#: ``sample``: pass ``temperature=``; ``skip``: deterministic, never call again; ``own``: the
-#: generator samples by itself; ``repeat``: unknown, call again, stop on a repeated answer.
-RegenMode = Literal["sample", "skip", "own", "repeat"]
+#: ``sample``: pass ``temperature=``; ``skip``: deterministic, never call again; ``fixed``:
+#: the generator cannot be switched to sampling (``can_sample = False``), never call again;
+#: ``own``: the generator samples by itself; ``repeat``: unknown, call again, stop on a
+#: repeated answer.
+RegenMode = Literal["sample", "skip", "fixed", "own", "repeat"]
+
+#: The ``regeneration`` values after which ``generate`` is called again; after any other
+#: one the ``reject_answer`` rule falls through to abstaining (its event says ``abstain``).
+_REGENERATING = frozenset({"sample", "same-settings"})
 
 
 # --------------------------------------------------------------------------------------
@@ -288,7 +301,8 @@ class GuardResult:
     scored with it), reused by the answer checks."""
     regeneration: str | None = None
     """After the last ``reject_answer``: ``sample``, ``same-settings``,
-    ``skipped-deterministic``, ``stopped-identical`` or ``exhausted`` (see the module doc)."""
+    ``skipped-deterministic``, ``skipped-no-sampling``, ``stopped-identical`` or
+    ``exhausted`` (see the module doc)."""
     stats: CallStats | None = field(default=None, repr=False, compare=False)
     """What this call computed (the question's hidden state...), reused by its later
     checks (:meth:`Guard.complete`)."""
@@ -901,12 +915,13 @@ class Guard:
         tags: Sequence[str],
         run_name: str | None,
         extra: Mapping[str, Any] | None = None,
-        on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
+        on_reject: Callable[[Decision], tuple[Decision, Mapping[str, Any]]] | None = None,
         skip_actions: Sequence[str] = (),
     ) -> list[Decision]:
-        """One decision (and one audit event) per item of *plan*; *on_reject* adds fields
-        to the event of a ``reject_answer`` decision; rules whose action is in
-        *skip_actions* are left out."""
+        """One decision (and one audit event) per item of *plan*; *on_reject* turns a
+        ``reject_answer`` decision into the one recorded (``abstain`` when nothing more is
+        tried) and adds fields to its event; rules whose action is in *skip_actions* are
+        left out."""
         calibration = self._calibration(scope)
         n = max(1, len(plan.keys)) if scope != "prompt" else 1
         share = 1.0 / n  # a batch's cache / scoring time is shared by its documents
@@ -942,7 +957,8 @@ class Guard:
             if scope == "document":
                 per_doc = {"source": source, "doc_index": i, "batch_size": n}
             if on_reject is not None and decision.action == "reject_answer":
-                per_doc.update(on_reject(decision))
+                decision, regen = on_reject(decision)
+                per_doc.update(regen)
             if plan.stats.truncated:
                 per_doc["truncated"] = True
             self._emit(
@@ -1042,7 +1058,7 @@ class Guard:
         tags: Sequence[str] = (),
         run_name: str | None = None,
         extra: Mapping[str, Any] | None = None,
-        on_reject: Callable[[Decision], Mapping[str, Any]] | None = None,
+        on_reject: Callable[[Decision], tuple[Decision, Mapping[str, Any]]] | None = None,
         stats: CallStats | None = None,
         skip_actions: Sequence[str] = (),
     ) -> Flow[list[Decision]]:
@@ -1447,10 +1463,13 @@ class Guard:
     # ------------------------------------------------------------------ regeneration
     def _regen_mode(self, generate: Callable[..., Any], deterministic: bool | None) -> RegenMode:
         """How ``reject_answer`` regenerates with *generate* (see the module doc): an
-        explicit *deterministic* wins, then a ``temperature=`` keyword, then a
+        explicit *deterministic* wins, then a ``can_sample = False`` attribute (a model
+        that cannot be switched to sampling), then a ``temperature=`` keyword, then a
         ``deterministic`` attribute on *generate*."""
         if deterministic is True:
             return "skip"
+        if getattr(generate, "can_sample", None) is False:
+            return "fixed"
         if self.regen_temperature > 0 and _accepts_temperature(generate):
             return "sample"
         if deterministic is None:
@@ -1472,6 +1491,8 @@ class Guard:
             return {"regeneration": "exhausted"}
         if mode == "skip":
             return {"regeneration": "skipped-deterministic"}
+        if mode == "fixed":
+            return {"regeneration": "skipped-no-sampling"}
         if mode == "repeat" and repeated:
             return {"regeneration": "stopped-identical"}
         if mode == "sample":
@@ -1490,13 +1511,17 @@ class Guard:
 
     def _on_reject(
         self, res: GuardResult, mode: RegenMode, attempt: int, text: str
-    ) -> Callable[[Decision], Mapping[str, Any]]:
+    ) -> Callable[[Decision], tuple[Decision, Mapping[str, Any]]]:
         repeated = text in res.rejected
 
-        def fields(d: Decision) -> Mapping[str, Any]:
+        def fields(d: Decision) -> tuple[Decision, Mapping[str, Any]]:
             out = self._regeneration(d, mode, attempt, repeated)
             res.regeneration = out["regeneration"]
-            return out
+            if out["regeneration"] not in _REGENERATING:
+                # Nothing more is tried: the rule's outcome is the abstention, and the
+                # event says so (``rule`` and ``regeneration`` say why).
+                d = dataclasses.replace(d, action="abstain")
+            return d, out
 
         return fields
 
@@ -1524,7 +1549,13 @@ class Guard:
                 kw = self._generate_kwargs(mode, attempt)
                 raw = yield Call(functools.partial(generate, res.final_prompt, **kw))
                 text = self._answer_step(res, raw, extract)
-                if text is None:
+                if text is None:  # a tool call / structured output: no text to check
+                    _log.info(
+                        "guard.answer.unchecked",
+                        run_id=res.run_id,
+                        reason="no text answer (tool call or structured output)",
+                        output_type=type(raw).__name__,
+                    )
                     return res
                 (d,) = yield from self._check_flow(
                     "answer",
@@ -1535,7 +1566,12 @@ class Guard:
                     run_name=run_name,
                     on_reject=self._on_reject(res, mode, attempt, text),
                     stats=stats,
-                    extra=_context_field(res.documents),
+                    # a regeneration's event says which one it is (never a copy of the
+                    # draft's event, even when the model repeated the draft)
+                    extra={
+                        **_context_field(res.documents),
+                        **({"attempt": attempt} if attempt else {}),
+                    },
                 )
                 res.decisions.append(d)
                 if self._verdict(res, d, text, raw):
@@ -1754,7 +1790,7 @@ class Guard:
             return True
         if d.action == "reject_answer":
             res.rejected.append(text)
-            if res.regeneration in ("sample", "same-settings"):
+            if res.regeneration in _REGENERATING:
                 return False
             self._abstained(res, d)
             return True

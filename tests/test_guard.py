@@ -217,7 +217,9 @@ def test_reject_regenerates_max_times_then_abstains() -> None:
     assert gen.calls == 3  # first answer + max_regenerations: 2
     assert res.abstained and res.output == "ABSTAIN"
     assert res.rejected == ["bad answer", "bad answer 2", "bad answer 3"]
-    assert [d.action for d in res.decisions] == ["allow"] + ["reject_answer"] * 3
+    # the last rejection regenerates no more: the rule's outcome (abstain) is recorded
+    assert [d.action for d in res.decisions] == ["allow"] + ["reject_answer"] * 2 + ["abstain"]
+    assert res.decisions[-1].rule == "unlikely"
     assert res.regeneration == "exhausted"
 
 
@@ -226,8 +228,9 @@ def test_reject_stops_when_an_unknown_generator_repeats_itself() -> None:
     with capture_logs() as logs:
         res = Guard(make_scorer(), make_policy()).run("easy", gen)
     assert gen.calls == 2 and res.abstained and res.regeneration == "stopped-identical"
-    rejects = [e for e in decisions_of(logs) if e["action"] == "reject_answer"]
+    rejects = [e for e in decisions_of(logs) if e["rule"] == "unlikely"]
     assert [e["regeneration"] for e in rejects] == ["same-settings", "stopped-identical"]
+    assert [e["action"] for e in rejects] == ["reject_answer", "abstain"]
 
 
 def test_reject_then_accept_a_better_answer() -> None:

@@ -41,7 +41,9 @@ def make_guard(**kw: Any) -> Guard:
 
 
 def rejects(logs: list[Any]) -> list[Any]:
-    return [e for e in logs if e["event"] == "guard.decision" and e["action"] == "reject_answer"]
+    """The events of the reject_answer rule: ``reject_answer`` while it regenerates,
+    ``abstain`` once it regenerates no more."""
+    return [e for e in logs if e["event"] == "guard.decision" and e["rule"] == "unlikely"]
 
 
 class GreedyModel:
@@ -88,7 +90,11 @@ def test_all_samples_rejected_abstains_after_max_regenerations() -> None:
     with capture_logs() as logs:
         res = make_guard().run("q", model)
     assert res.abstained and res.output == "ABSTAIN" and len(model.temperatures) == 3
-    assert [e["regeneration"] for e in rejects(logs)] == ["sample", "sample", "exhausted"]
+    events = rejects(logs)
+    assert [e["regeneration"] for e in events] == ["sample", "sample", "exhausted"]
+    # abstained after regenerating: the last event says abstain, not reject_answer
+    assert [e["action"] for e in events] == ["reject_answer", "reject_answer", "abstain"]
+    assert [e.get("attempt") for e in events] == [None, 1, 2]  # never two identical events
 
 
 def test_deterministic_generator_is_not_called_again() -> None:
@@ -102,7 +108,7 @@ def test_deterministic_generator_is_not_called_again() -> None:
         res = make_guard().run("q", greedy, deterministic=True)
     assert calls == ["q"] and res.abstained and res.generations == 1
     (event,) = rejects(logs)
-    assert event["regeneration"] == "skipped-deterministic"
+    assert event["regeneration"] == "skipped-deterministic" and event["action"] == "abstain"
     assert res.regeneration == "skipped-deterministic"
 
 
@@ -134,6 +140,7 @@ def test_unknown_generator_repeating_itself_is_stopped() -> None:
         res = make_guard(regen_temperature=0).run("q", gen)  # no sampling asked
     assert gen.temperatures == [None, None] and res.abstained
     assert [e["regeneration"] for e in rejects(logs)] == ["same-settings", "stopped-identical"]
+    assert [e["action"] for e in rejects(logs)] == ["reject_answer", "abstain"]
 
 
 def test_generator_that_samples_by_itself_is_called_again_as_is() -> None:
@@ -171,3 +178,40 @@ def test_prepare_complete_halves_regenerate_the_same_way() -> None:
     model = GreedyModel(["good sample"])
     res = guard.complete(guard.prepare("q"), model)
     assert model.temperatures == [0.0, 1.0] and res.output == "good sample"
+
+
+class FixedModel:
+    """A model the guard cannot switch to sampling (``can_sample = False``)."""
+
+    can_sample = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, prompt: str, temperature: float | None = None) -> str:
+        self.calls += 1
+        return "greedy answer"
+
+
+def test_a_model_that_cannot_sample_is_not_called_again() -> None:
+    gen = FixedModel()  # even with a temperature keyword: it would repeat the draft
+    with capture_logs() as logs:
+        res = make_guard().run("q", gen)
+    assert gen.calls == 1 and res.generations == 1
+    assert res.abstained and res.output == "ABSTAIN" and res.rejected == ["greedy answer"]
+    (event,) = rejects(logs)  # one event, no duplicate of the draft's
+    assert event["regeneration"] == "skipped-no-sampling" and event["action"] == "abstain"
+    assert res.regeneration == "skipped-no-sampling" and res.action == "abstain"
+    assert [d.action for d in res.decisions] == ["allow", "abstain"]
+
+
+def test_a_repeated_sample_is_checked_again_and_each_event_names_its_attempt() -> None:
+    gen = ScriptedGenerator("greedy answer", "greedy answer", "good sample")
+    guard = make_guard()
+    with capture_logs() as logs:
+        res = guard.run("q", gen)
+    answers = [e for e in logs if e["event"] == "guard.decision" and e["scope"] == "answer"]
+    # the repeated draft is scored and decided again (rejected), not taken as a success
+    assert [e["action"] for e in answers] == ["reject_answer", "reject_answer", "allow"]
+    assert [e.get("attempt") for e in answers] == [None, 1, 2]
+    assert res.output == "good sample" and res.rejected == ["greedy answer"] * 2

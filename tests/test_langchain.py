@@ -32,14 +32,21 @@ from ssd_guard.integrations.langchain import AsyncSSDGuard, SSDGuard
 
 
 class CountingChat(GenericFakeChatModel):
-    """Replies from a list (the last one repeats); records every input it got."""
+    """Replies from a list (the last one repeats); records every input it got.
+
+    It has a ``temperature`` setting, as real chat models do, so the guard regenerates a
+    rejected answer with it (``temperatures`` records each call's)."""
 
     replies: list[Any]
     inputs: list[list[Any]]
     produced: list[str]
+    temperature: float | None = None
+    temperatures: list[float | None]
 
     def __init__(self, *replies: Any) -> None:
-        super().__init__(messages=iter(()), replies=list(replies), inputs=[], produced=[])
+        super().__init__(
+            messages=iter(()), replies=list(replies), inputs=[], produced=[], temperatures=[]
+        )
 
     def bind_tools(self, tools: Any, **kwargs: Any) -> CountingChat:
         return self
@@ -52,6 +59,7 @@ class CountingChat(GenericFakeChatModel):
         from langchain_core.outputs import ChatGeneration, ChatResult
 
         self.inputs.append(list(messages))
+        self.temperatures.append(kwargs.get("temperature"))
         return ChatResult(generations=[ChatGeneration(message=self._next())])
 
     def _stream(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def]

@@ -9,11 +9,13 @@ children. Each call is one flow (:mod:`._flow`) run by a sync driver (``invoke``
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
+from langchain_core.language_models import BaseLanguageModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.runnables.config import patch_config
 
 from ssd_guard import _flow as flow
@@ -39,6 +41,70 @@ from ssd_guard.provenance import model_name
 __all__ = ["GuardedChatModel", "LocalGuardedChatModel"]
 
 _END = object()
+
+
+def _explicit_kwargs(fn: Callable[..., Any] | None) -> set[str]:
+    """The keyword parameters *fn* names (a ``**kwargs`` catch-all names none)."""
+    if fn is None:
+        return set()
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in kinds}
+
+
+def _is_local_hf_pipeline(model: Any) -> bool:
+    """A ``ChatHuggingFace`` over a ``HuggingFacePipeline``, or the pipeline LLM itself:
+    the local ``transformers`` pipeline reads its generation settings from the call's
+    ``pipeline_kwargs`` (a ``temperature=`` keyword is ignored there)."""
+    llm = getattr(model, "llm", None)
+    pipe = getattr(llm if llm is not None else model, "pipeline", None)
+    return pipe is not None and hasattr(getattr(pipe, "model", None), "config")
+
+
+def sampling_kwargs(
+    model: Runnable[Any, Any], call_kwargs: Mapping[str, Any], temperature: float
+) -> dict[str, Any] | None:
+    """The call keywords that make *model* sample at *temperature* (for a regeneration
+    after ``reject_answer``), or ``None`` when it cannot be switched to sampling.
+
+    * a local Hugging Face pipeline (``ChatHuggingFace`` / ``HuggingFacePipeline``):
+      ``pipeline_kwargs={..., "do_sample": True, "temperature": T}`` (merged with the
+      ``pipeline_kwargs`` already given or bound);
+    * a chat model / LLM with a ``temperature`` field, or whose ``_generate`` names
+      ``temperature`` / ``do_sample``: those keywords (LangChain hands a call's keywords
+      to ``_generate``, as ``.bind(temperature=T)`` would);
+    * any other Runnable (``RunnableLambda``, a chain...) only when its ``invoke`` names
+      ``temperature`` / ``do_sample`` itself; otherwise ``None``: nothing is passed.
+
+    ``bind`` / ``bind_tools`` bindings are looked through.
+    """
+    obj: Any = model
+    layers: list[Mapping[str, Any]] = [call_kwargs]
+    for _ in range(8):
+        if not isinstance(obj, RunnableBinding):
+            break
+        layers.append(obj.kwargs)
+        obj = obj.bound
+    if _is_local_hf_pipeline(obj):
+        given: dict[str, Any] = {}
+        for layer in reversed(layers):  # the outer layers win, as in RunnableBinding
+            given.update(layer.get("pipeline_kwargs") or {})
+        return {"pipeline_kwargs": {**given, "do_sample": True, "temperature": temperature}}
+    if isinstance(obj, BaseLanguageModel):
+        names = _explicit_kwargs(getattr(obj, "_generate", None))
+        if "temperature" in type(obj).model_fields:
+            names.add("temperature")
+    else:
+        names = _explicit_kwargs(getattr(obj, "invoke", None))
+    out: dict[str, Any] = {}
+    if "temperature" in names:
+        out["temperature"] = temperature
+    if "do_sample" in names:
+        out["do_sample"] = True
+    return out or None
 
 
 class _GuardRunnable(Runnable[Any, AIMessage]):
@@ -175,9 +241,23 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
     """A chat model (or LLM) behind a :class:`Guard`: made by :meth:`SSDGuard.wrap`.
 
     Performs the actions: abstains without calling the model, retrieves and puts the
-    documents in the prompt, rejects and regenerates answers (regenerations pass
-    ``temperature=guard.regen_temperature`` to the model call when the guard samples),
-    drops poisoned documents.
+    documents in the prompt, rejects and regenerates answers, drops poisoned documents.
+
+    **Regeneration.** A rejected answer is regenerated only by *sampling*, when the model
+    can be switched to it (see :func:`sampling_kwargs`): a local Hugging Face pipeline is
+    called with ``pipeline_kwargs={"do_sample": True, "temperature": T}``, a chat model or
+    LLM with a ``temperature`` setting with ``temperature=T`` (``T`` is
+    ``guard.regen_temperature``). Any other Runnable (a ``RunnableLambda``, a chain, a
+    model without such a setting) is never passed these keywords and never called again:
+    calling it again would repeat the draft, so the rule abstains at once (its event
+    says ``action: abstain``, ``regeneration: skipped-no-sampling``).
+
+    **Tools, structured output.** :meth:`bind_tools` and :meth:`with_structured_output`
+    return this wrapper around the bound model. The answer check reads text content; a
+    tool call or a structured output has none, so its answer check is skipped (logged as
+    ``guard.answer.unchecked``; the prompt checks and their actions still apply). The
+    structured wrapper returns the parsed output as the inner model does (the abstention
+    is an ``AIMessage``, as here) and streams it as one item.
 
     Input: whatever the model takes (a string, messages, a prompt value); the prompt
     checked is the last human message, and retrieved context replaces that message's
@@ -210,6 +290,7 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
         self.model = model
         self.guard = guard.for_model(model, source=hidden_state_source)
         self.tags = tuple(tags)
+        self.structured = False  # the model returns parsed objects (with_structured_output)
 
     @property
     def hidden_state_source(self) -> str:
@@ -218,10 +299,35 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
     def get_name(self, suffix: str | None = None, *, name: str | None = None) -> str:
         return name or f"SSDGuard[{model_name(self.model)}]" + (suffix or "")
 
+    def _around(self, inner: Runnable[Any, Any], *, structured: bool) -> GuardedChatModel:
+        """This wrapper around *inner* (derived from :attr:`model`): the same guard view,
+        so the audit's ``guarded_model`` / ``hidden_state_source`` stay the model's."""
+        out = GuardedChatModel(inner, self.guard, tags=self.tags)
+        out.guard = self.guard
+        out.structured = structured
+        return out
+
+    def _inner_method(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.model, name, None)
+        if method is None:
+            raise NotImplementedError(
+                f"{model_name(self.model)} has no {name}(): guard.wrap() passes it through "
+                "to the wrapped model, so wrap a chat model that supports it"
+            )
+        return cast(Callable[..., Any], method)
+
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> GuardedChatModel:
-        """Bind tools on the inner model; the guard stays around it."""
-        inner: Runnable[Any, Any] = self.model.bind_tools(tools, **kwargs)
-        return GuardedChatModel(inner, self.guard, tags=self.tags)
+        """Bind tools on the inner model; the guard stays around it (a tool call has no
+        text: its answer check is skipped and logged)."""
+        inner: Runnable[Any, Any] = self._inner_method("bind_tools")(tools, **kwargs)
+        return self._around(inner, structured=self.structured)
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> GuardedChatModel:
+        """``model.with_structured_output(schema, **kwargs)`` behind the guard: the prompt
+        checks apply (an abstention returns the abstention ``AIMessage``), the output is
+        the parsed object (no text: its answer check is skipped and logged)."""
+        inner: Runnable[Any, Any] = self._inner_method("with_structured_output")(schema, **kwargs)
+        return self._around(inner, structured=True)
 
     def __repr__(self) -> str:
         return f"GuardedChatModel({self.model!r}, {self.guard!r})"
@@ -266,10 +372,20 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
         if hold:  # LangGraph's stream_mode="messages" must not stream an unchecked draft
             child["tags"] = [*(child.get("tags") or []), NOSTREAM_TAG]
 
+        as_stream = streaming
+        if self.structured:  # parsed objects: one item, never a chunk stream
+            streaming = False
+        # Only keywords the model accepts are passed; one that cannot sample is never
+        # called again after reject_answer (can_sample = False: see Guard.complete).
+        regen = sampling_kwargs(model, kwargs, guard.regen_temperature)
+        can_sample = regen is not None and guard.regen_temperature > 0
+
         def call_args(
             p: str, temperature: float | None
         ) -> tuple[list[BaseMessage], dict[str, Any]]:
-            kw = kwargs if temperature is None else {**kwargs, "temperature": temperature}
+            kw = kwargs
+            if temperature is not None and can_sample:
+                kw = {**kwargs, **(sampling_kwargs(model, kwargs, temperature) or {})}
             return self._messages_for(messages, index, prompt, p), kw
 
         drafts: list[list[AIMessageChunk]] = []  # the chunks of each generation
@@ -288,6 +404,10 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
             drafts.append([as_chunk(c) async for c in model.astream(msgs, child, **kw)])
             return merge_chunks(drafts[-1])
 
+        if not can_sample:
+            generate.can_sample = False  # type: ignore[attr-defined]
+            agenerate.can_sample = False  # type: ignore[attr-defined]
+
         if streaming and not hold:  # nothing can stop the answer: pass the chunks through
             streamed = yield from self._pass_through(*call_args(res.final_prompt, None), child)
             drafts.append(streamed[-1:])  # the others are out already
@@ -305,8 +425,14 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
                 lambda: guard.complete(res, generate, extract=answer_text, **info.kw),
                 lambda: guard.acomplete(res, agenerate, extract=answer_text, **info.kw),
             )
+        if self.structured and not res.abstained and res.raw is not None:
+            if as_stream:
+                yield Emit(res.raw)
+            return cast(AIMessage, res.raw)  # the parsed object, as the inner model gives it
         message = result_message(res)
-        if streaming:
+        if as_stream and self.structured:
+            yield Emit(message)
+        elif streaming:
             yield from self._release(message, res, drafts[-1] if drafts else [])
         return message
 
