@@ -135,7 +135,7 @@ def _pipe_safe(command: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 @_pipe_safe
 def _check_policy(args: argparse.Namespace) -> int:
     from ssd_guard.errors import SSDGuardError
-    from ssd_guard.policy import check_policy_references, describe_policy, load_policy
+    from ssd_guard.policy import check_policy_file, describe_policy
 
     calibration = None
     if args.calibration:
@@ -148,8 +148,7 @@ def _check_policy(args: argparse.Namespace) -> int:
     failed = 0
     for i, file in enumerate(args.files):
         try:
-            policy = load_policy(file)
-            check_policy_references(policy)
+            policy = check_policy_file(file)  # every problem of the file at once
         except SSDGuardError as exc:
             failed += 1
             _write(str(exc), sys.stderr)

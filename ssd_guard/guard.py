@@ -96,7 +96,7 @@ from ssd_guard._flow import Call, Flow, adrive, drive
 from ssd_guard.audit import bind_run, emit_decision
 from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_key
 from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
-from ssd_guard.policy import Decision, Policy, Scope, load_policy
+from ssd_guard.policy import Decision, Policy, Scope, check_policy_references, load_policy
 from ssd_guard.policy.schema import ANSWER_SIGNALS, PAIR_SIGNALS
 from ssd_guard.provenance import model_name, resolve_hidden_state_source, validate_source
 from ssd_guard.scoring.base import PairScorer, RiskScorer
@@ -461,6 +461,10 @@ class Guard:
             raise ConfigError(f"regen_temperature must be a number >= 0, got {regen_temperature!r}")
         self.regen_temperature = float(regen_temperature)
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        # The student / proxy the policy names must exist, also when a scorer is given
+        # (as `ssd-guard check-policy` requires): a policy that names a missing one is
+        # refused, never silently run on another student.
+        check_policy_references(self.policy)
         if scorer is None:
             from ssd_guard.scoring.ssd import SSDScorer
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from ssd_guard.policy.describe import describe_policy
 from ssd_guard.policy.loading import (
+    check_policy_file,
     check_policy_references,
     default_policy_path,
     load_default_policy,
@@ -60,6 +61,7 @@ __all__ = [
     "Scope",
     "Source",
     "Threshold",
+    "check_policy_file",
     "check_policy_references",
     "default_policy_path",
     "describe_policy",

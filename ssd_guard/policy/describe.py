@@ -58,7 +58,15 @@ def _describe_bound(
     return text + ")"
 
 
-def _describe_condition(cond: Condition, calibration: Mapping[str, Sequence[float]] | None) -> str:
+def _describe_condition(
+    cond: Condition,
+    calibration: Mapping[str, Sequence[float]] | None,
+    guarantees: list[str] | None = None,
+) -> str:
+    """*cond* in words; a calibrated bound's guarantee text is added to *guarantees* (once:
+    rules resolved from one calibration file share it) and referred to as ``[n]``."""
+    if guarantees is None:
+        guarantees = []
     parts: list[str] = []
     for metric in METRICS:
         threshold: Threshold | None = getattr(cond, metric)
@@ -75,12 +83,14 @@ def _describe_condition(cond: Condition, calibration: Mapping[str, Sequence[floa
                 _describe_bound(metric, op, q, v, calibration) for op, q, v in threshold.bounds()
             )
             if threshold.guarantee:
-                parts[-1] += f" [calibrated guarantee: {threshold.guarantee}]"
+                if threshold.guarantee not in guarantees:
+                    guarantees.append(threshold.guarantee)
+                parts[-1] += f" [calibrated guarantee {guarantees.index(threshold.guarantee) + 1}]"
     if cond.all_:
-        subs = [_describe_condition(c, calibration) for c in cond.all_]
+        subs = [_describe_condition(c, calibration, guarantees) for c in cond.all_]
         parts.append("all of (" + "; ".join(subs) + ")")
     if cond.any_:
-        subs = [_describe_condition(c, calibration) for c in cond.any_]
+        subs = [_describe_condition(c, calibration, guarantees) for c in cond.any_]
         parts.append("any of (" + "; ".join(subs) + ")")
     return " and ".join(parts)
 
@@ -131,6 +141,7 @@ def describe_policy(
         lines.append(
             "needs the student's calibration for: " + ", ".join(sorted(policy.requires_calibration))
         )
+    guarantees: list[str] = []  # each printed once, after the rules
     for rule in policy.rules:
         where = _SCOPE_WORDS[rule.scope]
         filters = []
@@ -144,7 +155,9 @@ def describe_policy(
         if filters:
             where += " (" + ", ".join(filters) + ")"
         when = (
-            "always" if rule.when is None else "when " + _describe_condition(rule.when, calibration)
+            "always"
+            if rule.when is None
+            else "when " + _describe_condition(rule.when, calibration, guarantees)
         )
         message = rule.message or policy.abstain_message
         action = _describe_action(rule.action, rule.params(), message)
@@ -155,6 +168,7 @@ def describe_policy(
     lines.append(
         "otherwise: " + _describe_action(policy.default_action, {}, policy.abstain_message) + "."
     )
+    lines.extend(f"calibrated guarantee {i}: {text}" for i, text in enumerate(guarantees, 1))
     return "\n".join(lines)
 
 

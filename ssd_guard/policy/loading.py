@@ -11,10 +11,17 @@ import contextlib
 from importlib import resources
 from pathlib import Path
 
-from ssd_guard.policy.parsing import ROOT, format_path, policy_error, policy_errors
+from ssd_guard.policy.parsing import (
+    ROOT,
+    format_path,
+    parse_policy_yaml,
+    policy_error,
+    policy_errors,
+)
 from ssd_guard.policy.schema import Policy
 
 __all__ = [
+    "check_policy_file",
     "check_policy_references",
     "default_policy_path",
     "load_default_policy",
@@ -35,16 +42,60 @@ def load_policy(path: str | Path) -> Policy:
     through aliases (checked before anything is expanded, so a hostile file fails fast).
     """
     source = str(path)
+    policy = Policy.from_yaml_text(_read(path), source)
+    resolve_calibrated(policy)
+    return policy
+
+
+def _read(path: str | Path) -> bytes:
+    source = str(path)
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise policy_error(source, ROOT, "file not found") from None
     except IsADirectoryError:
         raise policy_error(source, ROOT, "is a directory, not a policy file") from None
     except OSError as exc:
         raise policy_error(source, ROOT, f"cannot read: {exc.strerror or exc}") from None
-    policy = Policy.from_yaml_text(data, source)
-    resolve_calibrated(policy)
+
+
+def check_policy_file(path: str | Path) -> Policy:
+    """:func:`load_policy` and :func:`check_policy_references` at once, reporting *every*
+    problem of the file together (what ``ssd-guard check-policy`` runs): the schema's (all
+    of them: a duplicate rule name is reported beside a broken rule), a ``student`` /
+    ``proxy_model`` that cannot be found (also when the rest is invalid), and the
+    ``calibrated`` bounds (when the student is there to read them from). Raises
+    :class:`~ssd_guard.errors.PolicyError`, one ``FILE: KEY.PATH: reason`` line each."""
+    from ssd_guard.errors import PolicyError
+
+    source, data = str(path), _read(path)
+    where = Path(path).parent
+    try:
+        policy = Policy.from_yaml_text(data, source)
+    except PolicyError as exc:
+        problems = list(getattr(exc, "problems", []))
+        try:  # the references, read from the raw mapping
+            raw = parse_policy_yaml(data, source)
+        except PolicyError:
+            raise exc from None
+        student = raw.get("student", "bundled") if isinstance(raw, dict) else None
+        proxy = raw.get("proxy_model") if isinstance(raw, dict) else None
+        refs = _reference_problems(
+            student if isinstance(student, str) and student else "bundled",
+            proxy if isinstance(proxy, str) and proxy else None,
+            where,
+        )
+        if not problems or not refs:
+            raise
+        raise policy_errors(source, [*problems, *(r for r in refs if r not in problems)]) from None
+    problems = _reference_problems(policy.student, policy.proxy_model, where)
+    if not any(key == "student" for key, _ in problems):
+        try:
+            resolve_calibrated(policy)
+        except PolicyError as exc:
+            problems.extend(getattr(exc, "problems", [(ROOT, str(exc))]))
+    if problems:
+        raise policy_errors(source, problems)
     return policy
 
 
@@ -272,13 +323,19 @@ def check_policy_references(policy: Policy, base_dir: str | Path | None = None) 
     :class:`~ssd_guard.errors.PolicyError` as ``FILE: student: reason`` /
     ``FILE: proxy_model: reason``.
     """
-    where = _base_dir(policy, base_dir)
-    problems: list[tuple[str, str]] = []
-    student = _student_problem(policy.student, where)
-    if student is not None:
-        problems.append(("student", student))
-    proxy = _proxy_problem(policy.proxy_model, where)
-    if proxy is not None:
-        problems.append(("proxy_model", proxy))
+    problems = _reference_problems(policy.student, policy.proxy_model, _base_dir(policy, base_dir))
     if problems:
         raise policy_errors(policy.source, problems)
+
+
+def _reference_problems(
+    student: str, proxy: str | None, where: Path | None
+) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    student_problem = _student_problem(student, where)
+    if student_problem is not None:
+        problems.append(("student", student_problem))
+    proxy_problem = _proxy_problem(proxy, where)
+    if proxy_problem is not None:
+        problems.append(("proxy_model", proxy_problem))
+    return problems

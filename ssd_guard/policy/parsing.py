@@ -51,12 +51,23 @@ _SHOWN_PARTS = 8
 # Errors
 # --------------------------------------------------------------------------------------
 class PathError(ValueError):
-    """A validation error that knows the key path below the model that raised it."""
+    """A validation error that knows the key path below the model that raised it;
+    :meth:`of` makes one holding every problem a validator found (:attr:`problems`)."""
 
     def __init__(self, subpath: Sequence[str | int], message: str) -> None:
         super().__init__(message)
         self.subpath = tuple(subpath)
         self.message = message
+        self.problems: list[tuple[tuple[str | int, ...], str]] = [(self.subpath, message)]
+
+    @classmethod
+    def of(cls, problems: Sequence[tuple[Sequence[str | int], str]]) -> PathError:
+        """One error for all *problems* (``(subpath, message)``, the first one first)."""
+        first = cls(*problems[0])
+        first.problems = [(tuple(sub), msg) for sub, msg in problems]
+        if len(problems) > 1:
+            first.args = ("; ".join(msg for _, msg in problems),)
+        return first
 
 
 def format_path(loc: Sequence[str | int]) -> str:
@@ -196,10 +207,13 @@ def convert_validation_error(
     """A pydantic error of model *root* as :class:`PolicyError`, one line per problem."""
     problems: list[tuple[str, str]] = []
     for err in exc.errors():
-        extra, reason = _reason(err, root)
-        path = format_path((*err["loc"], *extra)) or ROOT
-        if (path, reason) not in problems:
-            problems.append((path, reason))
+        found = (err.get("ctx") or {}).get("error") if err["type"] == "value_error" else None
+        if isinstance(found, PathError):  # every problem its validator found
+            pairs = [(format_path((*err["loc"], *sub)) or ROOT, m) for sub, m in found.problems]
+        else:
+            extra, reason = _reason(err, root)
+            pairs = [(format_path((*err["loc"], *extra)) or ROOT, reason)]
+        problems.extend(pair for pair in pairs if pair not in problems)
     return policy_errors(source, problems)
 
 

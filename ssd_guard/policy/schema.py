@@ -44,6 +44,7 @@ from ssd_guard.policy.parsing import (
     format_path,
     parse_policy_yaml,
     policy_error,
+    policy_errors,
     top_level_reason,
 )
 
@@ -418,27 +419,32 @@ class Rule(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> Rule:
+        problems: list[tuple[tuple[str | int, ...], str]] = []  # all of them, in order
         allowed_metrics = SCOPE_METRICS[self.scope]
         if self.when is not None:
             for path, metric, _ in self.when.leaves(("when",)):
                 if metric not in allowed_metrics:
-                    raise PathError(
-                        path,
-                        f"{metric} is not available on scope '{self.scope}' ("
-                        + (
-                            "before generation there is no answer to score"
-                            if self.scope == "prompt"
-                            else "it scores the model's own answer, not a document"
+                    problems.append(
+                        (
+                            path,
+                            f"{metric} is not available on scope '{self.scope}' ("
+                            + (
+                                "before generation there is no answer to score"
+                                if self.scope == "prompt"
+                                else "it scores the model's own answer, not a document"
+                            )
+                            + "); scopes that have it: "
+                            + ", ".join(s for s, m in SCOPE_METRICS.items() if metric in m),
                         )
-                        + "); scopes that have it: "
-                        + ", ".join(s for s, m in SCOPE_METRICS.items() if metric in m),
                     )
         if self.action not in SCOPE_ACTIONS[self.scope]:
             ok = sorted(s for s, acts in SCOPE_ACTIONS.items() if self.action in acts)
-            raise PathError(
-                ("action",),
-                f"action '{self.action}' does not apply to scope '{self.scope}' "
-                f"(it needs scope {' or '.join(repr(s) for s in ok)})",
+            problems.append(
+                (
+                    ("action",),
+                    f"action '{self.action}' does not apply to scope '{self.scope}' "
+                    f"(it needs scope {' or '.join(repr(s) for s in ok)})",
+                )
             )
         for param, owners in (
             ("max_regenerations", {"reject_answer"}),
@@ -447,13 +453,17 @@ class Rule(_Model):
             ("message", {"abstain", "reject_answer"}),
         ):
             if getattr(self, param) is not None and self.action not in owners:
-                raise PathError(
-                    (param,),
-                    f"only applies to action {' / '.join(sorted(owners))} "
-                    f"(this rule's action is '{self.action}')",
+                problems.append(
+                    (
+                        (param,),
+                        f"only applies to action {' / '.join(sorted(owners))} "
+                        f"(this rule's action is '{self.action}')",
+                    )
                 )
         if self.sources is not None and self.scope != "document":
-            raise PathError(("sources",), "only applies to scope 'document'")
+            problems.append((("sources",), "only applies to scope 'document'"))
+        if problems:
+            raise PathError.of(problems)
         return self
 
     @property
@@ -526,6 +536,25 @@ class Decision:
         }
 
 
+def _duplicate_names(names: Sequence[Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """``(("rules", i, "name"), reason)`` for each rule whose name an earlier rule has."""
+    seen: dict[str, int] = {}
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if name in seen:
+            out.append(
+                (
+                    ("rules", i, "name"),
+                    f"duplicate rule name '{name}' (already used by rules[{seen[name]}])",
+                )
+            )
+        else:
+            seen[name] = i
+    return out
+
+
 class Policy(_Model):
     """A whole policy file. Build it with :func:`load_policy`, :meth:`from_yaml_text` or in
     code (``Policy(name=..., rules=[Rule(...)])``)."""
@@ -549,26 +578,26 @@ class Policy(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
+        problems: list[tuple[Sequence[str | int], str]] = []  # all of them, in order
         if self.version not in SUPPORTED_VERSIONS:
-            raise PathError(
-                ("version",),
-                f"unsupported policy version {self.version} (this ssd-guard reads "
-                f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
+            problems.append(
+                (
+                    ("version",),
+                    f"unsupported policy version {self.version} (this ssd-guard reads "
+                    f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
+                )
             )
         if self.default_action not in DEFAULT_ACTIONS:
-            raise PathError(
-                ("default_action",),
-                f"applies to every scope; expected one of "
-                f"{', '.join(sorted(DEFAULT_ACTIONS))}, got '{self.default_action}'",
-            )
-        seen: dict[str, int] = {}
-        for i, rule in enumerate(self.rules):
-            if rule.name in seen:
-                raise PathError(
-                    ("rules", i, "name"),
-                    f"duplicate rule name '{rule.name}' (already used by rules[{seen[rule.name]}])",
+            problems.append(
+                (
+                    ("default_action",),
+                    f"applies to every scope; expected one of "
+                    f"{', '.join(sorted(DEFAULT_ACTIONS))}, got '{self.default_action}'",
                 )
-            seen[rule.name] = i
+            )
+        problems.extend(_duplicate_names([rule.name for rule in self.rules]))
+        if problems:
+            raise PathError.of(problems)
         return self
 
     # -- construction ------------------------------------------------------------------
@@ -588,7 +617,20 @@ class Policy(_Model):
         try:
             policy = cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise convert_validation_error(exc, source, cls) from None
+            error = convert_validation_error(exc, source, cls)
+            # A rule that fails its own checks keeps the policy's checks from running:
+            # report the duplicate rule names of the raw rules too (every error at once).
+            rules = data.get("rules")
+            names = (
+                [r.get("name") if isinstance(r, Mapping) else None for r in rules]
+                if isinstance(rules, list)
+                else []
+            )
+            problems = list(error.problems)  # type: ignore[attr-defined]
+            for sub, reason in _duplicate_names(names):
+                if (format_path(sub), reason) not in problems:
+                    problems.append((format_path(sub), reason))
+            raise policy_errors(source, problems) from None
         policy._source = source
         return policy
 
