@@ -74,6 +74,16 @@ class HeadInfo(_Model):
     whitened: bool = True
 
 
+def _without_new_defaults(model: BaseModel, added: dict[str, Any]) -> dict[str, Any]:
+    """*model*'s fields, leaving out fields added after format 1 while they hold their
+    default: an artifact that does not use them keeps its fingerprint."""
+    out = model.model_dump(mode="json")
+    for key, default in added.items():
+        if out.get(key) == default:
+            out.pop(key, None)
+    return out
+
+
 class PromptFormat(_Model):
     few_shot: str = ""
     template: str = "Question: {question}\nAnswer:"
@@ -134,9 +144,9 @@ class Manifest(_Model):
             "weights": self.weights_sha256,
             "layer": self.layer,
             "features": self.feature_spec.model_dump(mode="json"),
-            "prompt": self.prompt.model_dump(mode="json"),
+            "prompt": _without_new_defaults(self.prompt, {"chat": False, "system": None}),
             "heads": {k: v.model_dump(mode="json") for k, v in sorted(self.heads.items())},
-            "answers": self.answers.model_dump(mode="json"),
+            "answers": _without_new_defaults(self.answers, {"core_embed": False}),
             "embedder": self.embedder.model_dump(mode="json"),
             "pca_dim": self.pca_dim,
             "base_model": self.base_model.model_dump(mode="json"),
