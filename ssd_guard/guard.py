@@ -88,7 +88,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -97,10 +97,13 @@ from ssd_guard.audit import bind_run, emit_decision
 from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_key
 from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
 from ssd_guard.policy import Decision, Policy, Scope, check_policy_references, load_policy
-from ssd_guard.policy.schema import ANSWER_SIGNALS, PAIR_SIGNALS
+from ssd_guard.policy.schema import ANSWER_SIGNALS, DOCUMENT_SIGNALS, PAIR_SIGNALS
 from ssd_guard.provenance import model_name, resolve_hidden_state_source, validate_source
 from ssd_guard.scoring.base import PairScorer, RiskScorer
 from ssd_guard.scoring.callstats import CallStats
+
+if TYPE_CHECKING:
+    from ssd_guard.screening import DocumentScreener
 
 __all__ = [
     "CACHE_BLOCK_RULE",
@@ -381,7 +384,8 @@ class _Lookup:
     want_risk: bool = False
     """the prompt's combined risk (``pre`` variant) is needed too"""
     answer_needs: frozenset[str] = frozenset()
-    """answer signals beyond the SSD ones this check needs (``risk``, pair scorers')"""
+    """answer signals beyond the SSD ones this check needs (``risk``, pair scorers'; on
+    scope ``document`` the screening signals ``relevance`` / ``instruction``)"""
     risk: float | None = None
     entropy: float | None = None
     entropy_hit: bool | None = None
@@ -442,6 +446,14 @@ class Guard:
         :class:`~ssd_guard.scoring.base.PairScorer`); only the signals a rule reads are
         computed. A policy that reads one no scorer provides is refused here, as is one
         that reads ``risk`` with a student that has no risk model.
+    screener:
+        the :class:`~ssd_guard.screening.DocumentScreener` that computes the document-scope
+        signals ``relevance`` and ``instruction``, only when a document rule reads one
+        (batched over the documents of one call, cached with the other scores). Default:
+        one built at first use on the scorer's own sentence embedder
+        (:meth:`DocumentScreener.for_scorer
+        <ssd_guard.screening.DocumentScreener.for_scorer>`; the shared MiniLM when the
+        scorer has none), so nothing is loaded twice.
     """
 
     def __init__(
@@ -456,6 +468,7 @@ class Guard:
         context_template: str = DEFAULT_CONTEXT_TEMPLATE,
         regen_temperature: float = REGEN_TEMPERATURE,
         pair_scorers: Sequence[PairScorer] = (),
+        screener: DocumentScreener | None = None,
     ) -> None:
         if not (isinstance(regen_temperature, int | float) and regen_temperature >= 0):
             raise ConfigError(f"regen_temperature must be a number >= 0, got {regen_temperature!r}")
@@ -505,6 +518,13 @@ class Guard:
         self._answer_needs = frozenset(
             m for scope, m in used if scope == "answer" and m in ("risk", *PAIR_SIGNALS)
         )
+        self._document_needs = frozenset(
+            m for scope, m in used if scope == "document" and m in DOCUMENT_SIGNALS
+        )
+        if screener is not None and not callable(getattr(screener, "score", None)):
+            raise ConfigError(f"screener: {screener!r} is not a DocumentScreener (score)")
+        self._screener: DocumentScreener | None = screener
+        self._screener_lock = threading.Lock()
         if "risk" in {m for _, m in used} and getattr(self.scorer, "risk_model", None) is None:
             raise ConfigError(
                 f"{self.policy.source}: a rule reads 'risk', but the student has no risk "
@@ -518,6 +538,17 @@ class Guard:
                 )
 
     # ------------------------------------------------------------------ properties
+    @property
+    def screener(self) -> DocumentScreener:
+        """The document screener (built at first use; see the ``screener`` parameter)."""
+        if self._screener is None:
+            with self._screener_lock:
+                if self._screener is None:
+                    from ssd_guard.screening import DocumentScreener
+
+                    self._screener = DocumentScreener.for_scorer(self.scorer)
+        return self._screener
+
     @property
     def needs_token_stats(self) -> bool:
         """True when an answer rule reads ``risk``: a guarded generation then records its
@@ -646,7 +677,13 @@ class Guard:
             want_entropy=want_entropy,
             scope=scope,
             want_risk=scope == "prompt" and self._prompt_risk,
-            answer_needs=self._answer_needs if scope == "answer" else frozenset(),
+            answer_needs=(
+                self._answer_needs
+                if scope == "answer"
+                else self._document_needs
+                if scope == "document"
+                else frozenset()
+            ),
             stats=stats if stats is not None else CallStats(),
         )
         if entropy is not None:
@@ -729,14 +766,16 @@ class Guard:
     @staticmethod
     def _cached_answer_scores(hit: Mapping[str, Any] | None, key: str) -> dict[str, float] | None:
         """An answer entry: ``loglik`` plus optional ``pmi`` / ``consensus`` / ``risk`` /
-        the pair scorers' signals, every value a finite number and no other key; anything
-        else is a logged miss."""
+        the pair scorers' signals / the screening signals (``relevance``, ``instruction``),
+        every value a finite number and no other key; anything else is a logged miss. An
+        entry written before a signal existed stays valid: a check that needs a signal the
+        entry lacks scores the text again."""
         if hit is None:
             return None
         ok = (
             isinstance(hit, Mapping)
             and "loglik" in hit
-            and set(hit) <= {*ANSWER_SIGNALS, "risk", *PAIR_SIGNALS}
+            and set(hit) <= {*ANSWER_SIGNALS, "risk", *PAIR_SIGNALS, *DOCUMENT_SIGNALS}
             and all(
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
                 for v in hit.values()
@@ -748,7 +787,7 @@ class Guard:
             "guard.cache.invalid_value",
             key=key,
             expected="{'loglik': finite float, optional 'pmi' / 'consensus' / 'risk' / "
-            "'semgrad' / 'hybridgrad' / 'draft_eu'}",
+            "'semgrad' / 'hybridgrad' / 'draft_eu' / 'relevance' / 'instruction'}",
             got=repr(hit)[:200],
         )
         return None
@@ -800,6 +839,11 @@ class Guard:
                 # Post-generation scorers beside the student (SemGrad, draft models...).
                 pairs = self.pair_scorers[sig].score_pairs([plan.prompt] * len(texts[0]), texts[0])
                 rows[sig] = [float(v) for v in pairs]
+            screening = [s for s in DOCUMENT_SIGNALS if s in plan.answer_needs]
+            if plan.scope == "document" and screening:
+                # Relevance to the question / instruction-likeness, one batched pass.
+                got = self.screener.score(plan.prompt, texts[0], signals=screening)
+                rows.update({k: [float(v) for v in vals] for k, vals in got.items()})
             for n, i in enumerate(missing):
                 entry = {k: float(v[n]) for k, v in rows.items()}
                 plan.logliks[i] = entry["loglik"]
@@ -944,7 +988,10 @@ class Guard:
                 scores["loglik"] = plan.logliks[i]
                 if plan.answer_scores:
                     for k, v in plan.answer_scores[i].items():
-                        scores[k] = v
+                        # (an entry shared by an answer and a document of the same text
+                        # may hold screening signals: they belong to scope document)
+                        if scope == "document" or k not in DOCUMENT_SIGNALS:
+                            scores[k] = v
                 hits.append(plan.loglik_hits[i])
             d0 = time.perf_counter()
             decision = self.policy.decide(

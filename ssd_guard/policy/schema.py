@@ -8,7 +8,8 @@ A policy is a list of rules evaluated in order for one *scope* of an LLM call:
     after generation, on the answer (``loglik`` of the answer, plus the prompt's ``entropy``);
 ``document``
     on a retrieved document, a tool output or a cache hit (``loglik`` of the text under the
-    prompt's predicted answer distribution, plus the prompt's ``entropy``).
+    prompt's predicted answer distribution, plus the prompt's ``entropy``; the screening
+    signals ``relevance`` and ``instruction`` of :mod:`ssd_guard.screening`).
 
 The first rule whose scope, filters and condition all match decides the action; when none
 matches, ``default_action`` applies. Every key is checked (unknown keys are errors).
@@ -51,12 +52,14 @@ from ssd_guard.policy.parsing import (
 __all__ = [
     "ANSWER_SIGNALS",
     "BLOCKING_ACTIONS",
+    "DOCUMENT_SIGNALS",
     "HIGHER_IS_RISKIER",
     "MAX_TTL_S",
     "METRICS",
     "PAIR_SIGNALS",
     "SCOPE_ACTIONS",
     "SCOPE_METRICS",
+    "UNCALIBRATED_SIGNALS",
     "ActionName",
     "CacheConfig",
     "CalibratedBound",
@@ -73,7 +76,16 @@ Scope = Literal["prompt", "answer", "document"]
 ActionName = Literal["allow", "abstain", "retrieve", "reject_answer", "flag_poisoned", "log_only"]
 Source = Literal["retrieval", "tool", "cache"]
 Metric = Literal[
-    "entropy", "risk", "loglik", "pmi", "consensus", "semgrad", "hybridgrad", "draft_eu"
+    "entropy",
+    "risk",
+    "loglik",
+    "pmi",
+    "consensus",
+    "semgrad",
+    "hybridgrad",
+    "draft_eu",
+    "relevance",
+    "instruction",
 ]
 
 #: The scores a condition can test. ``entropy``: pre-generation risk of the prompt (higher is
@@ -89,6 +101,10 @@ Metric = Literal[
 #: (gradient uncertainty, :mod:`ssd_guard.scoring.semgrad`) and ``draft_eu`` (draft-model
 #: epistemic uncertainty, :mod:`ssd_guard.scoring.draft_eu`): post-generation scorers the
 #: guard runs beside the student (``Guard(pair_scorers=...)``), higher is riskier.
+#: Document screening (:mod:`ssd_guard.screening`, scope ``document`` only): ``relevance``
+#: (cosine similarity of the question and the document, lower is more suspicious: the
+#: document belongs to another question or to none) and ``instruction`` (in ``[0, 1]``,
+#: higher is riskier: the text reads as an instruction to the model, a prompt injection).
 METRICS: tuple[str, ...] = (
     "entropy",
     "risk",
@@ -98,6 +114,8 @@ METRICS: tuple[str, ...] = (
     "semgrad",
     "hybridgrad",
     "draft_eu",
+    "relevance",
+    "instruction",
 )
 
 #: The answer-side signals one scorer pass gives.
@@ -106,14 +124,21 @@ ANSWER_SIGNALS: tuple[str, ...] = ("loglik", "pmi", "consensus")
 #: Answer-scope signals of the post-generation scorers that run beside the student.
 PAIR_SIGNALS: tuple[str, ...] = ("semgrad", "hybridgrad", "draft_eu")
 
+#: Document-scope screening signals (:class:`ssd_guard.screening.DocumentScreener`).
+DOCUMENT_SIGNALS: tuple[str, ...] = ("relevance", "instruction")
+
+#: Signals the student's calibration set holds no values of: only raw bounds (``gt``,
+#: ``lt``...) apply to them, quantile and ``calibrated`` bounds are refused at load.
+UNCALIBRATED_SIGNALS: frozenset[str] = frozenset(DOCUMENT_SIGNALS)
+
 #: Signals for which a higher value is riskier (the others: lower is more suspicious).
-HIGHER_IS_RISKIER: frozenset[str] = frozenset({"entropy", "risk", *PAIR_SIGNALS})
+HIGHER_IS_RISKIER: frozenset[str] = frozenset({"entropy", "risk", *PAIR_SIGNALS, "instruction"})
 
 #: Which scores exist at each scope.
 SCOPE_METRICS: Mapping[str, frozenset[str]] = {
     "prompt": frozenset({"entropy", "risk"}),
     "answer": frozenset({"entropy", "risk", *ANSWER_SIGNALS, *PAIR_SIGNALS}),
-    "document": frozenset({"entropy", *ANSWER_SIGNALS}),
+    "document": frozenset({"entropy", *ANSWER_SIGNALS, *DOCUMENT_SIGNALS}),
 }
 
 #: Which actions make sense at each scope.
@@ -342,6 +367,25 @@ class Threshold(_Model):
         self._resolved = (op, float(value), guarantee)
 
 
+def _uncalibrated_problems(
+    path: tuple[str | int, ...], metric: str, threshold: Threshold
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Quantile / ``calibrated`` bounds on a signal the calibration set does not hold."""
+    raw = "gt or ge" if metric in HIGHER_IS_RISKIER else "lt or le"
+    reason = (
+        f"the student's calibration set holds no {metric} values (document screening is not "
+        f"calibrated), so {metric} takes raw bounds only: use {raw} with a value (see "
+        "benchmarks/results/screening-minilm.json for measured thresholds)"
+    )
+    if threshold.calibrated is not None:
+        return [((*path, "calibrated"), f"a calibrated bound is not available: {reason}")]
+    return [
+        ((*path, f"{op}_quantile"), f"quantile bounds are not available: {reason}")
+        for op, is_q, _ in threshold.bounds()
+        if is_q
+    ]
+
+
 def _key(op: str, quantile: bool) -> str:
     return f"{op}_quantile" if quantile else op
 
@@ -363,6 +407,8 @@ class Condition(_Model):
     semgrad: Threshold | None = None
     hybridgrad: Threshold | None = None
     draft_eu: Threshold | None = None
+    relevance: Threshold | None = None
+    instruction: Threshold | None = None
     all_: list[Condition] | None = Field(default=None, alias="all", min_length=1)
     any_: list[Condition] | None = Field(default=None, alias="any", min_length=1)
 
@@ -429,7 +475,9 @@ class Rule(_Model):
                             path,
                             f"{metric} is not available on scope '{self.scope}' ("
                             + (
-                                "before generation there is no answer to score"
+                                "it screens a document against the question"
+                                if metric in DOCUMENT_SIGNALS
+                                else "before generation there is no answer to score"
                                 if self.scope == "prompt"
                                 else "it scores the model's own answer, not a document"
                             )
@@ -437,6 +485,9 @@ class Rule(_Model):
                             + ", ".join(s for s, m in SCOPE_METRICS.items() if metric in m),
                         )
                     )
+            for path, metric, threshold in self.when.leaves(("when",)):
+                if metric in UNCALIBRATED_SIGNALS:
+                    problems.extend(_uncalibrated_problems(path, metric, threshold))
         if self.action not in SCOPE_ACTIONS[self.scope]:
             ok = sorted(s for s, acts in SCOPE_ACTIONS.items() if self.action in acts)
             problems.append(
