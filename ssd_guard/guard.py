@@ -650,9 +650,10 @@ class Guard:
         return str(ctx["run_id"]), None if parent is None else str(parent)
 
     # ------------------------------------------------------------------ cache plan
-    def _key(self, prompt: str, answer: str | None) -> str:
+    def _key(self, prompt: str, answer: str | None, salt: str | None = None) -> str:
+        namespace = getattr(self.cache, "namespace", self.policy.cache.namespace)
         return make_key(
-            getattr(self.cache, "namespace", self.policy.cache.namespace),
+            namespace if salt is None else f"{namespace}:{salt}",
             student_fingerprint=self.scorer.fingerprint,
             model_id=self.scorer.model_id,
             layer=int(self.scorer.layer),
@@ -690,8 +691,17 @@ class Guard:
             plan.entropy, plan.entropy_hit = float(entropy), True
         if want_entropy:
             plan.entropy_key = self._key(prompt, None)
-        plan.keys = [self._key(prompt, a) for a in plan.items if a is not None]
+        # Screened documents: their entries are keyed on the screener's version as well.
+        salt = self._screening_salt() if scope == "document" and self._document_needs else None
+        plan.keys = [self._key(prompt, a, salt) for a in plan.items if a is not None]
         return plan
+
+    def _screening_salt(self) -> str:
+        if self._screener is not None:
+            return f"scr-{getattr(self._screener, 'version', 'custom')}"
+        from ssd_guard.screening import default_screening_version
+
+        return f"scr-{default_screening_version()}"
 
     def _all_keys(self, plan: _Lookup) -> list[str]:
         return ([plan.entropy_key] if plan.entropy_key else []) + plan.keys

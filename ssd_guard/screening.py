@@ -531,6 +531,36 @@ def _bundled_exemplars() -> tuple[str, ...]:
     return tuple(str(e["text"]) for e in data["exemplars"])
 
 
+def screening_version(
+    exemplars: Sequence[str] | None = None,
+    sim_low: float | None = None,
+    sim_high: float | None = None,
+) -> str:
+    """A short hash of what the signals depend on besides the embedder (the patterns, the
+    exemplar bank, the similarity anchors): the guard keys cached screening values on it,
+    so a changed bank or pattern set is never served stale values."""
+    import hashlib
+
+    blob = json.dumps(
+        {
+            "patterns": [(p.name, p.regex.pattern, p.weight) for p in INJECTION_PATTERNS],
+            "exemplars": list(exemplars if exemplars is not None else _bundled_exemplars()),
+            "sim": [
+                SIM_LOW if sim_low is None else sim_low,
+                SIM_HIGH if sim_high is None else sim_high,
+            ],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+
+
+@lru_cache(maxsize=1)
+def default_screening_version() -> str:
+    """:func:`screening_version` of the bundled patterns, bank and anchors."""
+    return screening_version()
+
+
 def load_exemplars() -> list[str]:
     """The bundled injection exemplar bank (``ssd_guard/screening_exemplars.json``)."""
     return list(_bundled_exemplars())
@@ -595,6 +625,8 @@ class DocumentScreener:
         if not self.exemplars:
             raise ValueError("the exemplar bank is empty")
         self._bank: torch.Tensor | None = None
+        #: :func:`screening_version` of this screener's patterns, bank and anchors.
+        self.version = screening_version(self.exemplars, self.sim_low, self.sim_high)
 
     @classmethod
     def for_scorer(cls, scorer: Any, **kwargs: Any) -> DocumentScreener:
