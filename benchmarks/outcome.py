@@ -115,6 +115,30 @@ def extra_items(recipe_path: Path, per_source: int) -> list[Item]:
     return out
 
 
+def trained_ids(recipe_paths: Sequence[str]) -> set[str]:
+    """``<source>:<row>`` of every row in the training split of these recipes: a student
+    must never be judged on questions it was distilled on, so the benchmark leaves out the
+    training rows of every student it compares (the chat recipe's own split, and the
+    few-shot recipe's, whose splits differ)."""
+    from ssd_guard.distill.data import load_mc_jsonl, load_qa_jsonl, split_ids
+    from ssd_guard.distill.recipe import load_recipe
+
+    out: set[str] = set()
+    for path in recipe_paths:
+        r = load_recipe(path)
+        for src in r.data.sources or []:
+            loader = load_qa_jsonl if src.format == "qa" else load_mc_jsonl
+            ids = [e.id for e in loader(r.resolve(src.path), src.limit)]
+            out |= {f"{src.name}:{i}" for i in split_ids(ids, r.data.split, r.data.seed)["train"]}
+    return out
+
+
+def row_key(item_id: str) -> str:
+    """``triviaqa:x1234`` (an extra row) and ``triviaqa:1234`` both name row 1234."""
+    src, _, row = item_id.partition(":")
+    return f"{src}:{row.lstrip('x')}"
+
+
 def load_items(workdir: Path, splits: Sequence[str] = ("validation", "test")) -> list[Item]:
     """The work directory's prompts with their split (``ssd-guard distill --until prompts``
     writes them in seconds)."""
@@ -362,13 +386,9 @@ def rag_part(guard: Any, chat: Any, corpus: dict[str, Any], split: str) -> dict[
             counts[kind][0] += text not in kept
             counts[kind][1] += 1
         item = Item(q["id"], "rag", split, q["question"], tuple(q["aliases"]))
-        ans_all = str(chat.invoke(messages_for(q["question"], format_context(texts))).content)
+        ans_all = str(chat.invoke(messages_for(format_context(q["question"], texts))).content)
         kept_docs = [t for t in texts if t in kept]
-        ans_scr = str(
-            chat.invoke(
-                messages_for(q["question"], format_context(kept_docs) if kept_docs else None)
-            ).content
-        )
+        ans_scr = str(chat.invoke(messages_for(format_context(q["question"], kept_docs))).content)
         right_all += item.correct(ans_all)
         right_screened += item.correct(ans_scr)
     nq = len(questions)
@@ -601,6 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--generate-only", action="store_true", help="fill the generation cache and stop"
     )
+    ap.add_argument(
+        "--exclude-train-of",
+        default="training/smollm2-pooled.yaml",
+        help="leave out the training rows of these recipes (comma-separated)",
+    )
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -622,6 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         items_all = kept
     if args.extra:
         items_all += [i for i in extra_items(Path(args.recipe), args.extra) if i.split in splits]
+    if args.exclude_train_of:
+        seen_rows = trained_ids(args.exclude_train_of.split(","))
+        items_all = [i for i in items_all if row_key(i.id) not in seen_rows]
     install_llm_cache(Path(args.cache_dir) / "generations.jsonl")
     from ssd_guard.audit import configure_audit
 

@@ -53,6 +53,7 @@ def _outcome_module() -> Any:
 _oc = _outcome_module()
 extra_items, install_llm_cache, load_items = _oc.extra_items, _oc.install_llm_cache, _oc.load_items
 messages_for, outcome_keys = _oc.messages_for, _oc.outcome_keys
+trained_ids, row_key = _oc.trained_ids, _oc.row_key
 
 REGEN = {"pipeline_kwargs": {"do_sample": True, "temperature": 1.0}}
 PRE_Q = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99, None)
@@ -101,6 +102,7 @@ def main() -> int:
     ap.add_argument("--recipe", default="training/smollm2-chat.yaml")
     ap.add_argument("--extra", type=int, default=40)
     ap.add_argument("--cache-dir", default="runs/outcome-cache")
+    ap.add_argument("--exclude-train-of", default="training/smollm2-pooled.yaml")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/outcome-thresholds-smollm2.json")
     args = ap.parse_args()
@@ -111,6 +113,9 @@ def main() -> int:
     items = load_items(Path(args.workdir), ("validation",))
     if args.extra:
         items += [i for i in extra_items(Path(args.recipe), args.extra) if i.split == "validation"]
+    if args.exclude_train_of:
+        seen_rows = trained_ids(args.exclude_train_of.split(","))
+        items = [i for i in items if row_key(i.id) not in seen_rows]
     install_llm_cache(Path(args.cache_dir) / "generations.jsonl")
     lm, chat = load_chat_model(max_new_tokens=args.max_new_tokens)
     scorer = SSDScorer.load(args.artifact, lm=lm)

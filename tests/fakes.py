@@ -62,8 +62,13 @@ class FakeScorer:
         layer: int = 3,
         calibration: dict[str, list[float]] | None = None,
         entropy_fn: Callable[[str], float] | None = None,
+        risk: bool = True,
     ) -> None:
         self.entropy = dict(entropy or {})
+        #: A combined risk, as the bundled student has (the shipped policies read it):
+        #: ``risk = entropy / 3`` before generation (entropies live in ``[0, 3)``), and
+        #: ``-loglik / 10`` after it. ``risk=False``: a student without a risk model.
+        self.risk_model: Any = "fake-risk" if risk else None
         self.loglik = dict(loglik or {})
         self.entropy_contains = dict(entropy_contains or {})
         self.loglik_contains = dict(loglik_contains or {})
@@ -149,13 +154,31 @@ class FakeScorer:
             for p, cands in zip(prompts, answers, strict=True)
         ]
 
+    def prompt_signals(self, prompts: Sequence[str]) -> dict[str, list[float]]:
+        """``entropy`` and (with a risk model) ``risk = entropy / 3``, clipped to [0, 1]."""
+        ent = self.score_prompts(prompts)
+        out = {"entropy": ent}
+        if self.risk_model is not None:
+            out["risk"] = [min(1.0, max(0.0, e / 3.0)) for e in ent]
+        return out
+
     def answer_signals(
-        self, prompts: Sequence[str], answers: Sequence[str] | Sequence[Sequence[str]]
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str] | Sequence[Sequence[str]],
+        with_risk: bool = False,
     ) -> dict[str, Any]:
         """Every answer signal, as an SSD scorer gives them. A fake has one answer table,
         so ``loglik``, ``pmi`` and ``consensus`` are the same numbers here."""
         ll = self.score_answers(prompts, answers)
-        return {"loglik": ll, "pmi": ll, "consensus": ll}
+        out: dict[str, Any] = {"loglik": ll, "pmi": ll, "consensus": ll}
+        if with_risk and self.risk_model is not None:
+
+            def r(v: float) -> float:
+                return min(1.0, max(0.0, -v / 10.0))
+
+            out["risk"] = [r(v) if isinstance(v, float) else [r(x) for x in v] for v in ll]
+        return out
 
 
 class FailingCache:

@@ -368,10 +368,12 @@ def test_cli_check_policy_with_calibration(
 ) -> None:
     cal = tmp_path / "cal.json"
     cal.write_text(json.dumps({"entropy": list(range(101)), "loglik": list(range(-100, 1))}))
-    assert (
-        _run(["check-policy", str(ROOT / "policies" / "default.yaml"), "--calibration", str(cal)])
-        == 0
+    policy = tmp_path / "quantile.yaml"
+    policy.write_text(
+        "name: q\nrules:\n  - name: risky\n    scope: prompt\n"
+        "    when: {entropy: {gt_quantile: 0.9}}\n    action: abstain\n"
     )
+    assert _run(["check-policy", str(policy), "--calibration", str(cal)]) == 0
     assert "(the riskiest 10 %; = 90)" in capsys.readouterr().out
 
 

@@ -20,7 +20,9 @@ from ssd_guard.cli_demo import DEMO_QUESTIONS, KeywordRetriever, add_commands, r
 from ssd_guard.policy.loading import default_policy_path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-HARD = DEMO_QUESTIONS[4].question  # gets entropy above the default policy's 90 % quantile
+# Its fake risk (entropy / 3 = 0.957) is above the default policy's abstain bound (0.9496)
+# and between the RAG policy's retrieve (0.9496) and abstain (0.9606) bounds.
+HARD = DEMO_QUESTIONS[4].question
 
 
 def load_example(name: str) -> ModuleType:
@@ -35,7 +37,7 @@ def demo_scorer() -> FakeScorer:
     # calibration (FakeScorer default): entropy 0..3 -> 90 % quantile 2.7;
     # loglik -10..0 -> 5 % quantile -9.5, 2 % quantile -9.8
     return FakeScorer(
-        entropy={HARD: 2.9},
+        entropy={HARD: 2.87},
         default_entropy=0.5,
         loglik_contains={"IGNORE ALL PREVIOUS": -9.9, "Berlin": -9.7},
         default_loglik=-1.0,
@@ -66,9 +68,12 @@ def test_demo_prints_every_decision(agent: bool, tmp_path: Path) -> None:
     )
     text = out.getvalue()
     assert rc == 0
-    assert text.count("Q: ") == 5 and "5 questions, 1 abstained" in text
+    assert text.count("Q: ") == 5 and "1 abstained" in text and "5 questions:" in text
     assert "ABSTAINED" in text and "risky-prompt" in text
-    assert chat.calls == 4  # the risky question never reached the model
+    assert "unguarded, the model would have said: Port" in text
+    # The risky question never reached the guarded model: one unguarded call shows what
+    # it would have said.
+    assert chat.calls == 4 + 1
     events = read_events(log)
     assert len(events) == 4 * 2 + 1
     assert {e["hidden_state_source"] for e in events} == {"proxy:fake/base-model"}

@@ -129,16 +129,33 @@ def test_shipped_set_is_complete() -> None:
 def test_default_policy_content() -> None:
     policy = load_default_policy()
     by_name = {r.name: r for r in policy.rules}
-    risky = policy.decide("prompt", {"entropy": 95.0}, calibration=CAL)
+    # Raw thresholds chosen on outcomes (benchmarks/outcome_thresholds.py).
+    risky = policy.decide("prompt", {"entropy": 1.0, "risk": 0.99}, calibration=CAL)
     assert risky.action == "abstain" and risky.blocking
-    assert risky.thresholds == {"entropy.gt": pytest.approx(90.0)}
-    answer = policy.decide("answer", {"entropy": 1.0, "pmi": -99.0}, calibration=CAL)
+    assert risky.thresholds == {"risk.gt": pytest.approx(0.9496)}
+    answer = policy.decide("answer", {"entropy": 1.0, "risk": 0.5, "pmi": -9.0}, calibration=CAL)
     assert answer.action == "reject_answer" and answer.params == {"max_regenerations": 1}
-    doc = policy.decide("document", {"pmi": -99.5}, calibration=CAL, source="retrieval")
-    assert doc.action == "flag_poisoned" and doc.params == {"mode": "drop"}
-    calm = policy.decide("prompt", {"entropy": 10.0}, calibration=CAL)
+    kept = policy.decide("answer", {"entropy": 1.0, "risk": 0.5, "pmi": -5.0}, calibration=CAL)
+    assert kept.action == "log_only"
+    injected = {"pmi": 1.0, "relevance": 0.9, "instruction": 0.9}
+    doc = policy.decide("document", injected, calibration=CAL, source="tool")
+    assert doc.rule == "injected-document" and doc.params == {"mode": "drop"}
+    off = {"pmi": 1.0, "relevance": 0.1, "instruction": 0.0}
+    assert policy.decide("document", off, calibration=CAL, source="retrieval").rule == (
+        "off-topic-document"
+    )
+    # A tool output is not judged on relevance; a true on-topic document is kept.
+    assert policy.decide("document", off, calibration=CAL, source="tool").action == "log_only"
+    on = {"pmi": -99.0, "relevance": 0.8, "instruction": 0.0}
+    assert policy.decide("document", on, calibration=CAL, source="retrieval").action == "log_only"
+    calm = policy.decide("prompt", {"entropy": 10.0, "risk": 0.5}, calibration=CAL)
     assert calm.action == "log_only" and calm.rule is None and not calm.blocking
-    assert set(by_name) == {"risky-prompt", "unlikely-answer", "poisoned-document"}
+    assert set(by_name) == {
+        "risky-prompt",
+        "unlikely-answer",
+        "injected-document",
+        "off-topic-document",
+    }
 
 
 def test_packaged_default_is_identical_to_repo_copy() -> None:
