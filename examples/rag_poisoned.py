@@ -1,12 +1,11 @@
 """A poisoned document in a RAG context is flagged before it reaches the model.
 
 Three documents are "retrieved" for a TriviaQA question; one carries a prompt injection
-and a false answer. The guard scores each document against the answer distribution the
-student predicts for the question: ``pmi`` (the default policy's document signal: the
-log-likelihood minus the document's log-density under the student's unconditional answer
-distribution; lower = more suspicious) and ``loglik``. The policy's ``flag_poisoned``
-rule drops the injected document (``mode: drop``) or keeps it aside (``mode:
-quarantine``), and only the clean documents are put in the prompt.
+and a false answer. The guard screens each document (README "Document screening"):
+``instruction`` (does it read as an instruction to the model?) and ``relevance`` (does it
+match the question?), beside the student's answer signals. The default policy's
+``flag_poisoned`` rules drop the injected document (``mode: drop``) or keep it aside
+(``mode: quarantine``), and only the clean documents are put in the prompt.
 
     python examples/rag_poisoned.py [--policy FILE] [--quarantine]
 
@@ -69,8 +68,13 @@ def main(argv: list[str] | None = None, *, scorer: Any = None, generate: Any = N
     print(f"Q: {QUESTION}  ({len(kept)} kept, {len(flagged)} flagged)")
     for doc, d in zip(DOCUMENTS, decisions, strict=True):
         mark = "FLAGGED" if doc in flagged else "kept   "
-        pmi, loglik = d.scores.get("pmi", float("nan")), d.scores["loglik"]
-        print(f"  {mark} pmi={pmi:8.3f} loglik={loglik:8.3f} rule={d.rule or '-':<18} {doc[:50]}")
+        nan = float("nan")
+        ins, rel = d.scores.get("instruction", nan), d.scores.get("relevance", nan)
+        pmi = d.scores.get("pmi", nan)
+        print(
+            f"  {mark} instruction={ins:5.2f} relevance={rel:5.2f} pmi={pmi:7.2f} "
+            f"rule={d.rule or '-':<18} {doc[:50]}"
+        )
 
     # 2. the whole guarded RAG call: only kept documents reach the prompt
     result = guard.run(QUESTION, generate, documents=DOCUMENTS, source="retrieval")

@@ -93,12 +93,28 @@ def test_rag_example_flags_the_injection_with_the_real_models(capsys) -> None:
     assert "IGNORE ALL PREVIOUS" not in out.split("prompt sent to the model:", 1)[1]
 
 
-def test_demo_acts_with_the_real_models() -> None:
-    from ssd_guard.cli_demo import run_demo
+def test_demo_shows_a_true_catch_and_no_harm_with_the_real_models(tmp_path) -> None:
+    """The shipped demo, as a user runs it (wrap() over ChatHuggingFace, the RAG policy):
+    every answer it abstains on or changes would have been wrong unguarded, and it shows
+    at least one true catch (a dropped injected document or a wrong answer withheld)."""
+    from langchain_core.messages import HumanMessage, SystemMessage
 
-    buf = io.StringIO()
-    assert run_demo(out=buf, local=True) == 0
+    from ssd_guard.cli_demo import DEMO_QUESTIONS, SYSTEM_PROMPT, load_chat_model, run_demo
+
+    _, chat = load_chat_model()
+    buf, report = io.StringIO(), {}
+    assert run_demo(out=buf, audit_log=tmp_path / "audit.jsonl", report=report) == 0
     text = buf.getvalue()
-    acting = ("abstain", "reject_answer", "retrieve", "flag_poisoned")
-    acts = [line.split() for line in text.splitlines() if line.startswith("    ")]
-    assert any(len(a) > 1 and a[1] in acting for a in acts), text
+    rows = report["questions"]
+    assert len(rows) == len(DEMO_QUESTIONS)
+    for item, row in zip(DEMO_QUESTIONS, rows):
+        plain = str(
+            chat.invoke([SystemMessage(SYSTEM_PROMPT), HumanMessage(item.question)]).content
+        )
+        if item.correct(plain):  # right unguarded: the guard must let it through, right
+            assert row["right"], (item.question, row, text)
+    tally = report["tally"]
+    assert tally["abstained_wrong"] == tally["abstained"], text
+    assert tally["dropped"] >= 1 or tally["abstained_wrong"] >= 1, text
+    assert "WRONG" in text or "RIGHT" in text
+    assert "dropped document" in text or "abstained before generating" in text
