@@ -349,12 +349,20 @@ def load_policy_in_memory(name: str) -> Any:
     return pol
 
 
+#: One score cache for every policy run of a process: scores depend on the student and
+#: the text, never on the policy, so later policies reuse what the first one computed (as
+#: guards sharing a Redis cache would). Only the first policy's latency is cold.
+_SHARED_CACHE: Any = None
+
+
 def make_guard(scorer: Any, pol: Any, retriever: Any = None) -> Any:
     from ssd_guard.cache import MemoryCache
     from ssd_guard.integrations.langchain import SSDGuard
 
-    cache = MemoryCache(pol.cache.max_entries, pol.cache.ttl_s, namespace=pol.cache.namespace)
-    return SSDGuard(scorer, pol, cache=cache, retriever=retriever)
+    global _SHARED_CACHE
+    if _SHARED_CACHE is None:
+        _SHARED_CACHE = MemoryCache(100_000, 86_400, namespace="ssd-guard-outcome")
+    return SSDGuard(scorer, pol, cache=_SHARED_CACHE, retriever=retriever)
 
 
 # --------------------------------------------------------------------------- RAG + tools
@@ -447,7 +455,7 @@ def tool_part(guard: Any, corpus: dict[str, Any], split: str) -> dict[str, Any]:
             def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
                 return self
 
-        model = Scripted(messages=script)
+        model = Scripted(messages=script, cache=False)  # the LLM cache would drop tool calls
         agent = create_agent(model, tools=[lookup], middleware=[guard.middleware(model=model)])
         question = f"Use the {row.get('tool', 'lookup')} tool and tell me what it returns."
         state = agent.invoke({"messages": [HumanMessage(question)]})
@@ -518,13 +526,22 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         f"greedy, {result['meta']['n_items']} questions per split (pooled: TriviaQA, "
         "CommonsenseQA, Social IQa, StrategyQA, ARC-Easy).",
         "",
+        "harm = share of the answers right unguarded that the guard blocks or turns wrong; "
+        "catch = share of the wrong answers it blocks or fixes; answered error = error among "
+        "the answers it lets through. Guard ms: the guard's own time per question (the "
+        "model's generations come from a LangChain cache); the first policy runs on a cold "
+        "score cache, the others share it (warm), as guards sharing a Redis cache would. "
+        "The policies' thresholds were chosen on the validation half "
+        "(benchmarks/outcome_thresholds.py -> outcome-thresholds-smollm2.json).",
+        "",
     ]
-    for split in ("test", "validation"):
+    present = {sp for e in result["policies"].values() for sp in e if sp in ("test", "validation")}
+    for split in [sp for sp in ("test", "validation") if sp in present]:
         lines += [
             f"## {split} half: shipped policies through `SSDGuard.wrap(ChatHuggingFace)`",
             "",
             "| policy | unguarded acc | guarded acc | harm | catch | answered error | "
-            "unguarded error | abstain | retrieve | regenerate | guard ms (median) |",
+            "unguarded error | abstain | retrieve | regenerate | guard ms (median, score cache) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, entry in result["policies"].items():
@@ -537,7 +554,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
                 f"{_f(k['harm_rate'])} | {_f(k['catch_rate'])} | {_f(k['answered_error'])} | "
                 f"{_f(k['unguarded_error'])} | {_f(k['abstain_rate'])} | "
                 f"{_f(k.get('retrieval_rate'))} | {_f(k.get('regeneration_rate'))} | "
-                f"{'—' if lat is None else f'{lat:.0f}'} |"
+                f"{'—' if lat is None else f'{lat:.0f}'} ({k.get('score_cache', '?')}) |"
             )
         lines += ["", f"### {split}: RAG screening and tool outputs", ""]
         lines += [
@@ -708,11 +725,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda it, g=guarded: g.invoke(messages_for(it.question)), items, base
             )
             entry = result["policies"].setdefault(name, {"file": str(pol.sha256[:12])})
+            keys["score_cache"] = "cold" if name == args.policies.split(",")[0] else "warm"
             entry[split] = keys
             per_question[f"{split}/{name}"] = rows
             if corpus is not None:
                 entry.setdefault("rag", {})[split] = rag_part(guard, chat, corpus, split)
                 entry.setdefault("tools", {})[split] = tool_part(guard, corpus, split)
+            if args.paths and split == "test" and name == "default":
+                idx = stratified(items, args.path_questions)
+                wrap_keys = outcome_keys(
+                    [rows[k]["base_right"] for k in idx],
+                    [rows[k]["right"] for k in idx],
+                    [rows[k]["abstained"] for k in idx],
+                )
+                sub, sub_base = [items[k] for k in idx], [base[k] for k in idx]
+                entry["paths"] = {"wrap": wrap_keys, **paths_part(scorer, chat, pol, sub, sub_base)}
             log(
                 f"{split}: {name}: "
                 + json.dumps({k: v for k, v in keys.items() if k != "by_source"}, default=str)[:400]
