@@ -61,6 +61,10 @@ DEFAULT_CALIBRATION: dict[str, list[float]] = {
 }
 
 
+def _clip(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
 class FakeScorer:
     """A deterministic :class:`~ssd_guard.scoring.base.RiskScorer` for tests.
 
@@ -91,8 +95,14 @@ class FakeScorer:
         model_id: str = "fake/model",
         layer: int = 0,
         calibration: Mapping[str, Sequence[float]] | None = None,
+        risk: bool = True,
     ) -> None:
         self._entropy = entropy if entropy is not None else {}
+        #: A combined risk, as the bundled student has (the shipped policies read it):
+        #: ``risk = entropy / 3`` before generation and ``-loglik / 10`` after it, both
+        #: clipped to ``[0, 1]``. ``risk=False`` gives a student without a risk model, which
+        #: a policy reading ``risk`` refuses (as it refuses such a real student).
+        self.risk_model: Any = "fake-risk" if risk else None
         self._loglik = loglik if loglik is not None else {}
         self.default_entropy = default_entropy
         self.default_loglik = default_loglik
@@ -183,12 +193,30 @@ class FakeScorer:
         return [row[0] for row in scores] if flat else scores
 
     def answer_signals(
-        self, prompts: Sequence[str], answers: Sequence[str] | Sequence[Sequence[str]]
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str] | Sequence[Sequence[str]],
+        with_risk: bool = False,
     ) -> dict[str, Any]:
         """Every answer signal, as an SSD scorer gives them. A fake has one answer table,
-        so ``loglik``, ``pmi`` and ``consensus`` are the same numbers here."""
+        so ``loglik``, ``pmi`` and ``consensus`` are the same numbers here; ``with_risk``
+        adds ``risk = -loglik / 10`` (clipped to [0, 1]) when the fake has a risk model."""
         ll = self.score_answers(prompts, answers)
-        return {"loglik": ll, "pmi": ll, "consensus": ll}
+        out: dict[str, Any] = {"loglik": ll, "pmi": ll, "consensus": ll}
+        if with_risk and self.risk_model is not None:
+            out["risk"] = [
+                _clip(-v / 10.0) if isinstance(v, float) else [_clip(-x / 10.0) for x in v]
+                for v in ll
+            ]
+        return out
+
+    def prompt_signals(self, prompts: Sequence[str]) -> dict[str, list[float]]:
+        """``entropy`` and, with a risk model, ``risk = entropy / 3`` clipped to [0, 1]."""
+        ent = self.score_prompts(prompts)
+        out = {"entropy": ent}
+        if self.risk_model is not None:
+            out["risk"] = [_clip(e / 3.0) for e in ent]
+        return out
 
     def __repr__(self) -> str:
         return f"FakeScorer(fingerprint={self.fingerprint!r}, calls={self.calls})"

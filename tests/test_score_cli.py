@@ -82,7 +82,11 @@ def test_report_has_every_signal_and_each_rules_thresholds_and_decision() -> Non
 
 
 def test_report_without_answers_or_risk_model() -> None:
-    (row,) = score_report(FakeScorer(default_entropy=0.4), load_default_policy(), ["q"])
+    policy = Policy.from_yaml_text(
+        "name: no-risk\nrules:\n  - name: uncertain\n    scope: prompt\n"
+        "    when: {entropy: {gt: 1.5}}\n    action: retrieve\n"
+    )
+    (row,) = score_report(FakeScorer(default_entropy=0.4, risk=False), policy, ["q"])
     assert "risk" not in row and "answer_loglik" not in row and "answer" not in row["policy"]
     assert row["entropy"] == 0.4 and row["policy"]["prompt"]["action"] is not None
     assert all("thresholds" in r for r in row["policy"]["prompt"]["rules"])

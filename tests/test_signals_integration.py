@@ -59,13 +59,18 @@ def test_the_default_policy_keeps_correct_answers_and_rejects_absurd_ones(scorer
     guard = Guard(scorer, load_default_policy())
     rejected_absurd = 0
     for question, short, sentence, absurd in CASES:
+        kept = []
         for ok in (short, sentence):
             d = guard.check_answer(question, ok)
             assert d.action != "reject_answer", (question, ok, d.scores)
-        rejected_absurd += guard.check_answer(question, absurd).action == "reject_answer"
-    # The answer rule's threshold keeps 88 % of the model's own answers on the test split;
-    # an absurd answer passes it now and then (here: "Tuesday afternoon" for the Red Planet).
-    assert rejected_absurd >= 3, rejected_absurd
+            kept.append(d.scores["pmi"])
+        bad = guard.check_answer(question, absurd)
+        assert bad.scores["pmi"] < min(kept), (question, absurd, bad.scores, kept)
+        rejected_absurd += bad.action == "reject_answer"
+    # The answer rule's threshold (pmi < -5.38) was chosen on outcomes: on the benchmark's
+    # validation half it blocks few right answers, so it is narrow and lets most absurd
+    # answers here through (their pmi is -3.8 .. -5.8); one of the four is rejected.
+    assert rejected_absurd >= 1, rejected_absurd
 
 
 def _load_example(name: str):
