@@ -6,7 +6,7 @@ For the bundled student on a source's TEST split (never trained on) it applies e
 threshold the shipped policies use (``policies/*.yaml``: quantiles of the student's
 calibration values) and a sweep of quantiles, and reports for each: the share of prompts
 the guard lets through (coverage), the error rate among the default answers it lets
-through, and the error rate of the answers it stops. The README's policy table and the
+through, and the error rate of the answers it stops. The results page's policy table and the
 thresholds in ``policies/default.yaml`` come from this file:
 ``benchmarks/results/operating-point-smollm2-<source>.json``.
 """

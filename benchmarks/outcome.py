@@ -516,8 +516,8 @@ def _f(v: Any) -> str:
     return "—" if v is None or (isinstance(v, float) and v != v) else f"{v:.3f}"
 
 
-def write_report(result: dict[str, Any], out: Path) -> None:
-    """``<out>.md`` (tables) and ``<out>.png`` (accuracy / harm / catch per policy)."""
+def render_markdown(result: dict[str, Any]) -> str:
+    """The tables of an outcome result (``<out>.md``; docs/results is generated from it)."""
     lines = [
         "# Outcome benchmark — SmolLM2-135M-Instruct through LangChain, bundled student",
         "",
@@ -591,7 +591,12 @@ def write_report(result: dict[str, Any], out: Path) -> None:
                     f"{_f(k['harm_rate'])} | {_f(k['catch_rate'])} | {_f(k['answered_error'])} |"
                 )
         lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
+    return "\n".join(lines)
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    """``<out>.md`` (tables) and ``<out>.png`` (accuracy / harm / catch per policy)."""
+    out.with_suffix(".md").write_text(render_markdown(result), encoding="utf-8")
     try:
         import matplotlib
 

@@ -1,7 +1,7 @@
 """A poisoned document in a RAG context is flagged before it reaches the model.
 
 Three documents are "retrieved" for a TriviaQA question; one carries a prompt injection
-and a false answer. The guard screens each document (README "Document screening"):
+and a false answer. The guard screens each document (docs/policies.md "Document screening"):
 ``instruction`` (does it read as an instruction to the model?) and ``relevance`` (does it
 match the question?), beside the student's answer signals. The default policy's
 ``flag_poisoned`` rules drop the injected document (``mode: drop``) or keep it aside

@@ -156,7 +156,6 @@ def test_a_fresh_program_prints_json_to_stderr_only(tmp_path: Path) -> None:
     assert event["event"] == DECISION_EVENT and event["run_id"] == "r"
 
 
-def test_readme_audit_section_says_where_events_go() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Audit", 1)[1].split("\n## ", 1)[0]
+def test_audit_docs_say_where_events_go() -> None:
+    section = (ROOT / "docs" / "audit.md").read_text(encoding="utf-8")
     assert "stderr" in section and AUDIT_LOG_ENV in section and "JSON" in section
