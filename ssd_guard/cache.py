@@ -11,13 +11,24 @@ Signed values: with an HMAC key (``hmac_key=``, or for :class:`RedisCache` the
 ``"sig": HMAC-SHA256(key, cache key + value)``; a value read back with a missing or wrong
 signature is a miss, logged as ``cache.value.bad_signature``. Use it whenever the cache is
 shared: keys derive from public parts, so without a signature anyone who can write to the
-cache can forge a score.
+cache can forge a score. A :class:`RedisCache` without a key logs ``cache.redis.unsigned``
+and warns (:class:`UnsignedCacheWarning`); with ``fail_mode="closed"`` it refuses to be
+built (:class:`~ssd_guard.errors.ConfigError`) unless ``allow_unsigned=True``. A cache
+without a key rejects *signed* values too (``cache.value.bad_signature``): a process that
+lost its key must not take the others' entries for unsigned ones.
+
+Bounded reads: a Redis value longer than ``max_entry_bytes`` is never read whole (at most
+that many bytes plus one come back); it is a miss, logged as ``cache.value.invalid``
+(reason ``oversized``) in both fail modes -- bad data, not an outage.
 
 Redis failures never crash the guard and never produce a wrong score: with
 ``fail_mode="open"`` a down / slow Redis is a miss and writes are skipped; with
 ``fail_mode="closed"`` :class:`~ssd_guard.errors.CacheUnavailableError` is raised. A state
 change is logged once (``cache.redis.unavailable`` / ``cache.redis.recovered``), and a
 circuit breaker skips Redis for ``cooldown_s`` after a failure, then lets one probe through.
+Every command has an overall deadline (``command_deadline_s``, retries included), so a
+server that trickles its reply -- each byte resetting the socket timeout -- is a timeout
+too, sync and async alike.
 A failure absorbed in open mode is reported to :func:`collect_errors` (the guard puts its
 kind on the decision event as ``cache_error``).
 """
@@ -36,6 +47,7 @@ import sys
 import threading
 import time
 import unicodedata
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import (
@@ -51,6 +63,7 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aredis
+import redis.connection
 import structlog
 from redis.backoff import NoBackoff
 from tenacity import (
@@ -59,22 +72,25 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     wait_exponential,
 )
 
 from ssd_guard._flow import Call, Flow, adrive, drive
-from ssd_guard.errors import CacheUnavailableError
+from ssd_guard.errors import CacheUnavailableError, ConfigError
 
 if TYPE_CHECKING:
     from ssd_guard.policy import CacheConfig
 
 __all__ = [
+    "DEFAULT_MAX_ENTRY_BYTES",
     "HMAC_KEY_ENV",
     "SCHEMA_VERSION",
     "MemoryCache",
     "RedisCache",
     "ScoreCache",
+    "UnsignedCacheWarning",
     "cache_from_config",
     "collect_errors",
     "make_key",
@@ -88,6 +104,9 @@ SCHEMA_VERSION = 1
 _KEY_FORMAT = "ssd-guard/score-key/v2"
 #: Environment variable holding the HMAC key :class:`RedisCache` signs values with.
 HMAC_KEY_ENV = "SSD_GUARD_CACHE_HMAC_KEY"
+#: Default :class:`RedisCache` ``max_entry_bytes``: a stored score entry is ~100 bytes, so
+#: 256 KiB is generous, yet a batch of N keys can never pull more than N x 256 KiB.
+DEFAULT_MAX_ENTRY_BYTES = 256 * 1024
 
 _log = structlog.get_logger("ssd_guard.cache")
 
@@ -221,6 +240,16 @@ class _Codec:
             else:
                 return clean
             _log.warning("cache.value.bad_signature", backend=self.backend, key=key, reason=reason)
+            return None
+        if "sig" in envelope:
+            # signed by a process that has the key this one lacks (a misconfiguration, or a
+            # lost key): never taken for an unsigned value
+            _log.warning(
+                "cache.value.bad_signature",
+                backend=self.backend,
+                key=key,
+                reason="signed value, but no hmac key is configured to verify it",
+            )
             return None
         return clean
 
@@ -428,6 +457,83 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 _ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *_TRANSIENT)
 
 
+class UnsignedCacheWarning(UserWarning):
+    """A :class:`RedisCache` runs without an HMAC key: anyone who can write to that Redis
+    can forge scores (set ``SSD_GUARD_CACHE_HMAC_KEY``)."""
+
+
+class _DeadlineExceeded(redis.TimeoutError):
+    """A command ran past its overall deadline (``command_deadline_s``); never retried."""
+
+
+#: When the sync socket I/O of the current command attempt must end (None: unbounded).
+_IO_DEADLINE: ContextVar[float | None] = ContextVar("ssd_guard_cache_io_deadline", default=None)
+
+
+class _DeadlineSocket:
+    """The socket of a sync Redis connection, each read / write of which ends by
+    :data:`_IO_DEADLINE`: the socket timeout bounds the wait for *each* chunk, so a server
+    sending one byte every 30 ms would otherwise hold a reply for as long as it likes.
+    Before a ``recv`` / ``recv_into`` / ``sendall`` the timeout is lowered to the time left
+    (and restored after); past the deadline the call raises :class:`TimeoutError`
+    (``socket.timeout``), which redis-py turns into a :class:`redis.TimeoutError`, dropping
+    the connection (its reply half read). Everything else is the wrapped socket's."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def _bounded(self, call: Callable[..., Any], *args: Any) -> Any:
+        deadline = _IO_DEADLINE.get()
+        if deadline is None:
+            return call(*args)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("cache command deadline exceeded")  # socket.timeout
+        timeout = self._sock.gettimeout()
+        if timeout is not None and timeout <= left:  # includes 0.0: a non-blocking poll
+            return call(*args)
+        self._sock.settimeout(left)
+        try:
+            return call(*args)
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(timeout)
+
+    def recv(self, *args: Any) -> Any:
+        return self._bounded(self._sock.recv, *args)
+
+    def recv_into(self, *args: Any) -> Any:
+        return self._bounded(self._sock.recv_into, *args)
+
+    def sendall(self, *args: Any) -> Any:
+        return self._bounded(self._sock.sendall, *args)
+
+
+@functools.cache
+def _deadline_connection(base: type[Any]) -> type[Any]:
+    """redis-py's connection class *base* (TCP, TLS or unix socket), its socket wrapped in a
+    :class:`_DeadlineSocket` (TLS: the wrapped TLS socket, so the handshake is unchanged)."""
+
+    def _connect(self: Any) -> Any:
+        return _DeadlineSocket(base._connect(self))
+
+    return type(f"Deadline{base.__name__}", (base,), {"_connect": _connect, "__module__": __name__})
+
+
+def _connection_class(url: str) -> type[Any]:
+    scheme = urlsplit(url).scheme
+    if scheme == "rediss":
+        return _deadline_connection(redis.connection.SSLConnection)
+    if scheme == "unix":
+        return _deadline_connection(redis.connection.UnixDomainSocketConnection)
+    return _deadline_connection(redis.connection.Connection)
+
+
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, redis.TimeoutError | TimeoutError):
         return "timeout"
@@ -454,9 +560,26 @@ class RedisCache:
     :class:`Call` effects (:meth:`_op`: circuit breaker, retries, fail mode), driven by the
     sync method with :func:`drive` and by the async one with :func:`adrive`.
 
+    *command_deadline_s* bounds each operation as a whole, retries and back-off included
+    (default: ``4 * timeout_s + 0.05``, i.e. 0.25 s at the default 0.05 s): past it the
+    command is a ``"timeout"`` failure handled by *fail_mode*. The socket timeouts alone
+    cannot bound a reply that trickles in (each byte restarts them). One attempt is also
+    cut at ``3 * timeout_s + 0.05`` (connect + write + read), leaving time for a retry.
+
+    *max_entry_bytes* (default :data:`DEFAULT_MAX_ENTRY_BYTES`, 256 KiB) caps what one entry
+    read may transfer: reads are ``GETRANGE key 0 max_entry_bytes`` (one pipeline for a
+    batch), so a huge value planted under a score key costs at most that many bytes plus
+    one, never the whole value; it is a miss logged as ``cache.value.invalid`` (reason
+    ``oversized``) -- the guard computes the real score and overwrites it. Writing a value
+    that would encode to more raises :class:`ValueError`.
+
     *hmac_key* signs every value (default: the ``SSD_GUARD_CACHE_HMAC_KEY`` environment
     variable, when set and not empty); with a key, unsigned or wrongly signed values are
-    misses. Every instance sharing the Redis must use the same key.
+    misses, and without one signed values are. Every instance sharing the Redis must use
+    the same key. Without a key the cache logs ``cache.redis.unsigned`` and warns
+    (:class:`UnsignedCacheWarning`); with ``fail_mode="closed"`` it raises
+    :class:`~ssd_guard.errors.ConfigError` instead, unless *allow_unsigned* is true
+    (which also turns the warning into an ``info`` event).
     """
 
     backend = "redis"
@@ -473,6 +596,9 @@ class RedisCache:
         cooldown_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         hmac_key: str | bytes | None = None,
+        command_deadline_s: float | None = None,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        allow_unsigned: bool = False,
     ) -> None:
         if fail_mode not in ("open", "closed"):
             raise ValueError(f"fail_mode must be 'open' or 'closed', got {fail_mode!r}")
@@ -481,6 +607,17 @@ class RedisCache:
             raise ValueError("RedisCache needs a ttl_s")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        if command_deadline_s is None:
+            command_deadline_s = 4 * timeout_s + 0.05
+        elif not command_deadline_s > 0:
+            raise ValueError(f"command_deadline_s must be > 0, got {command_deadline_s}")
+        if isinstance(max_entry_bytes, bool) or not isinstance(max_entry_bytes, int):
+            raise ValueError(f"max_entry_bytes must be an int, got {max_entry_bytes!r}")
+        if max_entry_bytes < 1:
+            raise ValueError(f"max_entry_bytes must be >= 1, got {max_entry_bytes}")
+        secret = _secret(hmac_key) or _env_secret()
+        if secret is None:
+            self._unsigned(url, fail_mode, allow_unsigned)
         self.url = url
         self.ttl_s = ttl_s
         self.fail_mode = fail_mode
@@ -488,8 +625,11 @@ class RedisCache:
         self.timeout_s = timeout_s
         self.retries = retries
         self.cooldown_s = cooldown_s
+        self.command_deadline_s = float(command_deadline_s)
+        self.max_entry_bytes = max_entry_bytes
+        self.allow_unsigned = allow_unsigned
         self._clock = clock
-        self._codec = _Codec(self.backend, _secret(hmac_key) or _env_secret())
+        self._codec = _Codec(self.backend, secret)
         self._client_kwargs: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
@@ -497,7 +637,10 @@ class RedisCache:
             "decode_responses": False,
         }
         self._client = redis.Redis.from_url(
-            url, retry=redis.retry.Retry(NoBackoff(), 0), **self._client_kwargs
+            url,
+            retry=redis.retry.Retry(NoBackoff(), 0),
+            connection_class=_connection_class(url),
+            **self._client_kwargs,
         )
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aredis.Redis] = (
             weakref.WeakKeyDictionary()
@@ -507,6 +650,35 @@ class RedisCache:
         self._down_since = 0.0
         self._probe_at = 0.0
         self._closed = False
+
+    @staticmethod
+    def _unsigned(url: str, fail_mode: str, allow_unsigned: bool) -> None:
+        """No HMAC key: refuse (fail closed, not explicitly allowed), or log and warn."""
+        how = (
+            f"set the {HMAC_KEY_ENV} environment variable (the same secret in every process "
+            "sharing this Redis) or pass hmac_key=<secret>"
+        )
+        if fail_mode == "closed" and not allow_unsigned:
+            raise ConfigError(
+                f"redis cache at {_redact(url)} has fail_mode='closed' but no HMAC key: "
+                f"without one anyone who can write to this Redis can forge scores; {how}; "
+                "to run it unsigned anyway pass allow_unsigned=True"
+            )
+        fields: dict[str, Any] = {
+            "url": _redact(url),
+            "fail_mode": fail_mode,
+            "allow_unsigned": allow_unsigned,
+        }
+        if allow_unsigned:
+            _log.info("cache.redis.unsigned", **fields)
+            return
+        _log.warning("cache.redis.unsigned", hint=how, **fields)
+        warnings.warn(
+            f"redis cache at {_redact(url)} is not signed: anyone who can write to this Redis "
+            f"can forge scores; {how} (or pass allow_unsigned=True to accept this)",
+            UnsignedCacheWarning,
+            stacklevel=3,
+        )
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -573,16 +745,19 @@ class RedisCache:
         return {
             "stop": stop_after_attempt(attempts),
             "wait": wait_exponential(multiplier=0.005, max=0.05),
-            "retry": retry_if_exception_type(_TRANSIENT),
+            "retry": retry_if_exception_type(_TRANSIENT)
+            & retry_if_not_exception_type(_DeadlineExceeded),
             "reraise": True,
         }
 
-    def _op(self, op: str, fn: Callable[[Any], Any], fallback: Any) -> Flow[Any]:
+    def _op(
+        self, op: str, fn: Callable[[Any], Any], fallback: Any, *, bounded: bool = True
+    ) -> Flow[Any]:
         """One Redis command, written once for both drivers: ``fn(client)`` on the sync
-        client (its result) or the async one (an awaitable, bounded by a deadline), through
-        the circuit breaker, with up to ``retries`` retries on transient errors
-        (tenacity; exponential wait: 5 ms, 10 ms... at most 50 ms; a probe gets one
-        attempt)."""
+        client (its result) or the async one (an awaitable), through the circuit breaker,
+        with up to ``retries`` retries on transient errors (tenacity; exponential wait:
+        5 ms, 10 ms... at most 50 ms; a probe gets one attempt), all of it within
+        ``command_deadline_s`` unless *bounded* is false."""
         admit = self._admit()
         if admit == "skip":
             if self.fail_mode == "closed":
@@ -590,7 +765,11 @@ class RedisCache:
             report_error("circuit-open")
             return fallback
         attempts = 1 if admit == "probe" else self.retries + 1
-        command = Call(lambda: fn(self._client), lambda: self._acommand(fn))
+        deadline = time.monotonic() + self.command_deadline_s if bounded else None
+        command = Call(
+            functools.partial(self._scommand, fn, deadline),
+            functools.partial(self._acommand, fn, deadline),
+        )
         # tenacity's retry loop (Retrying.__call__), with the attempt and the sleep yielded
         retrying = Retrying(**self._retrying(attempts))
         retrying.begin()
@@ -605,8 +784,12 @@ class RedisCache:
                         state.set_exception(sys.exc_info())  # type: ignore[arg-type]
                 elif isinstance(do, DoSleep):
                     state.prepare_for_next_attempt()
+                    pause = float(do)
+                    if deadline is not None:  # the next attempt fails at once if none is left
+                        pause = max(0.0, min(pause, deadline - time.monotonic()))
                     yield Call(
-                        functools.partial(time.sleep, do), functools.partial(asyncio.sleep, do)
+                        functools.partial(time.sleep, pause),
+                        functools.partial(asyncio.sleep, pause),
                     )
                 else:
                     result = do
@@ -622,10 +805,47 @@ class RedisCache:
         self._on_success()
         return result
 
-    async def _acommand(self, fn: Callable[[Any], Any]) -> Any:
-        # connect + write + read, each bounded by the socket timeout; a hard upper bound so
-        # a wedged connection can never stall the event loop's caller for long.
-        return await asyncio.wait_for(fn(self._aclient()), 3 * self.timeout_s + 0.05)
+    def _attempt_deadline(self, deadline: float) -> float:
+        """When an attempt started now must end: connect + write + read, each bounded by
+        the socket timeout, so ``3 * timeout_s + 0.05``, and never past *deadline*."""
+        now = time.monotonic()
+        if now >= deadline:
+            raise _DeadlineExceeded(self._deadline_message("no time left for another attempt"))
+        return min(deadline, now + 3 * self.timeout_s + 0.05)
+
+    def _deadline_message(self, detail: str) -> str:
+        return f"command deadline of {self.command_deadline_s:g} s exceeded ({detail})"
+
+    def _check_deadline(self, deadline: float, exc: BaseException) -> None:
+        """*exc* ended an attempt: past *deadline*, it ends the whole command."""
+        if time.monotonic() >= deadline - 0.001:
+            detail = f"{exc}" or type(exc).__name__
+            raise _DeadlineExceeded(self._deadline_message(detail)) from exc
+
+    def _scommand(self, fn: Callable[[Any], Any], deadline: float | None) -> Any:
+        # the sync client's sockets read the attempt's deadline (_DeadlineSocket)
+        if deadline is None:
+            return fn(self._client)
+        token = _IO_DEADLINE.set(self._attempt_deadline(deadline))
+        try:
+            return fn(self._client)
+        except _TRANSIENT as exc:
+            self._check_deadline(deadline, exc)
+            raise
+        finally:
+            _IO_DEADLINE.reset(token)
+
+    async def _acommand(self, fn: Callable[[Any], Any], deadline: float | None) -> Any:
+        # a hard upper bound, so a wedged or trickling connection can never stall the event
+        # loop's caller for long
+        if deadline is None:
+            return await asyncio.wait_for(fn(self._aclient()), 3 * self.timeout_s + 0.05)
+        left = self._attempt_deadline(deadline) - time.monotonic()
+        try:
+            return await asyncio.wait_for(fn(self._aclient()), left)
+        except _TRANSIENT as exc:
+            self._check_deadline(deadline, exc)
+            raise
 
     def _fail(self, op: str, exc: BaseException, fallback: Any) -> Any:
         self._on_failure(op, exc)
@@ -652,24 +872,77 @@ class RedisCache:
             return int(ttl), None
         return None, max(1, round(ttl * 1000))
 
+    # -- values --------------------------------------------------------------------------
+    # Reads are GETRANGE key 0 max_entry_bytes, not GET / MGET: Redis then sends at most
+    # max_entry_bytes + 1 bytes of any value, so a huge value planted under a score key is
+    # never transferred (nor buffered) whole, and one more byte than the cap tells "too
+    # long" from "exactly the cap". No STRLEN round trip and no Lua (scripting may be
+    # disabled); a batch is one pipeline of GETRANGEs (one round trip, like MGET). GETRANGE
+    # answers "" for a missing key: a miss (an empty value is no valid entry anyway).
+    def _decode(self, raw: bytes | str | None, key: str) -> dict[str, Any] | None:
+        if not raw:
+            return None
+        if len(raw) > self.max_entry_bytes:
+            _log.warning(
+                "cache.value.invalid",
+                backend=self.backend,
+                key=key,
+                reason=f"oversized: more than {self.max_entry_bytes} bytes (max_entry_bytes)",
+                max_entry_bytes=self.max_entry_bytes,
+            )
+            return None
+        return self._codec.decode(raw, key)
+
+    def _encode(self, key: str, value: Mapping[str, Any]) -> str:
+        raw = self._codec.encode(key, value)  # ASCII JSON: characters are bytes
+        if len(raw) > self.max_entry_bytes:
+            raise ValueError(
+                f"cache value for {key!r} encodes to {len(raw)} bytes, more than "
+                f"max_entry_bytes={self.max_entry_bytes} (it could never be read back)"
+            )
+        return raw
+
+    def _encode_items(self, items: Items) -> list[tuple[str, str]]:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        return [(k, self._encode(k, v)) for k, v in pairs]
+
     # -- flows (one per operation; the sync / async methods below drive them) -------------
     def _get_flow(self, key: str) -> Flow[dict[str, Any] | None]:
-        raw = yield from self._op("get", lambda c: c.get(key), None)
-        return self._codec.decode(raw, key)
+        end = self.max_entry_bytes
+        raw = yield from self._op("get", lambda c: c.getrange(key, 0, end), None)
+        return self._decode(raw, key)
 
     def _get_many_flow(self, keys: Sequence[str]) -> Flow[list[dict[str, Any] | None]]:
         keys = list(keys)
         if not keys:
             return []
-        raws = yield from self._op("get_many", lambda c: c.mget(keys), [None] * len(keys))
-        return [self._codec.decode(r, k) for k, r in zip(keys, raws, strict=True)]
+        end, fallback = self.max_entry_bytes, [None] * len(keys)
+
+        def read(client: Any) -> Any:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.getrange(key, 0, end)
+            # per-command errors come back in place: a wrong-type key spoils only itself
+            return pipe.execute(raise_on_error=False)  # the async client's is awaited
+
+        raws = yield from self._op("get_many", read, fallback)
+        out: list[dict[str, Any] | None] = []
+        for key, raw in zip(keys, raws, strict=True):
+            if isinstance(raw, redis.ResponseError):
+                if not str(raw).startswith("WRONGTYPE"):
+                    return self._fail("get_many", raw, fallback)  # type: ignore[no-any-return]
+                _log.warning("cache.value.invalid", backend=self.backend, key=key, reason=str(raw))
+                out.append(None)
+                continue
+            out.append(self._decode(raw, key))
+        return out
 
     def _set_flow(self, key: str, raw: str | bytes, ttl_s: float | None) -> Flow[None]:
         ttl = self._ttl_args(ttl_s)
         yield from self._op("set", lambda c: c.set(key, raw, ex=ttl[0], px=ttl[1]), None)
 
     def _set_many_flow(self, items: Items, ttl_s: float | None) -> Flow[None]:
-        pairs, ttl = self._codec.items(items), self._ttl_args(ttl_s)
+        pairs, ttl = self._encode_items(items), self._ttl_args(ttl_s)
         if not pairs:
             return
 
@@ -689,7 +962,7 @@ class RedisCache:
         return drive(self._get_many_flow(keys))
 
     def set(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        drive(self._set_flow(key, self._codec.encode(key, value), ttl_s))
+        drive(self._set_flow(key, self._encode(key, value), ttl_s))
 
     def _set_raw(self, key: str, raw: str | bytes, ttl_s: float | None = None) -> None:
         drive(self._set_flow(key, raw, ttl_s))
@@ -701,7 +974,8 @@ class RedisCache:
         drive(self._op("delete", lambda c: c.delete(key), None))
 
     def clear(self) -> None:
-        """Delete every key of this cache's namespace (SCAN + DEL)."""
+        """Delete every key of this cache's namespace (SCAN + DEL; an admin operation: not
+        bounded by ``command_deadline_s``, only by the socket timeouts)."""
 
         def wipe(client: redis.Redis) -> None:
             batch: list[bytes] = []
@@ -713,15 +987,19 @@ class RedisCache:
             if batch:
                 client.delete(*batch)
 
-        drive(self._op("clear", wipe, None))
+        drive(self._op("clear", wipe, None, bounded=False))
 
     def ping(self) -> bool:
-        """Probe Redis now (bypassing the circuit breaker); updates :attr:`healthy`."""
+        """Probe Redis now (bypassing the circuit breaker, within ``command_deadline_s``);
+        updates :attr:`healthy`."""
+        token = _IO_DEADLINE.set(time.monotonic() + self.command_deadline_s)
         try:
             self._client.ping()
         except _ERRORS as exc:
             self._on_failure("ping", exc)
             return False
+        finally:
+            _IO_DEADLINE.reset(token)
         self._on_success()
         return True
 
@@ -733,7 +1011,7 @@ class RedisCache:
         return await adrive(self._get_many_flow(keys))
 
     async def aset(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        await adrive(self._set_flow(key, self._codec.encode(key, value), ttl_s))
+        await adrive(self._set_flow(key, self._encode(key, value), ttl_s))
 
     async def aset_many(self, items: Items, ttl_s: float | None = None) -> None:
         await adrive(self._set_many_flow(items, ttl_s))
@@ -765,6 +1043,8 @@ def cache_from_config(cfg: CacheConfig) -> MemoryCache | RedisCache:
     """The cache a policy's ``cache:`` section describes."""
     if cfg.url == "memory":
         return MemoryCache(cfg.max_entries, cfg.ttl_s, namespace=cfg.namespace)
+    # command_deadline_s / max_entry_bytes / allow_unsigned: read when the policy schema
+    # has them, the RedisCache defaults otherwise
     return RedisCache(
         cfg.url,
         ttl_s=cfg.ttl_s,
@@ -773,4 +1053,7 @@ def cache_from_config(cfg: CacheConfig) -> MemoryCache | RedisCache:
         timeout_s=cfg.timeout_s,
         retries=cfg.retries,
         cooldown_s=cfg.cooldown_s,
+        command_deadline_s=getattr(cfg, "command_deadline_s", None),
+        max_entry_bytes=getattr(cfg, "max_entry_bytes", DEFAULT_MAX_ENTRY_BYTES),
+        allow_unsigned=getattr(cfg, "allow_unsigned", False),
     )

@@ -147,9 +147,15 @@ def test_redis_example_second_call_is_a_cache_hit(
     assert "redis healthy: True" in capsys.readouterr().out
 
 
-def test_redis_example_fail_closed_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+def test_redis_example_fail_closed_blocks(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     example = load_example("redis_cache")
     argv: list[Any] = ["--url", "redis://127.0.0.1:1/0", "--fail-mode", "closed"]
+    monkeypatch.delenv("SSD_GUARD_CACHE_HMAC_KEY", raising=False)
+    assert example.main(argv, scorer=demo_scorer()) == 2  # closed and unsigned: refused
+    assert "SSD_GUARD_CACHE_HMAC_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("SSD_GUARD_CACHE_HMAC_KEY", "example-secret")
     assert example.main(argv, scorer=demo_scorer()) == 1
     assert "blocked" in capsys.readouterr().err
     assert example.main(argv[:2], scorer=demo_scorer()) == 0  # open: computes anyway
