@@ -4,7 +4,8 @@
 A log is read as bytes and split on ``\\n`` only, so one bad line never costs more than
 itself: a line that is not UTF-8 (a torn multibyte character included), not a JSON object,
 or a ``guard.decision`` event whose fields have the wrong shape (``scores`` that is not an
-object, ``tags: 5``...) is skipped and counted, never raised (unless ``strict=True``).
+object, a NaN score, ``tags: 5``...) is skipped and counted, never raised (unless
+``strict=True``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def event_problem(ev: Mapping[str, Any]) -> str | None:
     """Why a ``guard.decision`` event cannot be summarised or replayed, or ``None``.
 
     Checks the shape of the fields the readers use: ``scores`` / ``thresholds`` /
-    ``latency_ms`` are objects of numbers (or null, ``"inf"``, ``"-inf"``); ``scope``,
+    ``latency_ms`` are objects of numbers (or null, ``"inf"``, ``"-inf"``; never NaN, which
+    the writer logs as null); ``scope``,
     ``action``, ``rule``, ``timestamp``, ``run_name``, ``source`` are strings; ``run_id``,
     ``parent_run_id``, ``step`` are scalars; ``tags`` is a string or a list of strings;
     ``missing_scores`` is a list.
@@ -72,6 +74,10 @@ def event_problem(ev: Mapping[str, Any]) -> str | None:
         if not isinstance(values, Mapping):
             return f"{key} is not an object (got {_kind(values)})"
         for name, value in values.items():
+            if isinstance(value, float) and math.isnan(value):
+                # the writer logs NaN as null: a NaN (JSON's non-standard literal) is no
+                # score any guard wrote, and counted as good it would vanish from the stats
+                return f"{key}.{name} is NaN (not a number)"
             if isinstance(value, int) and not isinstance(value, bool):
                 try:
                     float(value)

@@ -3,8 +3,8 @@
 Modules, in the order the data flows:
 
 :mod:`~ssd_guard.policy.parsing`
-    bytes -> plain data, bounded (depth, alias expansion), and ``FILE: KEY.PATH: reason``
-    error reporting;
+    bytes -> plain data, bounded (file size, node count, depth, alias expansion), and
+    ``FILE: KEY.PATH: reason`` error reporting;
 :mod:`~ssd_guard.policy.schema`
     the pydantic models (:class:`Policy`, :class:`Rule`...) and :meth:`Policy.decide`,
     which returns a :class:`Decision`;
@@ -26,7 +26,7 @@ from ssd_guard.policy.loading import (
     load_default_policy,
     load_policy,
 )
-from ssd_guard.policy.parsing import MAX_YAML_DEPTH, MAX_YAML_NODES
+from ssd_guard.policy.parsing import MAX_POLICY_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
 from ssd_guard.policy.schema import (
     BLOCKING_ACTIONS,
     MAX_TTL_S,
@@ -46,6 +46,7 @@ from ssd_guard.policy.schema import (
 
 __all__ = [
     "BLOCKING_ACTIONS",
+    "MAX_POLICY_BYTES",
     "MAX_TTL_S",
     "MAX_YAML_DEPTH",
     "MAX_YAML_NODES",

@@ -8,15 +8,18 @@ problem); :func:`check_policy_references` (run by ``ssd-guard check-policy``) al
 from __future__ import annotations
 
 import contextlib
+import os
 from importlib import resources
 from pathlib import Path
 
 from ssd_guard.policy.parsing import (
+    MAX_POLICY_BYTES,
     ROOT,
     format_path,
     parse_policy_yaml,
     policy_error,
     policy_errors,
+    too_large_reason,
 )
 from ssd_guard.policy.schema import Policy
 
@@ -38,8 +41,11 @@ def load_policy(path: str | Path) -> Policy:
     Raises :class:`~ssd_guard.errors.PolicyError` as ``FILE: KEY.PATH: reason`` (one line
     per problem, the first being the most relevant), also for YAML syntax errors
     (``FILE: line L, column C:``), empty files, a non-mapping top level, duplicate keys /
-    rule names, unknown keys, and YAML that nests too deeply or expands to too many nodes
-    through aliases (checked before anything is expanded, so a hostile file fails fast).
+    rule names, unknown keys, keys YAML reads as no string (``on:``), a file larger than
+    :data:`~ssd_guard.policy.parsing.MAX_POLICY_BYTES` or with more than
+    :data:`~ssd_guard.policy.parsing.MAX_YAML_NODES` nodes, and YAML that nests too deeply
+    or expands to too many nodes through aliases (checked before anything is expanded, so
+    a hostile file fails fast).
     """
     source = str(path)
     policy = Policy.from_yaml_text(_read(path), source)
@@ -48,9 +54,17 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def _read(path: str | Path) -> bytes:
+    """The file's bytes, read no further than :data:`MAX_POLICY_BYTES` + 1: a larger file
+    is refused (naming its size) before anything is parsed, and never read whole."""
     source = str(path)
     try:
-        return Path(path).read_bytes()
+        with Path(path).open("rb") as fh:
+            data = fh.read(MAX_POLICY_BYTES + 1)
+            if len(data) > MAX_POLICY_BYTES:
+                size = os.fstat(fh.fileno()).st_size  # 0 for a pipe or a device
+                reason = too_large_reason(size if size >= len(data) else None)
+                raise policy_error(source, ROOT, reason)
+            return data
     except FileNotFoundError:
         raise policy_error(source, ROOT, "file not found") from None
     except IsADirectoryError:
@@ -70,14 +84,13 @@ def check_policy_file(path: str | Path) -> Policy:
 
     source, data = str(path), _read(path)
     where = Path(path).parent
+    lines: dict[str, int] = {}
+    raw = parse_policy_yaml(data, source, key_lines=lines)  # a YAML problem ends it here
     try:
-        policy = Policy.from_yaml_text(data, source)
+        policy = Policy._from_parsed(data, raw, source, lines)
     except PolicyError as exc:
         problems = list(getattr(exc, "problems", []))
-        try:  # the references, read from the raw mapping
-            raw = parse_policy_yaml(data, source)
-        except PolicyError:
-            raise exc from None
+        # the references, read from the raw mapping
         student = raw.get("student", "bundled") if isinstance(raw, dict) else None
         proxy = raw.get("proxy_model") if isinstance(raw, dict) else None
         refs = _reference_problems(

@@ -3,14 +3,18 @@
 Nothing here knows the policy schema: :func:`parse_policy_yaml` turns the bytes of a file
 into plain Python data (or raises :class:`~ssd_guard.errors.PolicyError`), and
 :func:`convert_validation_error` turns a pydantic error of any model into one line per
-problem. Parsing is bounded so that a hostile file cannot hang or crash the process: the
-nesting depth and the number of nodes after alias expansion are limited, an alias that
-contains itself is refused, and every key is checked for duplicates once per node.
+problem. Parsing is bounded so that a hostile file cannot hang or crash the process: a
+file larger than :data:`MAX_POLICY_BYTES` is refused before it is parsed, composing stops
+at :data:`MAX_YAML_NODES` nodes (so a large file costs at most that many), the nesting
+depth and the number of nodes after alias expansion are limited, an alias that contains
+itself is refused, and every key is checked once per node: for duplicates, and for a plain
+key YAML 1.1 reads as something other than a string (``on:`` is the boolean true).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import types
 import typing
@@ -24,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from ssd_guard.errors import PolicyError, type_phrase
 
 __all__ = [
+    "MAX_POLICY_BYTES",
     "MAX_YAML_DEPTH",
     "MAX_YAML_NODES",
     "ROOT",
@@ -32,13 +37,19 @@ __all__ = [
     "format_path",
     "parse_policy_yaml",
     "policy_error",
+    "too_large_reason",
     "top_level_reason",
 ]
+
+#: Largest policy file accepted, in bytes (1 MiB), checked before anything is parsed. A
+#: policy of 1,000 plain rules is about 100 KB.
+MAX_POLICY_BYTES = 1024 * 1024
 
 #: Deepest nesting of YAML collections accepted (after alias expansion). A real policy
 #: needs about ten levels; each ``all`` / ``any`` level adds two.
 MAX_YAML_DEPTH = 100
-#: Most YAML nodes accepted after alias expansion (a policy of 1,000 rules has ~20,000).
+#: Most YAML nodes accepted, in the file as written (each alias counts as one; composing
+#: stops there) and after alias expansion (a policy of 1,000 rules has ~20,000).
 MAX_YAML_NODES = 100_000
 
 ROOT = "<root>"
@@ -105,6 +116,15 @@ def _type_name(value: Any) -> str:
     return type_phrase(value)
 
 
+def too_large_reason(size: int | None) -> str:
+    """Why a file of *size* bytes (``None``: more than the limit, size unknown) is refused."""
+    got = f"{size:,} bytes" if size is not None else "more bytes than that"
+    return (
+        f"file too large: {got} > {MAX_POLICY_BYTES:,} bytes, the limit on a policy file "
+        "(1,000 plain rules are about 100 KB)"
+    )
+
+
 def top_level_reason(data: Any) -> str:
     return f"expected a mapping of policy keys at the top level, got {_type_name(data)}"
 
@@ -157,8 +177,11 @@ _LIMIT_SYMBOL = {
 }
 
 
-def _reason(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[tuple[str | int, ...], str]:
-    """A short human reason for one pydantic error, and extra path parts."""
+def _reason(
+    err: Mapping[str, Any], root: type[BaseModel], key_lines: Mapping[str, int] | None = None
+) -> tuple[tuple[str | int, ...], str]:
+    """A short human reason for one pydantic error, and extra path parts (*key_lines*: the
+    line of each top-level key, named for an unknown one)."""
     etype = err["type"]
     loc = tuple(err["loc"])
     value = err.get("input")
@@ -171,12 +194,14 @@ def _reason(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[tuple[str | 
     if etype == "extra_forbidden":
         model = _model_at(root, loc[:-1])
         key = str(loc[-1]) if loc else "?"
+        line = (key_lines or {}).get(key) if len(loc) == 1 else None
+        where = f" on line {line}" if line is not None else ""
         if model is None:
-            return (), f"unknown key '{key}'"
+            return (), f"unknown key '{key}'{where}"
         allowed = sorted(info.alias or name for name, info in model.model_fields.items())
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
-        return (), f"unknown key '{key}'{hint}"
+        return (), f"unknown key '{key}'{where}{hint}"
     if etype == "missing":
         return (), "required key missing"
     if etype in ("float_type", "float_parsing", "finite_number"):
@@ -202,16 +227,20 @@ def _reason(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[tuple[str | 
 
 
 def convert_validation_error(
-    exc: ValidationError, source: str, root: type[BaseModel]
+    exc: ValidationError,
+    source: str,
+    root: type[BaseModel],
+    key_lines: Mapping[str, int] | None = None,
 ) -> PolicyError:
-    """A pydantic error of model *root* as :class:`PolicyError`, one line per problem."""
+    """A pydantic error of model *root* as :class:`PolicyError`, one line per problem
+    (*key_lines*: the line of each top-level key, as :func:`parse_policy_yaml` reports)."""
     problems: list[tuple[str, str]] = []
     for err in exc.errors():
         found = (err.get("ctx") or {}).get("error") if err["type"] == "value_error" else None
         if isinstance(found, PathError):  # every problem its validator found
             pairs = [(format_path((*err["loc"], *sub)) or ROOT, m) for sub, m in found.problems]
         else:
-            extra, reason = _reason(err, root)
+            extra, reason = _reason(err, root, key_lines)
             pairs = [(format_path((*err["loc"], *extra)) or ROOT, reason)]
         problems.extend(pair for pair in pairs if pair not in problems)
     return policy_errors(source, problems)
@@ -229,13 +258,19 @@ class _LimitExceeded(Exception):
 
 class _BoundedLoader(yaml.SafeLoader):
     """A safe loader whose composer refuses nesting deeper than :data:`MAX_YAML_DEPTH`
-    (PyYAML composes recursively, so 5,000 levels would raise ``RecursionError``)."""
+    (PyYAML composes recursively, so 5,000 levels would raise ``RecursionError``) and stops
+    at the node after :data:`MAX_YAML_NODES` (each alias counts as one), so a large file
+    costs at most that many nodes before it is refused."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _too_many_nodes(self.peek_event().start_mark)  # type: ignore[no-untyped-call]
         if self.check_event(yaml.AliasEvent):
             return super().compose_node(parent, index)
         self._depth += 1
@@ -262,6 +297,43 @@ class _BoundedLoader(yaml.SafeLoader):
         super().fetch_flow_collection_start(TokenClass)
 
 
+def _too_many_nodes(mark: Any) -> _LimitExceeded:
+    return _LimitExceeded(
+        f"line {mark.line + 1}, column {mark.column + 1}",
+        f"too many YAML nodes: more than {MAX_YAML_NODES:,} in the file (a policy of 1,000 "
+        "rules has about 20,000)",
+    )
+
+
+def _count_nodes_fast(text: str) -> None:
+    """Raise :class:`_LimitExceeded` at the node after :data:`MAX_YAML_NODES` (each alias
+    counts as one), with LibYAML's parser when PyYAML has it: it reads ~30 times faster than
+    the pure-Python composer, which then never starts on such a file. Any other problem
+    (nesting too deep included: LibYAML slows down there too) is left to that composer,
+    whose messages and bounds are the ones reported."""
+    if not getattr(yaml, "__with_libyaml__", False):
+        return  # _BoundedLoader counts as it composes
+    parser = yaml.CSafeLoader(text)
+    try:
+        nodes = depth = 0
+        while parser.check_event():
+            event = parser.get_event()
+            if isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.NodeEvent):
+                nodes += 1
+                if nodes > MAX_YAML_NODES:
+                    raise _too_many_nodes(event.start_mark)
+                if isinstance(event, yaml.CollectionStartEvent):
+                    depth += 1
+                    if depth > MAX_YAML_DEPTH:
+                        return
+    except yaml.YAMLError:
+        return
+    finally:
+        parser.dispose()
+
+
 def _key_text(node: yaml.Node) -> str:
     if isinstance(node, yaml.ScalarNode):
         return str(node.value)
@@ -285,6 +357,45 @@ def _children(
     return []
 
 
+#: Tags of plain keys that construct to a string (a merge key ``<<`` and ``=`` included).
+_NAME_TAGS = frozenset(
+    {"tag:yaml.org,2002:str", "tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"}
+)
+_TRUE_WORDS = frozenset({"yes", "true", "on"})
+
+
+def _read_as(node: yaml.ScalarNode) -> str:
+    """What YAML makes of a plain key that is no string, in words."""
+    kind = str(node.tag).rsplit(":", 1)[-1]
+    if kind == "bool":
+        value = "true" if str(node.value).lower() in _TRUE_WORDS else "false"
+        return f"the boolean {value} (YAML 1.1)"
+    if kind == "int":
+        return "an integer"
+    if kind == "float":
+        return "a number"
+    if kind == "null":
+        return "null"
+    if kind == "timestamp":
+        return "a date"
+    return f"a value tagged {node.tag}"
+
+
+def _odd_key(node: yaml.MappingNode, path: tuple[str | int, ...]) -> tuple[str, str] | None:
+    """The first scalar key that is not a string (``on``, ``yes``, ``1``, ``null``...):
+    a policy's keys are names, and pydantic would only say "Keys should be strings" about
+    a ``True`` the file never shows."""
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag not in _NAME_TAGS:
+            key = str(key_node.value)
+            return (
+                format_path((*path, key)) or ROOT,
+                f"key '{key}' on line {key_node.start_mark.line + 1} is read by YAML as "
+                f"{_read_as(key_node)}, not as a name; quote it ('{key}') if a name is meant",
+            )
+    return None
+
+
 def _duplicate_key(node: yaml.MappingNode, path: tuple[str | int, ...]) -> tuple[str, str] | None:
     seen: dict[str, int] = {}
     for key_node, _ in node.value:
@@ -302,11 +413,11 @@ def _duplicate_key(node: yaml.MappingNode, path: tuple[str | int, ...]) -> tuple
 def _check_tree(root: yaml.Node) -> tuple[str, str] | None:
     """Walk the composed YAML graph once per node, without recursion.
 
-    Returns the first problem as ``(key path, reason)``: a duplicate mapping key, an alias
-    that contains itself, more than :data:`MAX_YAML_NODES` nodes or more than
-    :data:`MAX_YAML_DEPTH` levels once aliases are expanded. Expanded sizes and depths of
-    shared nodes are memoised, so an alias bomb costs its size in the file, not its
-    expansion.
+    Returns the first problem as ``(key path, reason)``: a key that is no string, a
+    duplicate mapping key, an alias that contains itself, more than :data:`MAX_YAML_NODES`
+    nodes or more than :data:`MAX_YAML_DEPTH` levels once aliases are expanded. Expanded
+    sizes and depths of shared nodes are memoised, so an alias bomb costs its size in the
+    file, not its expansion.
     """
     done: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, expanded depth)
     on_path: set[int] = set()
@@ -314,9 +425,9 @@ def _check_tree(root: yaml.Node) -> tuple[str, str] | None:
 
     def push(node: yaml.Node, path: tuple[str | int, ...]) -> tuple[str, str] | None:
         if isinstance(node, yaml.MappingNode):
-            dup = _duplicate_key(node, path)
-            if dup is not None:
-                return dup
+            odd = _odd_key(node, path) or _duplicate_key(node, path)
+            if odd is not None:
+                return odd
         on_path.add(id(node))
         stack.append(_Frame(node, path, _children(node, path)))
         return None
@@ -380,31 +491,81 @@ def _too_deep(path: tuple[str | int, ...]) -> tuple[str, str]:
     )
 
 
-def parse_policy_yaml(data: bytes, source: str) -> Any:
+#: Line breaks as the YAML reader counts them (for positions found before it runs).
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
+def _position(text: str, index: int) -> str:
+    """``line L, column C`` (1-based, as YAML's own marks) of character *index*."""
+    line, start = 1, 0
+    for brk in _LINE_BREAK.finditer(text, 0, index):
+        line, start = line + 1, brk.end()
+    return f"line {line}, column {index - start + 1}"
+
+
+def _character_name(code: int) -> str:
+    if code == 0:
+        return "NUL"
+    if code < 0x20 or 0x7F <= code <= 0x9F:
+        return "a control character"
+    if 0xD800 <= code <= 0xDFFF:
+        return "a lone surrogate"
+    return "a non-character"
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> tuple[str, str]:
+    start = exc.start
+    line_start = data.rfind(b"\n", 0, start) + 1
+    column = len(data[line_start:start].decode("utf-8", "replace")) + 1
+    line = data.count(b"\n", 0, start) + 1
+    where = f"line {line}, column {column}"
+    return where, f"not UTF-8 text ({exc.reason}: byte 0x{data[start]:02x} at offset {start})"
+
+
+def parse_policy_yaml(data: bytes, source: str, *, key_lines: dict[str, int] | None = None) -> Any:
     """Decode and parse a policy file's bytes into plain data (not yet validated).
 
-    Raises :class:`PolicyError` naming *source* for non-UTF-8 bytes, an empty file, YAML
-    syntax errors (``line L, column C``), duplicate keys, recursive aliases, and YAML that
-    is nested too deeply or expands to too many nodes. Bounded: returns (or raises) in time
-    proportional to the file's size.
+    Raises :class:`PolicyError` naming *source* for a file larger than
+    :data:`MAX_POLICY_BYTES`, non-UTF-8 bytes and characters YAML refuses (NUL, control
+    characters: ``line L, column C``), an empty file, YAML syntax errors (``line L,
+    column C``), more than :data:`MAX_YAML_NODES` nodes in the file, keys that YAML reads
+    as no string (``on``, ``yes``, ``1``...), duplicate keys, recursive aliases, and YAML
+    that is nested too deeply or expands to too many nodes through aliases. Bounded:
+    returns (or raises) in time proportional to the file's size, at most that of
+    :data:`MAX_YAML_NODES` nodes. *key_lines*, when given, receives the line of each
+    top-level key (what an unknown-key error names).
     """
+    if len(data) > MAX_POLICY_BYTES:
+        raise policy_error(source, ROOT, too_large_reason(len(data)))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        reason = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-        raise policy_error(source, ROOT, reason) from None
+        raise policy_error(source, *_not_utf8(data, exc)) from None
     if not text.strip() or all(
         not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
     ):
         raise policy_error(source, ROOT, _EMPTY)
-    loader = _BoundedLoader(text)
     try:
+        loader = _BoundedLoader(text)  # checks every character first
+    except yaml.reader.ReaderError as exc:
+        code = exc.character if isinstance(exc.character, int) else ord(str(exc.character))
+        reason = (
+            f"invalid YAML: unacceptable character #x{code:04x} ({_character_name(code)}): "
+            "special characters are not allowed in YAML"
+        )
+        raise policy_error(source, _position(text, exc.position), reason) from None
+    try:
+        _count_nodes_fast(text)
         node = loader.get_single_node()
         if node is None:
             raise policy_error(source, ROOT, _EMPTY)
         problem = _check_tree(node)
         if problem is not None:
             raise policy_error(source, *problem)
+        if key_lines is not None and isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    key_lines.setdefault(str(key_node.value), key_node.start_mark.line + 1)
         parsed = loader.construct_document(node)
     except _LimitExceeded as exc:
         raise policy_error(source, exc.path, exc.reason) from None

@@ -263,6 +263,15 @@ class CacheConfig(_Model):
     """After Redis is found down, skip it this long before probing again (circuit breaker)."""
     max_entries: int = Field(default=10_000, gt=0)
     """Capacity of the memory cache (least recently used entries go first)."""
+    command_deadline_s: float | None = Field(default=None, gt=0, le=60)
+    """Bound on one whole Redis operation, retries included (a Redis trickling bytes counts
+    as a timeout); default ``4 * timeout_s + 0.05``."""
+    max_entry_bytes: int = Field(default=262_144, ge=1)
+    """Most bytes one entry read may transfer (reads use ``GETRANGE``); a larger value
+    under a score key is a logged miss."""
+    allow_unsigned: bool = False
+    """Run a Redis cache without ``SSD_GUARD_CACHE_HMAC_KEY``: it warns when open and is
+    refused under ``fail_mode: closed`` unless this is true."""
 
 
 class CalibratedBound(_Model):
@@ -656,19 +665,32 @@ class Policy(_Model):
     def from_yaml_text(cls, text: str | bytes, source: str = "<string>") -> Policy:
         """Parse and validate a policy from YAML text; errors name *source*."""
         data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-        policy = cls.from_mapping(parse_policy_yaml(data, source), source)
+        lines: dict[str, int] = {}
+        return cls._from_parsed(
+            data, parse_policy_yaml(data, source, key_lines=lines), source, lines
+        )
+
+    @classmethod
+    def _from_parsed(
+        cls, data: bytes, parsed: Any, source: str, key_lines: Mapping[str, int]
+    ) -> Policy:
+        """Validate what :func:`parse_policy_yaml` made of *data* (parsed once only)."""
+        policy = cls.from_mapping(parsed, source, key_lines=key_lines)
         policy._sha256 = hashlib.sha256(data).hexdigest()
         return policy
 
     @classmethod
-    def from_mapping(cls, data: Any, source: str = "<mapping>") -> Policy:
-        """Validate an already-parsed mapping; errors name *source* like :func:`load_policy`."""
+    def from_mapping(
+        cls, data: Any, source: str = "<mapping>", *, key_lines: Mapping[str, int] | None = None
+    ) -> Policy:
+        """Validate an already-parsed mapping; errors name *source* like :func:`load_policy`
+        (and the line of an unknown top-level key, given *key_lines*: key -> line)."""
         if not isinstance(data, Mapping):
             raise policy_error(source, ROOT, top_level_reason(data))
         try:
             policy = cls.model_validate(dict(data))
         except ValidationError as exc:
-            error = convert_validation_error(exc, source, cls)
+            error = convert_validation_error(exc, source, cls, key_lines)
             # A rule that fails its own checks keeps the policy's checks from running:
             # report the duplicate rule names of the raw rules too (every error at once).
             rules = data.get("rules")
