@@ -207,8 +207,15 @@ class RecipeFile(_Strict):
 class Recipe(RecipeFile):
     name: str
     base_model: str
+    #: ``auto``: bf16 on a GPU that supports it and on a CPU with native bf16
+    #: (avx512_bf16 / amx_bf16), else fp32 (ssd_guard.models.auto_dtype); logged.
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str | None = None
+    #: torch CPU threads while distilling (``--threads`` overrides). Null: the
+    #: ``OMP_NUM_THREADS`` environment variable when set, else min(physical cores, CPUs
+    #: this process may use, cgroup CPU quota); logged. More threads than cores (or than
+    #: a shared machine grants) slowed the teacher 4-5x.
+    threads: int | None = Field(default=None, ge=1)
     workdir: str
     data: DataConfig
     prompt: PromptConfig = PromptConfig()

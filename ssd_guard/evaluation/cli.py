@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "summary_lines"]
 
 
 def _workdir(path: str | None, config: str | None, what: str) -> Path | None:
@@ -83,11 +83,43 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         log=log,
         pair_scorers=_pair_scorers(args, log),
     )
-    pre = results["hallucination"]["pre_generation"]
     print(f"report: {Path(args.out) / 'report.md'}")
-    for name, r in pre.items():
-        print(f"  {name:<10} AUROC {r['auroc']['value']:.3f}")
+    print(summary_lines(results))
     return 0
+
+
+def summary_lines(results: dict[str, Any]) -> str:
+    """What ``evaluate`` prints: the AUROC (wrong default answer) of every scorer before
+    generation and of every answer signal after it, the mismatch AUROC and the
+    multiple-choice accuracy when evaluated."""
+    hall = results["hallucination"]
+    sections = [
+        ("before generation (prompt only)", hall.get("pre_generation", {})),
+        ("after generation (prompt + default answer)", hall.get("post_generation", {})),
+    ]
+    width = max([10, *(len(n) for _, block in sections for n in block)])
+    lines: list[str] = []
+    for title, block in sections:
+        if not block:
+            continue
+        lines.append(f"  {title}: AUROC for a wrong answer [95% CI]")
+        for name, r in block.items():
+            a = r["auroc"]
+            ci = ""
+            if a.get("low") is not None and a.get("high") is not None:
+                ci = f"  [{a['low']:.3f}, {a['high']:.3f}]"
+            lines.append(f"    {name:<{width}} AUROC {a['value']:.3f}{ci}")
+    mm = results.get("mismatch")
+    if mm:
+        lines.append(
+            f"  answer mismatch ({mm['signal']}, own vs another prompt's answer): "
+            f"AUROC {mm['auroc']['value']:.3f}"
+        )
+    mc = results.get("multiple_choice")
+    if mc:
+        acc = ", ".join(f"{k} {v['value']:.3f}" for k, v in mc["accuracy"].items())
+        lines.append(f"  multiple choice ({mc['n_test']} questions): accuracy {acc}")
+    return "\n".join(lines)
 
 
 def add_commands(subparsers: Any) -> None:

@@ -87,12 +87,22 @@ def workdir_token_stats(
     prompts = [str(r.get("text", r["prompt"])) for r in data.prompts]
     default = list(data.stats.default or [])
     n = len(prompts)
+    digest = _token_stats_digest(prompts, default, model)
     done = np.full((n, 3), np.nan)
     have = np.zeros(n, dtype=bool)
     if path.is_file():
-        t = load_file(str(path))
-        if t["values"].shape[0] == n:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            stored = (f.metadata() or {}).get("digest")
+        if stored == digest:
+            t = load_file(str(path))
             done, have = t["values"].astype(np.float64), t["done"].astype(bool)
+        else:
+            say(
+                f"token stats: {path} was computed for other prompts, answers or another "
+                "model; computing them again"
+            )
     todo = np.flatnonzero(~have)
     t0 = time.perf_counter()
     for start in range(0, len(todo), chunk):
@@ -101,9 +111,27 @@ def workdir_token_stats(
             model, tokenizer, [prompts[i] for i in rows], [default[i] for i in rows]
         )
         have[rows] = True
-        save_file({"values": done, "done": have.astype(np.uint8)}, str(path))
+        save_file(
+            {"values": done, "done": have.astype(np.uint8)}, str(path), metadata={"digest": digest}
+        )
         say(f"token stats: {int(have.sum())}/{n} rows ({time.perf_counter() - t0:.0f} s)")
     return done
+
+
+def _token_stats_digest(prompts: Sequence[str], answers: Sequence[str], model: Any) -> str:
+    """What the cached token statistics depend on: every row's prompt and default
+    answer, and the model (its weights' fingerprint and dtype)."""
+    import hashlib
+    import json
+
+    from ssd_guard.models import model_fingerprint
+
+    try:
+        who = [model_fingerprint(model), str(next(model.parameters()).dtype)]
+    except (AttributeError, StopIteration, TypeError):
+        who = [type(model).__name__]
+    blob = json.dumps([who, list(prompts), list(answers)], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _layer_stats(stats: Stats, features: torch.Tensor, layers: Sequence[int], h: int) -> Stats:

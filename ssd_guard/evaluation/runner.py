@@ -407,6 +407,22 @@ def _risk_scores(
     return {"variants": sorted(model.variants), "info": model.info}
 
 
+def student_projection(ssd: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The risk head's target space, ``(mean, components, scale)`` of the first
+    ``dim`` components of the *artifact's* PCA (the one the student was trained and
+    scores with; a work directory's ``pca.safetensors`` may since have been refitted),
+    or ``None`` when the scorer has no PCA or no risk head."""
+    risk_dim = int(getattr(ssd.heads.get("risk"), "dim_", 0)) if hasattr(ssd, "heads") else 0
+    pca = getattr(getattr(ssd, "embedder", None), "pca", None)
+    if pca is None or risk_dim <= 0:
+        return None
+    return (
+        pca.mean.float().cpu().numpy(),
+        pca.components[:risk_dim].float().cpu().numpy(),
+        pca.scale[:risk_dim].float().cpu().numpy(),
+    )
+
+
 def _same_pass(a: Any, b: Any) -> bool:
     """Whether *b*'s outputs come from the very pass *a* ran (same implementation of
     ``score_pairs_all``, same model, anchor and layers)."""
@@ -670,15 +686,10 @@ def run_evaluation(
     # ------------------------------------------------------------------ fidelity
     fidelity: dict[str, Any] = {}
     td_variants = {"TD-std": prompt_scores["TD-std"], "TD-trace": prompt_scores["TD-trace"]}
-    risk_dim = int(getattr(ssd.heads.get("risk"), "dim_", 0)) if hasattr(ssd, "heads") else 0
-    if data.pca is not None and risk_dim > 0:
-        proj = (
-            data.pca["mean"],
-            data.pca["components"][:risk_dim],
-            data.pca["scale"][:risk_dim],
-        )
+    proj = student_projection(ssd)
+    if proj is not None:
         td_pca = TeacherDispersion("trace", projection=proj, name="TD-trace-pca")
-        td_variants[f"TD-trace (student space, PCA {risk_dim})"] = td_pca.score(test)
+        td_variants[f"TD-trace (student space, PCA {proj[1].shape[0]})"] = td_pca.score(test)
     for name, td in td_variants.items():
         fidelity[name] = _interval(M.spearman, prompt_scores["SSD"], td, idx=idx)
     results["fidelity"] = {"spearman_ssd_entropy_vs": fidelity}

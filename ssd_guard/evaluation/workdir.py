@@ -78,6 +78,26 @@ def _load_teacher(
     return records, hidden
 
 
+#: The distill stages whose files :func:`load_workdir` reads.
+_READ_STAGES = ("prompts", "teacher", "labels", "embed", "features", "layers")
+
+
+def _check_fresh(root: Path) -> None:
+    """Refuse a work directory whose files come from different runs: a stage the
+    evaluation reads whose recorded inputs no longer match the stages before it (e.g.
+    the data changed and only ``--until prompts`` ran since)."""
+    from ssd_guard.distill.workdir import Workdir, stale_stages
+
+    found = stale_stages(Workdir(root))
+    stale = {k: found[k] for k in _READ_STAGES if k in found}
+    if stale:
+        what = "; ".join(f"{k} (older than {', '.join(v)})" for k, v in stale.items())
+        raise ConfigError(
+            f"{root}: stale stage outputs: {what}. Finish `ssd-guard distill` on this work "
+            "directory (it reruns them) before reading it"
+        )
+
+
 def load_workdir(
     path: str | Path, *, embedder: Any | None = None, need_hidden: bool = True
 ) -> WorkdirData:
@@ -93,6 +113,7 @@ def load_workdir(
     ppath = root / "prompts.jsonl"
     if not ppath.exists():
         raise ConfigError(f"{root}: not a distillation work directory (no prompts.jsonl)")
+    _check_fresh(root)
     prompts = _read_jsonl(ppath)
     ids = [str(p["id"]) for p in prompts]
     pos = {i: n for n, i in enumerate(ids)}
