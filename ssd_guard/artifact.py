@@ -5,6 +5,10 @@ calibration values); the manifest records what the student was trained for and t
 sha256 of the weights file. Loading verifies the hash, and :func:`check_compatible`
 refuses an artifact whose base model, hidden size or embedder differ from those it
 is used with. Nothing is ever pickled.
+
+A prompt is scored on at most :meth:`Manifest.prompt_token_limit` tokens (its last ones):
+``prompt.max_tokens`` when the manifest records it, else
+:data:`DEFAULT_MAX_PROMPT_TOKENS` capped at the base model's context.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from ssd_guard._version import __version__
@@ -25,6 +29,7 @@ from ssd_guard.errors import ArtifactError, ArtifactIntegrityError, ArtifactMism
 from ssd_guard.features import FeatureSpec
 
 __all__ = [
+    "DEFAULT_MAX_PROMPT_TOKENS",
     "FORMAT_VERSION",
     "AnswerInfo",
     "BaseModelInfo",
@@ -43,6 +48,16 @@ __all__ = [
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+
+#: Prompt tokens scored when the manifest records no ``prompt.max_tokens``: a prompt
+#: keeps its last 512 tokens (the end of the question, which the student reads). The
+#: bundled student's formatted training prompts (3-shot prefix + question) are 70 tokens
+#: long at the median and 208 at most (4,000 prompts), so 512 is 2.5x the longest prompt
+#: it has seen, rounded up to a power of two; it is capped at the base model's context.
+#: Longer prompts are outside what the student was trained on, and their prefill cost
+#: grows with their length (a 200,000-character prompt took 53 s at the 8,192-token
+#: context on 2 CPU cores; under a second at 512).
+DEFAULT_MAX_PROMPT_TOKENS = 512
 
 
 class _Model(BaseModel):
@@ -92,6 +107,10 @@ class PromptFormat(_Model):
     #: ``few_shot`` / ``template`` are then unused.
     chat: bool = False
     system: str | None = None
+    #: Most prompt tokens the student is scored on (the formatted prompt's *last* ones);
+    #: ``None``: :data:`DEFAULT_MAX_PROMPT_TOKENS`, capped at the base model's context.
+    #: Optional (added after format 1): a manifest without it reads as before.
+    max_tokens: int | None = Field(default=None, ge=1)
 
 
 class AnswerInfo(_Model):
@@ -135,6 +154,13 @@ class Manifest(_Model):
     def feature_spec(self) -> FeatureSpec:
         return self.features or FeatureSpec.single(self.layer)
 
+    def prompt_token_limit(self, context: int | None = None) -> int:
+        """Most prompt tokens to score: ``prompt.max_tokens`` when recorded, else
+        :data:`DEFAULT_MAX_PROMPT_TOKENS`; never more than *context* (the base model's
+        ``max_position_embeddings``) when given."""
+        limit = self.prompt.max_tokens or DEFAULT_MAX_PROMPT_TOKENS
+        return min(limit, context) if context else limit
+
     @property
     def fingerprint(self) -> str:
         """Identifies what the scores depend on: the weights *and* every manifest field
@@ -144,7 +170,9 @@ class Manifest(_Model):
             "weights": self.weights_sha256,
             "layer": self.layer,
             "features": self.feature_spec.model_dump(mode="json"),
-            "prompt": _without_new_defaults(self.prompt, {"chat": False, "system": None}),
+            "prompt": _without_new_defaults(
+                self.prompt, {"chat": False, "system": None, "max_tokens": None}
+            ),
             "heads": {k: v.model_dump(mode="json") for k, v in sorted(self.heads.items())},
             "answers": _without_new_defaults(self.answers, {"core_embed": False}),
             "embedder": self.embedder.model_dump(mode="json"),

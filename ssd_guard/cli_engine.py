@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+#: Loggers whose INFO lines a pipeline command shows on stderr: why a stage reruns, the
+#: dtype ``auto`` chose, the thread count, the closing notes.
+_PIPELINE_LOGGERS = ("ssd_guard.distill", "ssd_guard.drafts", "ssd_guard.models")
+
+
+@contextlib.contextmanager
+def _stderr_logs(names: Sequence[str] = _PIPELINE_LOGGERS) -> Iterator[None]:
+    """Show the INFO lines of the *names* loggers on stderr while the block runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 def run_stage_pipeline(pipeline: Callable[..., Path], recipe: Any, args: argparse.Namespace) -> int:
     """Run a resumable stage pipeline from the arguments of :func:`add_pipeline_args`,
-    reporting each stage on stderr; prints the work directory."""
+    reporting each stage (and the pipeline's INFO log lines) on stderr; prints the work
+    directory."""
 
     def report(name: str, state: str, seconds: float) -> None:
         msg = (
@@ -22,25 +49,38 @@ def run_stage_pipeline(pipeline: Callable[..., Path], recipe: Any, args: argpars
         )
         print(msg, file=sys.stderr, flush=True)
 
-    root = pipeline(
-        recipe,
-        workdir=args.workdir,
-        until=args.until,
-        force=tuple(args.force),
-        device=args.device,
-        progress=not args.quiet,
-        on_stage=report,
-    )
+    with _stderr_logs():
+        root = pipeline(
+            recipe,
+            workdir=args.workdir,
+            until=args.until,
+            force=tuple(args.force),
+            device=args.device,
+            progress=not args.quiet,
+            on_stage=report,
+        )
     print(root)
     return 0
 
 
-def add_pipeline_args(parser: Any, config_help: str) -> None:
-    """The arguments of a resumable stage pipeline (``distill``, ``distill-drafts``)."""
+def add_pipeline_args(parser: Any, config_help: str, stages: Sequence[str] | None = None) -> None:
+    """The arguments of a resumable stage pipeline (``distill``, ``distill-drafts``);
+    *stages* (the pipeline's stage names) are listed in the help of ``--until`` and
+    ``--force``."""
+    names = f"one of: {', '.join(stages)}" if stages else ""
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--workdir", help="override the recipe's work directory")
-    parser.add_argument("--until", help="stop after this stage")
-    parser.add_argument("--force", action="append", default=[], help="redo this stage (repeatable)")
+    parser.add_argument(
+        "--until", metavar="STAGE", help="stop after this stage" + (f" ({names})" if names else "")
+    )
+    parser.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="redo this stage even if its inputs are unchanged (repeatable"
+        + (f"; {names})" if names else ")"),
+    )
     parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -49,7 +89,17 @@ def _distill(args: argparse.Namespace) -> int:
     from ssd_guard.distill.pipeline import run_pipeline
     from ssd_guard.distill.recipe import load_recipe
 
-    return run_stage_pipeline(run_pipeline, load_recipe(args.config), args)
+    # run_pipeline logs (shown on stderr) the dtype, the threads, why a stage reruns and,
+    # at the end, a note when the artifact has no combined risk model (`fit-risk`).
+    pipeline = functools.partial(run_pipeline, threads=args.threads)
+    return run_stage_pipeline(pipeline, load_recipe(args.config), args)
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def _calibration_for(scorer: Any, scope: str) -> dict[str, Any] | None:
@@ -149,18 +199,42 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _artifact(args: argparse.Namespace) -> int:
-    from ssd_guard.artifact import load_artifact
+    """Run the checks ``SSDScorer.load`` runs (one shared function), then print the
+    manifest; a refused artifact exits 1 with load's own message (``main``)."""
+    from ssd_guard.scoring.ssd import verify_artifact
 
-    manifest, tensors = load_artifact(args.path)
+    student = verify_artifact(args.path, models=not args.no_models, device=args.device)
+    manifest = student.manifest
     info = manifest.model_dump(mode="json")
-    info["tensors"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+    info["tensors"] = {k: list(v.shape) for k, v in sorted(student.tensors.items())}
+    info["verified"] = {
+        "student_fingerprint": manifest.fingerprint,
+        "risk_model": student.risk_model is not None,
+        "base_model": "skipped (--no-models)" if args.no_models else "matches",
+    }
     print(json.dumps(info, indent=2))
     return 0
 
 
 def add_commands(sub: Any) -> None:
-    p = sub.add_parser("distill", help="train an SSD student from a recipe (resumable)")
-    add_pipeline_args(p, "recipe YAML (see training/)")
+    from ssd_guard.distill import STAGES
+
+    p = sub.add_parser(
+        "distill",
+        help="train an SSD student from a recipe (resumable)",
+        description="Run the recipe's stages in order, each skipped while what it depends "
+        "on (its recipe fields, the data files' content, the outputs of the stages before "
+        "it) is unchanged since it completed; a killed run resumes where it stopped.",
+    )
+    add_pipeline_args(p, "recipe YAML (see training/)", stages=STAGES)
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch CPU threads (default: the recipe's `threads`, else OMP_NUM_THREADS when "
+        "set, else min(physical cores, CPUs this process may use, cgroup CPU quota)); "
+        "oversubscribing a shared machine slowed the teacher 4-5x",
+    )
     p.set_defaults(func=_distill)
 
     s = sub.add_parser(
@@ -179,6 +253,16 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--device")
     s.set_defaults(func=_score)
 
-    a = sub.add_parser("artifact", help="verify an artifact and print its manifest")
+    a = sub.add_parser(
+        "artifact",
+        help="verify an artifact as SSDScorer.load does (weights sha256, tensors and head "
+        "shapes, risk model, base model and embedder) and print its manifest",
+    )
     a.add_argument("path", nargs="?", default="bundled")
+    a.add_argument(
+        "--no-models",
+        action="store_true",
+        help="skip loading the base model and embedder (no base-model match check)",
+    )
+    a.add_argument("--device", default="cpu", help="where to load the models (default: cpu)")
     a.set_defaults(func=_artifact)

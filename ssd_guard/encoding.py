@@ -7,19 +7,29 @@
   prefill, so pre-generation scoring needs no extra pass at all.
 * :class:`AnswerEmbedder` — sentence embeddings (L2-normalised) projected by a fitted
   :class:`PCAProjection`.
+* :func:`check_text` / :func:`check_texts` / :func:`check_text_lists` — the argument
+  checks shared by the guard and the scorers: text they are given must be a ``str`` that
+  encodes as UTF-8 (no lone surrogate), a list of texts never a single string; anything
+  else raises :class:`~ssd_guard.errors.GuardInputError` naming the argument and index.
+
+A prompt longer than the encoder's ``max_tokens`` keeps its *last* ``max_tokens`` tokens
+(the end of the question, which the student reads). Only a bounded window of characters
+at the end of a long text is tokenized (:meth:`PromptEncoder.bounded_text`), so a
+200,000-character prompt costs what a prompt at the limit costs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from ssd_guard.errors import GuardInputError
 from ssd_guard.features import FeatureSpec
 from ssd_guard.generation import left_pad_positions, pool_weights
 
@@ -30,8 +40,70 @@ __all__ = [
     "HiddenStateCapture",
     "PCAProjection",
     "PromptEncoder",
+    "check_text",
+    "check_text_lists",
+    "check_texts",
     "decoder_layers",
 ]
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks (shared by the guard and the scorers)
+# --------------------------------------------------------------------------------------
+def _wrong_type(name: str, value: Any, expected: str) -> GuardInputError:
+    hint = " (decode bytes to str first)" if isinstance(value, bytes | bytearray) else ""
+    return GuardInputError(name, f"{name} must be {expected}, got {type(value).__name__}{hint}")
+
+
+def check_text(name: str, value: Any, *, expected: str = "a str") -> str:
+    """*value* if it is text the scorer, the tokenizers and the cache can take (a ``str``
+    that encodes as UTF-8); else :class:`~ssd_guard.errors.GuardInputError` naming *name*
+    (``"prompts[2]"``...)."""
+    if not isinstance(value, str):
+        raise _wrong_type(name, value, expected)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise GuardInputError(
+                name,
+                f"{name} is not valid Unicode text: lone surrogate {value[exc.start]!r} at "
+                f"index {exc.start}",
+            ) from None
+    return value
+
+
+def _as_items(name: str, value: Any) -> list[Any]:
+    """*value* (a list / tuple / iterable, never a single string or a mapping) as a list."""
+    if isinstance(value, str | bytes | bytearray):
+        raise GuardInputError(
+            name,
+            f"{name} must be a list of str, got a single {type(value).__name__} (it would be "
+            f"split into characters); wrap it in a list: [{name}]",
+        )
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise GuardInputError(name, f"{name} must be a list of str, got {type(value).__name__}")
+    return list(value)
+
+
+def check_texts(name: str, value: Any) -> list[str]:
+    """*value* (a list / tuple / iterable of str, never a single string) as a list, each
+    item checked by :func:`check_text` as ``name[i]``."""
+    return [check_text(f"{name}[{i}]", item) for i, item in enumerate(_as_items(name, value))]
+
+
+def check_text_lists(name: str, value: Any) -> list[str | list[str]]:
+    """*value*: one entry per prompt, each a str or a list of str (candidate answers)."""
+    out: list[str | list[str]] = []
+    for i, item in enumerate(_as_items(name, value)):
+        key = f"{name}[{i}]"
+        if isinstance(item, str):
+            out.append(check_text(key, item))
+        elif isinstance(item, Iterable) and not isinstance(item, bytes | bytearray | Mapping):
+            out.append(check_texts(key, item))
+        else:
+            raise _wrong_type(key, item, "a str or a list of str")
+    return out
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
@@ -122,8 +194,16 @@ class PromptEncoder:
             path, for tests).
         max_tokens: prompts longer than this keep their *last* ``max_tokens`` tokens
             (default: the model's context length). Truncation is never silent: it is
-            counted in :attr:`truncated` and logged.
+            counted in :attr:`truncated` and logged. Only a bounded character window at
+            the end of a long prompt is tokenized (:meth:`bounded_text`).
     """
+
+    #: A long text is first cut to its last ``CHARS_PER_TOKEN * max_tokens`` characters
+    #: (a token of natural text is about 4 characters), widened until it holds more than
+    #: ``max_tokens + WINDOW_MARGIN`` tokens: the tokens lost at the cut fall outside the
+    #: kept ones.
+    CHARS_PER_TOKEN = 8
+    WINDOW_MARGIN = 16
 
     def __init__(
         self,
@@ -160,6 +240,9 @@ class PromptEncoder:
         self.hidden_size = int(cfg.hidden_size)
         ctx = getattr(cfg, "max_position_embeddings", None)
         self.max_tokens = int(max_tokens or ctx or 2048)
+        #: the base model's context: the most a generation prompt may hold (the scoring
+        #: limit ``max_tokens`` is usually far smaller: what the student was trained on)
+        self.context_tokens = int(ctx or max(self.max_tokens, 2048))
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         #: how many prompts were cut to their last ``max_tokens`` tokens so far
@@ -193,19 +276,49 @@ class PromptEncoder:
         """The module whose forward output is the deepest layer read."""
         return self._module_for(self.layer)
 
+    def bounded_text(self, text: str, max_tokens: int | None = None) -> str:
+        """*text*, or the shortest tried suffix of it that still holds more than
+        ``max_tokens`` tokens (plus a margin): its last ``max_tokens`` tokens are the
+        text's, and tokenizing it costs what the limit costs, whatever the text's length.
+        The character count decides first: a text shorter than the window is returned
+        as is, untokenized. *max_tokens* defaults to the encoder's."""
+        limit = (max_tokens or self.max_tokens) + self.WINDOW_MARGIN
+        window = max(self.CHARS_PER_TOKEN * limit, 256)
+        while len(text) > window:
+            tail = text[-window:]
+            ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+            if len(ids) > limit:
+                return tail
+            window *= 4
+        return text
+
+    def too_long(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text has more than ``max_tokens`` tokens (counted on its
+        :meth:`bounded_text`, so a very long text costs no more than one at the limit)."""
+        if not texts:
+            return []
+        ids = self.tokenizer([self.bounded_text(t) for t in texts])["input_ids"]
+        return [len(row) > self.max_tokens for row in ids]
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Left-padded ids and attention mask of *texts*, each cut to its last
         ``max_tokens`` tokens (see :meth:`tokenize_checked`)."""
         return self.tokenize_checked(texts)[0]
 
-    def tokenize_checked(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    def tokenize_checked(
+        self, texts: Sequence[str], max_tokens: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """:meth:`tokenize`, plus whether each text was cut to its last ``max_tokens``
-        tokens (counted in :attr:`truncated` and logged)."""
-        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True)
+        tokens (counted in :attr:`truncated` and logged). *max_tokens* defaults to the
+        encoder's scoring limit; a generation prompt passes :attr:`context_tokens`."""
+        limit = int(max_tokens or self.max_tokens)
+        enc = self.tokenizer(
+            [self.bounded_text(t, limit) for t in texts], return_tensors="pt", padding=True
+        )
         ids, attn = enc["input_ids"], enc["attention_mask"]
         cut = [False] * int(ids.shape[0])
-        if ids.shape[1] > self.max_tokens:
-            rows = (attn.sum(1) > self.max_tokens).tolist()
+        if ids.shape[1] > limit:
+            rows = (attn.sum(1) > limit).tolist()
             cut = [bool(r) for r in rows]
             long_rows = sum(cut)
             self.truncated += long_rows
@@ -213,10 +326,10 @@ class PromptEncoder:
                 "ssd_guard: %d prompt(s) longer than %d tokens were cut to their last %d "
                 "tokens before scoring",
                 long_rows,
-                self.max_tokens,
-                self.max_tokens,
+                limit,
+                limit,
             )
-            ids, attn = ids[:, -self.max_tokens :], attn[:, -self.max_tokens :]
+            ids, attn = ids[:, -limit:], attn[:, -limit:]
         return {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}, cut
 
     @contextlib.contextmanager

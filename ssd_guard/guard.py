@@ -95,6 +95,7 @@ import structlog
 from ssd_guard._flow import Call, Flow, adrive, drive
 from ssd_guard.audit import bind_run, emit_decision
 from ssd_guard.cache import ScoreCache, cache_from_config, collect_errors, make_key
+from ssd_guard.encoding import check_text, check_texts
 from ssd_guard.errors import CacheUnavailableError, ConfigError, GuardInputError
 from ssd_guard.policy import Decision, Policy, Scope, check_policy_references, load_policy
 from ssd_guard.policy.schema import ANSWER_SIGNALS, DOCUMENT_SIGNALS, PAIR_SIGNALS
@@ -153,33 +154,10 @@ def format_context(
 # --------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------
-def _check_text(name: str, value: Any) -> str:
-    """*value* if it is text the scorer and the cache can take; else GuardInputError."""
-    if not isinstance(value, str):
-        hint = " (decode bytes to str first)" if isinstance(value, bytes | bytearray) else ""
-        raise GuardInputError(name, f"{name} must be a str, got {type(value).__name__}{hint}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise GuardInputError(
-            name,
-            f"{name} is not valid Unicode text: lone surrogate {value[exc.start]!r} at "
-            f"index {exc.start}",
-        ) from None
-    return value
-
-
-def _check_texts(name: str, value: Any) -> list[str]:
-    """*value* (a list / tuple / iterable of str, never a single string) as a list."""
-    if isinstance(value, str | bytes | bytearray):
-        raise GuardInputError(
-            name,
-            f"{name} must be a list of str, got a single {type(value).__name__} (it would be "
-            f"split into characters); wrap it in a list: [{name}]",
-        )
-    if isinstance(value, Mapping) or not isinstance(value, Iterable):
-        raise GuardInputError(name, f"{name} must be a list of str, got {type(value).__name__}")
-    return [_check_text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+# One set of checks for the guard and the scorers (:mod:`ssd_guard.encoding`): a text is
+# a str that encodes as UTF-8, a list of texts never a single string.
+_check_text = check_text
+_check_texts = check_texts
 
 
 def _check_meta(tags: Any, run_name: Any) -> None:
@@ -525,17 +503,50 @@ class Guard:
             raise ConfigError(f"screener: {screener!r} is not a DocumentScreener (score)")
         self._screener: DocumentScreener | None = screener
         self._screener_lock = threading.Lock()
-        if "risk" in {m for _, m in used} and getattr(self.scorer, "risk_model", None) is None:
-            raise ConfigError(
-                f"{self.policy.source}: a rule reads 'risk', but the student has no risk "
-                "model (risk.safetensors in its artifact): run `ssd-guard fit-risk`"
-            )
-        for sig in sorted(self._answer_needs & set(PAIR_SIGNALS)):
-            if sig not in self.pair_scorers:
-                raise ConfigError(
-                    f"{self.policy.source}: a rule reads '{sig}', but no scorer for it was "
-                    f"given: pass Guard(pair_scorers=[...]) with a scorer whose signal is {sig!r}"
+        # A signal no scorer provides would leave its rule silent (every decision logging
+        # it in missing_scores): refuse the policy now, naming who would provide it.
+        for index, rule in enumerate(self.policy.rules):
+            for metric in sorted(rule.when.metrics() if rule.when is not None else ()):
+                lacking = self._unprovided(rule.scope, metric)
+                if lacking is not None:
+                    raise ConfigError(
+                        f"{self.policy.source}: rules[{index}] '{rule.name}' (scope "
+                        f"{rule.scope}) reads '{metric}', but {lacking}"
+                    )
+
+    def _unprovided(self, scope: str, metric: str) -> str | None:
+        """Why no scorer of this guard provides *metric* at *scope*, or ``None``: entropy
+        and loglik are every scorer's (``score_prompts`` / ``score_answers``), pmi and
+        consensus need ``answer_signals``, risk a risk model and ``prompt_signals`` (scope
+        prompt) / ``answer_signals``, a pair signal its pair scorer; the document screener
+        is built on demand."""
+        kind = type(getattr(self.scorer, "scorer", self.scorer)).__name__
+        if metric in ANSWER_SIGNALS and metric != "loglik":
+            if not callable(getattr(self.scorer, "answer_signals", None)):
+                return (
+                    f"the scorer ({kind}) has no answer_signals method, which computes "
+                    "pmi and consensus: use a scorer that has one (SSDScorer, the SSD "
+                    "student, does), or read loglik instead"
                 )
+        elif metric == "risk":
+            if getattr(self.scorer, "risk_model", None) is None:
+                return (
+                    f"the student ({kind}) has no risk model (risk.safetensors in its "
+                    "artifact): run `ssd-guard fit-risk`"
+                )
+            method = "prompt_signals" if scope == "prompt" else "answer_signals"
+            if not callable(getattr(self.scorer, method, None)):
+                return (
+                    f"the scorer ({kind}) has no {method} method, which computes risk on "
+                    f"scope {scope}: use a scorer that has one (SSDScorer with a risk model)"
+                )
+        elif metric in PAIR_SIGNALS and metric not in self.pair_scorers:
+            provider = {"draft_eu": "DraftEUScorer"}.get(metric, "SemGradScorer / HybridGradScorer")
+            return (
+                f"no scorer for it was given: pass Guard(pair_scorers=[...]) with a scorer "
+                f"whose signal is {metric!r} ({provider} in ssd_guard.scoring)"
+            )
+        return None
 
     # ------------------------------------------------------------------ properties
     @property

@@ -31,8 +31,8 @@ Cost notes: when the policy abstains, the prefill that was run is a full one (th
 truncated prefill would have stopped at layer ``l``). The guard scores the bare question
 (see :mod:`ssd_guard.guard`): with documents in the prompt, the question's state costs
 one prefill of the question besides the generation's own. A prompt longer than the
-encoder's ``max_tokens`` keeps its last ``max_tokens`` tokens, as in the scorer's own
-prefill, and the call's events say ``truncated: true``.
+base model's context keeps its last tokens (the scorer's own, smaller limit applies to what it
+scores, not to what the model generates from), and the call's events say ``truncated: true``.
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ class LocalStats:
     generation; the answer check of a call reuses the prompt check's state through the
     call's CallStats and does not ask again)"""
     generations: int = 0
+    long_prompt_scoring_passes: int = 0
+    """truncated passes run because a prompt held more tokens than the student scores
+    (the generation still reads the whole prompt, up to the model's context)"""
     model_seconds: float = 0.0
     """wall time spent in the base model (prefills + decode loops)"""
 
@@ -179,10 +182,13 @@ class GuardedLocalModel:
     ) -> tuple[_Prefill, torch.Tensor | None, bool]:
         """One full prefill of *text* with a KV cache; with *capture*, also the student's
         features (``[1, F]`` float32) recorded by forward hooks; and whether *text* was cut
-        to its last ``max_tokens`` tokens."""
+        to its last tokens: the base model's context, not the scorer's (smaller) limit, since
+        this prompt is also what the model generates from."""
         t0 = time.perf_counter()
-        # Cut like the scorer's own prefill (last max_tokens tokens; counted and logged).
-        enc, cut = self.scorer.encoder.tokenize_checked([text])
+        # Cut like the scorer's own prefill (last tokens kept; counted and logged), at the
+        # model's context: RAG documents in a generation prompt must not be lost.
+        encoder = self.scorer.encoder
+        enc, cut = encoder.tokenize_checked([text], max_tokens=encoder.context_tokens)
         ids = enc["input_ids"].to(self._device)
         attn = enc["attention_mask"].to(self._device)
         pos = left_pad_positions(attn)
@@ -235,8 +241,15 @@ class GuardedLocalModel:
     def _prefill_into(self, text: str, session: _Session) -> tuple[_Prefill, torch.Tensor]:
         pre, h, cut = self._prefill(text)
         assert h is not None
-        if cut:
+        encoder = self.scorer.encoder
+        if cut or encoder.too_long([text])[0]:
+            # Longer than what the student scores: the model generates from the whole
+            # prompt (up to its context), but the student reads the state of the kept last
+            # tokens, as the scorer's own prefill would (one truncated pass, long prompts only).
             session.stats.truncated = True
+            flags: list[bool] = []
+            h = encoder.encode([text], cut=flags).float()
+            self._count("long_prompt_scoring_passes")
         return pre, h
 
     def _hidden_for(self, texts: list[str], session: _Session) -> torch.Tensor:

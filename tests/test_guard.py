@@ -451,7 +451,10 @@ def test_open_cache_failure_degrades_to_computing() -> None:
 @pytest.mark.parametrize("fail_mode", ["open", "closed"])
 def test_real_redis_cache_down(fail_mode: Literal["open", "closed"]) -> None:
     cache = RedisCache(
-        "redis://127.0.0.1:1/0", fail_mode=fail_mode, timeout_s=0.05, retries=0,
+        "redis://127.0.0.1:1/0",
+        fail_mode=fail_mode,
+        timeout_s=0.05,
+        retries=0,
         allow_unsigned=True,
     )  # nothing listens on port 1
     guard = Guard(make_scorer(), make_policy(), cache=cache)

@@ -96,3 +96,17 @@ def test_local_model_marks_a_truncated_call(scorer) -> None:
     assert [e.get("truncated") for e in _events(logs)] == [True, True]
     # The captured state is the scorer's truncated-prefill state (same kept tokens).
     assert res.entropy == pytest.approx(scorer.score_prompts([LONG])[0], abs=1e-4)
+
+
+def test_local_model_generates_from_the_whole_prompt_within_the_models_context(scorer) -> None:
+    # The scoring limit (48 tokens: what the student reads) must not cut what the model
+    # generates from: documents in a long RAG prompt stay in the generation's context.
+    local = GuardedLocalModel(Guard(scorer, POLICY, cache=MemoryCache()), max_new_tokens=2)
+    text = scorer.format_prompt(LONG)
+    n_tokens = len(scorer.encoder.tokenizer(text)["input_ids"])
+    assert MAX_TOKENS < n_tokens <= scorer.encoder.context_tokens
+    pre, _, cut = local._prefill(text)
+    assert not cut and int(pre.attn.shape[1]) == n_tokens
+    before = local.stats.long_prompt_scoring_passes
+    res = local.invoke(LONG)
+    assert res.truncated and local.stats.long_prompt_scoring_passes == before + 1
