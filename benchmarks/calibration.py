@@ -6,7 +6,7 @@
 
 For the bundled student and one source (``all`` = every source pooled):
 
-* the fixed split: calibrate (:func:`ssd_guard.calibration.calibrate_threshold`, as
+* the fixed split: calibrate (:func:`ssd_guard.training.calibration.calibrate_threshold`, as
   ``ssd-guard calibrate``) on the work directory's validation prompts, apply the threshold
   to the test prompts, report the test coverage and the realised error among answered;
 * the guarantee: ``--n-splits`` (≥ 200) random calibration/test re-splits of the
@@ -20,7 +20,7 @@ For the bundled student and one source (``all`` = every source pooled):
   (pre-generation variant, ``ssd-guard fit-risk``) for "the default answer is wrong" on
   the test split; ``signal_auroc``: of the calibrated signal;
 * ``selective``: answer / escalate (retrieve) / abstain with two thresholds
-  (:func:`ssd_guard.calibration.calibrate_selective`, ``--beta``): shares on the test
+  (:func:`ssd_guard.training.calibration.calibrate_selective`, ``--beta``): shares on the test
   split and the joint violation rate over the re-splits.
 
 Writes ``benchmarks/results/calibration-smollm2-<source>.json``, a PNG of realised error
@@ -36,9 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ssd_guard.calibration import (
-    SIGNAL_DIRECTIONS,
-    InfeasibleTargetError,
+from ssd_guard.calibration import SIGNAL_DIRECTIONS, InfeasibleTargetError
+from ssd_guard.training.calibration import (
     calibrate_selective,
     calibrate_threshold,
     realised_error,
@@ -177,8 +176,8 @@ def main() -> int:
 
     from sklearn.metrics import roc_auc_score
 
-    from ssd_guard.evaluation.workdir import load_workdir
     from ssd_guard.scoring.ssd import SSDScorer
+    from ssd_guard.training.workdir_data import load_workdir
 
     ssd = SSDScorer.load(args.artifact, embedder_dtype="fp32")
     data = load_workdir(args.workdir)

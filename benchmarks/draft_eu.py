@@ -42,9 +42,9 @@ from ssd_guard.drafts.model import (
     run_stack,
     sample_deltas,
 )
-from ssd_guard.evaluation.metrics import auroc, bootstrap_ci, spearman
 from ssd_guard.models import load_causal_lm
 from ssd_guard.scoring.draft_eu import FEATURES, DraftEUScorer
+from ssd_guard.training.metrics import auroc, bootstrap_ci, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 

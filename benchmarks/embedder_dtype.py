@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ssd_guard.evaluation.metrics import spearman
 from ssd_guard.models import shared_embedder
 from ssd_guard.scoring.ssd import SSDScorer
+from ssd_guard.training.metrics import spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "triviaqa_3k.jsonl"

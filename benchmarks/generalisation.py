@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ssd_guard.evaluation.baselines.dispersion import dispersion
-from ssd_guard.evaluation.metrics import auroc, derangement, spearman
-from ssd_guard.evaluation.scorers import SSDStatsScorer
-from ssd_guard.evaluation.workdir import load_workdir
+from ssd_guard.training.metrics import auroc, derangement, spearman
+from ssd_guard.training.stats_scorers import SSDStatsScorer
+from ssd_guard.training.workdir_data import load_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 

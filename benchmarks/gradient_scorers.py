@@ -21,7 +21,7 @@ SmolLM2 reads the greedy answers and labels of ``runs/smollm2-pooled`` (labels.j
 Gemma-3-270M has no work directory: its greedy answers (``max_new_tokens`` 16, stop at a
 newline, :func:`ssd_guard.generation.sample_answers`) for the first ``--n-val`` validation
 and ``--n-test`` test TriviaQA rows of ``runs/smollm2-pooled`` (same few-shot ``text``)
-are generated first and judged with :func:`ssd_guard.distill.data.is_correct` (alias
+are generated first and judged with :func:`ssd_guard.training.distill.data.is_correct` (alias
 containment, as the repo's labels stage). Generations and scores are appended to
 ``runs/gradient-<model>/`` as they are computed, so a killed run resumes where it stopped.
 """
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssd_guard.evaluation.metrics import auprc, auroc, bootstrap_ci, bootstrap_indices
 from ssd_guard.scoring.semgrad import ALL_OUTPUTS, SemGradScorer
 from ssd_guard.scoring.sps import question_of_prompt, select_position
+from ssd_guard.training.metrics import auprc, auroc, bootstrap_ci, bootstrap_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLED = ROOT / "runs" / "smollm2-pooled"
@@ -121,8 +121,8 @@ def _labelled(lm: Any, model_key: str, split: str, n: int, work: Path) -> list[d
             }
             for r in rows
         ]
-    from ssd_guard.distill.data import is_correct
     from ssd_guard.generation import sample_answers
+    from ssd_guard.training.distill.data import is_correct
 
     path = work / f"generations-{split}.jsonl"
     done = {r["id"]: r for r in _jsonl(path)}

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ssd_guard.distill.stages_late import _split_index, fit_marginal, load_pca
-from ssd_guard.distill.workdir import Workdir, load_prompts
-from ssd_guard.evaluation.metrics import auroc, derangement
-from ssd_guard.evaluation.scorers import SSDStatsScorer
-from ssd_guard.evaluation.workdir import load_workdir
 from ssd_guard.scoring.ssd import load_marginal
+from ssd_guard.training.distill.stages_late import _split_index, fit_marginal, load_pca
+from ssd_guard.training.distill.workdir import Workdir, load_prompts
+from ssd_guard.training.metrics import auroc, derangement
+from ssd_guard.training.stats_scorers import SSDStatsScorer
+from ssd_guard.training.workdir_data import load_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

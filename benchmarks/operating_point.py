@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ssd_guard.evaluation.metrics import derangement
-from ssd_guard.evaluation.scorers import SSDStatsScorer
-from ssd_guard.evaluation.workdir import load_workdir
+from ssd_guard.training.metrics import derangement
+from ssd_guard.training.stats_scorers import SSDStatsScorer
+from ssd_guard.training.workdir_data import load_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 

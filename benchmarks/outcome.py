@@ -67,7 +67,7 @@ class Item:
 
     def correct(self, text: str) -> bool:
         from ssd_guard.answers import grade_choice
-        from ssd_guard.distill.data import is_correct
+        from ssd_guard.training.distill.data import is_correct
 
         if self.choices:
             lettered = [c.lower() for c in self.choices] != ["yes", "no"]
@@ -80,8 +80,8 @@ def extra_items(recipe_path: Path, per_source: int) -> list[Item]:
     *per_source* per source and split, halved into validation / test by a fixed hash."""
     import hashlib
 
-    from ssd_guard.distill.data import load_mc_as_chat, load_qa_jsonl
-    from ssd_guard.distill.recipe import load_recipe
+    from ssd_guard.training.distill.data import load_mc_as_chat, load_qa_jsonl
+    from ssd_guard.training.distill.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     out: list[Item] = []
@@ -120,8 +120,8 @@ def trained_ids(recipe_paths: Sequence[str]) -> set[str]:
     must never be judged on questions it was distilled on, so the benchmark leaves out the
     training rows of every student it compares (the chat recipe's own split, and the
     few-shot recipe's, whose splits differ)."""
-    from ssd_guard.distill.data import load_mc_jsonl, load_qa_jsonl, split_ids
-    from ssd_guard.distill.recipe import load_recipe
+    from ssd_guard.training.distill.data import load_mc_jsonl, load_qa_jsonl, split_ids
+    from ssd_guard.training.distill.recipe import load_recipe
 
     out: set[str] = set()
     for path in recipe_paths:

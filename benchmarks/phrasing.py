@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ssd_guard.distill.data import load_qa_jsonl, split_ids
+from ssd_guard.training.distill.data import load_qa_jsonl, split_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "triviaqa_3k.jsonl"

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ssd_guard.distill.stages_late import _split_index, load_features, load_pca
-from ssd_guard.distill.workdir import Workdir, load_prompts
-from ssd_guard.evaluation.metrics import auroc, spearman
 from ssd_guard.student import SSDStudent
+from ssd_guard.training.distill.stages_late import _split_index, load_features, load_pca
+from ssd_guard.training.distill.workdir import Workdir, load_prompts
+from ssd_guard.training.metrics import auroc, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 

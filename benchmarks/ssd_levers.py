@@ -33,7 +33,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ssd_guard.distill.stages_late import (
+from ssd_guard.features import FeatureSpec
+from ssd_guard.mixture import GaussianMixture
+from ssd_guard.scoring.ssd import load_marginal
+from ssd_guard.student import SSDStudent
+from ssd_guard.training.distill.stages_late import (
     _split_index,
     fit_marginal,
     load_features,
@@ -42,12 +46,8 @@ from ssd_guard.distill.stages_late import (
     load_pooled,
     teacher_dispersion,
 )
-from ssd_guard.distill.workdir import Workdir, load_prompts
-from ssd_guard.evaluation.metrics import auroc, derangement, spearman
-from ssd_guard.features import FeatureSpec
-from ssd_guard.mixture import GaussianMixture
-from ssd_guard.scoring.ssd import load_marginal
-from ssd_guard.student import SSDStudent
+from ssd_guard.training.distill.workdir import Workdir, load_prompts
+from ssd_guard.training.metrics import auroc, derangement, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ Shakespeare.", "The answer is Paris."). Two steps keep the score on content:
 from __future__ import annotations
 
 import re
+import string
 from typing import Any
 
 __all__ = [
@@ -23,9 +24,21 @@ __all__ = [
     "core_span",
     "grade_choice",
     "normalise_answer",
+    "normalize_answer",
     "question_of",
     "question_stem",
 ]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD/TriviaQA normalisation: lower case, no punctuation, articles or extra spaces."""
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
 
 _BOILERPLATE = re.compile(
     r"^\s*(?:(?:the\s+)?(?:correct\s+|final\s+|short\s+)?answer\s+(?:is|would\s+be)\s*:?|"
@@ -132,8 +145,6 @@ def grade_choice(answer: str, choices: list[str] | tuple[str, ...], lettered: bo
     """The index of the choice a free-text *answer* picks, or ``None`` when it picks none
     or several. Yes/no sets: the first "yes" / "no". Lettered sets: a leading letter
     ("B.", "(B)", "The answer is B"), else the one choice text the answer contains."""
-    from ssd_guard.distill.data import normalize_answer
-
     text = answer.strip()
     listed = {m.group(1) for m in _LISTED.finditer(text)}
     if lettered and len(listed) > 1:  # the answer repeats the choice list: it picks none

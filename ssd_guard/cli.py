@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ssd-guard",
         description="Semantic Self-Distillation uncertainty guardrails for LLM calls.",
     )
-    from ssd_guard import __version__
+    from ssd_guard._version import __version__
 
     parser.add_argument("--version", action="version", version=f"ssd-guard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

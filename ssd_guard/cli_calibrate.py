@@ -25,7 +25,7 @@ def _workdir_of(args: argparse.Namespace) -> Path:
         return Path(args.workdir)
     if args.config is None:
         raise SystemExit("give --workdir W or --config RECIPE")
-    from ssd_guard.distill.recipe import load_recipe
+    from ssd_guard.training.distill.recipe import load_recipe
 
     recipe = load_recipe(args.config)
     return Path(recipe.resolve(recipe.workdir))
@@ -38,17 +38,19 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ssd_guard.calibration import (
         SIGNAL_DIRECTIONS,
         CalibrationFile,
-        calibrate_selective,
-        calibrate_threshold,
         calibration_filename,
-        default_grid,
         describe_guarantee,
         save_calibration,
+    )
+    from ssd_guard.scoring.ssd import SSDScorer
+    from ssd_guard.training.calibration import (
+        calibrate_selective,
+        calibrate_threshold,
+        default_grid,
         signal_grid,
         workdir_signal,
     )
-    from ssd_guard.evaluation.workdir import load_workdir
-    from ssd_guard.scoring.ssd import SSDScorer
+    from ssd_guard.training.workdir_data import load_workdir
 
     ssd = SSDScorer.load(args.artifact, device=args.device, embedder_dtype="fp32")
     workdir = _workdir_of(args)
@@ -200,9 +202,9 @@ def add_commands(sub: Any) -> None:
 
 def _fit_risk(args: argparse.Namespace) -> int:
     from ssd_guard.artifact import bundled_artifact_path
-    from ssd_guard.evaluation.risk_fit import fit_risk_with_report, workdir_token_stats
-    from ssd_guard.evaluation.workdir import load_workdir
     from ssd_guard.scoring.ssd import SSDScorer
+    from ssd_guard.training.risk_fit import fit_risk_with_report, workdir_token_stats
+    from ssd_guard.training.workdir_data import load_workdir
 
     ssd = SSDScorer.load(args.artifact, device=args.device, embedder_dtype="fp32")
     data = load_workdir(_workdir_of(args))

@@ -46,7 +46,7 @@ class DemoQuestion:
 
     def correct(self, text: str) -> bool:
         """Whether *text* gives the answer (alias containment, TriviaQA normalisation)."""
-        from ssd_guard.distill.data import is_correct
+        from ssd_guard.training.distill.data import is_correct
 
         return is_correct(text, (self.answer, *self.aliases), containment=True)
 

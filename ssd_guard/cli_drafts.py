@@ -9,8 +9,8 @@ from ssd_guard.cli_engine import add_pipeline_args, run_stage_pipeline
 
 
 def _distill_drafts(args: argparse.Namespace) -> int:
-    from ssd_guard.drafts.recipe import load_draft_recipe
-    from ssd_guard.drafts.train import run_draft_pipeline
+    from ssd_guard.training.drafts.recipe import load_draft_recipe
+    from ssd_guard.training.drafts.train import run_draft_pipeline
 
     return run_stage_pipeline(run_draft_pipeline, load_draft_recipe(args.config), args)
 

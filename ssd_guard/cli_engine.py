@@ -14,7 +14,7 @@ from typing import Any
 
 #: Loggers whose INFO lines a pipeline command shows on stderr: why a stage reruns, the
 #: dtype ``auto`` chose, the thread count, the closing notes.
-_PIPELINE_LOGGERS = ("ssd_guard.distill", "ssd_guard.drafts", "ssd_guard.models")
+_PIPELINE_LOGGERS = ("ssd_guard.training.distill", "ssd_guard.drafts", "ssd_guard.models")
 
 
 @contextlib.contextmanager
@@ -86,8 +86,8 @@ def add_pipeline_args(parser: Any, config_help: str, stages: Sequence[str] | Non
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from ssd_guard.distill.pipeline import run_pipeline
-    from ssd_guard.distill.recipe import load_recipe
+    from ssd_guard.training.distill.pipeline import run_pipeline
+    from ssd_guard.training.distill.recipe import load_recipe
 
     # run_pipeline logs (shown on stderr) the dtype, the threads, why a stage reruns and,
     # at the end, a note when the artifact has no combined risk model (`fit-risk`).
@@ -217,7 +217,7 @@ def _artifact(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from ssd_guard.distill import STAGES
+    from ssd_guard.training.distill import STAGES
 
     p = sub.add_parser(
         "distill",

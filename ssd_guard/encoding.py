@@ -44,6 +44,7 @@ __all__ = [
     "check_text_lists",
     "check_texts",
     "decoder_layers",
+    "prefix_length",
 ]
 
 
@@ -565,3 +566,13 @@ class AnswerEmbedder:
             raise RuntimeError("this AnswerEmbedder has no PCA projection; fit one first")
         pca = self.pca if dim is None else self.pca.truncate(dim)
         return pca.transform(self.embed_raw(texts))
+
+
+def prefix_length(tokenizer: Any, few_shot: str) -> int:
+    """Tokens a prompt spends on the few-shot prefix (and special tokens) before its question."""
+    alone = tokenizer(few_shot, add_special_tokens=True)["input_ids"]
+    joined = tokenizer(few_shot + "Question:", add_special_tokens=True)["input_ids"]
+    n = 0
+    while n < min(len(alone), len(joined)) and alone[n] == joined[n]:
+        n += 1
+    return n

@@ -12,14 +12,16 @@ from ssd_guard.calibration import (
     CalibrationFile,
     CalibrationMismatchError,
     InfeasibleTargetError,
-    calibrate_threshold,
     describe_guarantee,
     load_calibration,
-    realised_error,
     save_calibration,
-    smallest_feasible_alpha,
 )
 from ssd_guard.errors import ConfigError, SSDGuardError
+from ssd_guard.training.calibration import (
+    calibrate_threshold,
+    realised_error,
+    smallest_feasible_alpha,
+)
 
 #: Fixed candidate thresholds (chosen without looking at any labels).
 GRID = np.linspace(0.05, 1.0, 20)
@@ -258,7 +260,7 @@ def test_policy_calibrated_bound_refusals(tmp_path, capsys) -> None:  # type: ig
 def test_two_sided_guarantees_hold_jointly_at_the_stated_frequency() -> None:
     """P(wrong | s) = s²: answering at or below t errs at t²/3; abstaining at or above u
     has a share of right answers of (1 - u) - (1 - u³)/3 over (1 - u), known exactly."""
-    from ssd_guard.calibration import calibrate_selective
+    from ssd_guard.training.calibration import calibrate_selective
 
     alpha, beta, delta = 0.2, 0.35, 0.1
     rng = np.random.default_rng(3)
@@ -283,7 +285,7 @@ def test_two_sided_guarantees_hold_jointly_at_the_stated_frequency() -> None:
 
 
 def test_two_sided_lower_is_riskier_mirrors() -> None:
-    from ssd_guard.calibration import calibrate_selective
+    from ssd_guard.training.calibration import calibrate_selective
 
     rng = np.random.default_rng(4)
     s, w = _draw(rng, 800)

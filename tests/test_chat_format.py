@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from ssd_guard.answers import answer_core, chat_prompt, grade_choice, question_stem
-from ssd_guard.distill import pipeline
-from ssd_guard.distill.data import load_mc_as_chat
-from ssd_guard.distill.recipe import Recipe
 from ssd_guard.errors import ConfigError
+from ssd_guard.training.distill import pipeline
+from ssd_guard.training.distill.data import load_mc_as_chat
+from ssd_guard.training.distill.recipe import Recipe
 
 DATA = Path(__file__).parent / "data"
 TEMPLATE = (

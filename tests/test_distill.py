@@ -5,17 +5,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssd_guard.distill import pipeline
-from ssd_guard.distill.data import (
+from ssd_guard.errors import ConfigError
+from ssd_guard.training.distill import pipeline
+from ssd_guard.training.distill.data import (
     is_correct,
     load_mc_jsonl,
     load_qa_jsonl,
     normalize_answer,
     split_ids,
 )
-from ssd_guard.distill.recipe import Recipe, load_recipe
-from ssd_guard.distill.workdir import Context, Workdir, load_teacher
-from ssd_guard.errors import ConfigError
+from ssd_guard.training.distill.recipe import Recipe, load_recipe
+from ssd_guard.training.distill.workdir import Context, Workdir, load_teacher
 
 DATA = Path(__file__).parent / "data"
 
@@ -195,7 +195,7 @@ def test_bad_recipes(tmp_path, yaml_text: str, needle: str) -> None:
 def test_shipped_recipes_validate() -> None:
     """Every shipped recipe loads: student recipes with `distill`'s loader, draft-model
     recipes (`ssd-guard distill-drafts`, the ones with a `drafts` name) with theirs."""
-    from ssd_guard.drafts.recipe import load_draft_recipe
+    from ssd_guard.training.drafts.recipe import load_draft_recipe
 
     paths = sorted(Path("training").glob("*.yaml"))
     drafts = [p for p in paths if "drafts" in p.stem]

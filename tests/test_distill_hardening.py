@@ -17,9 +17,9 @@ import torch
 import yaml
 from test_distill import tiny_recipe
 
-from ssd_guard.distill import STAGES, pipeline
-from ssd_guard.distill.workdir import Workdir, load_prompts, load_teacher
 from ssd_guard.errors import ConfigError
+from ssd_guard.training.distill import STAGES, pipeline
+from ssd_guard.training.distill.workdir import Workdir, load_prompts, load_teacher
 
 DATA = Path(__file__).parent / "data"
 ROWS = (DATA / "triviaqa_40.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -120,7 +120,7 @@ def test_rerun_reason_is_logged(tiny_lm_path: Path, tmp_path: Path, caplog: Any)
     r = _recipe(tiny_lm_path, tmp_path / "wd", data, limit=8)
     _run(r, until="teacher")
     _write(data, ROWS[10:18])
-    with caplog.at_level(logging.INFO, logger="ssd_guard.distill"):
+    with caplog.at_level(logging.INFO, logger="ssd_guard.training.distill"):
         _run(r, until="teacher")
     text = caplog.text
     assert f"[prompts] rerunning: changed since its last run: data file {data}" in text
@@ -130,7 +130,7 @@ def test_rerun_reason_is_logged(tiny_lm_path: Path, tmp_path: Path, caplog: Any)
 def test_load_workdir_refuses_stages_older_than_their_inputs(
     tiny_lm_path: Path, tmp_path: Path
 ) -> None:
-    from ssd_guard.evaluation.workdir import load_workdir
+    from ssd_guard.training.workdir_data import load_workdir
 
     data = _write(tmp_path / "qa.jsonl", ROWS[:12])
     r = _recipe(tiny_lm_path, tmp_path / "wd", data)
@@ -147,8 +147,8 @@ def test_load_workdir_refuses_stages_older_than_their_inputs(
 def test_token_stats_cache_follows_the_answers(tiny_lm: Any, tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from ssd_guard.evaluation.risk_fit import workdir_token_stats
     from ssd_guard.scoring.token_stats import teacher_forced_token_stats
+    from ssd_guard.training.risk_fit import workdir_token_stats
 
     prompts = [{"id": str(i), "prompt": json.loads(ROWS[i])["context"]} for i in range(4)]
 

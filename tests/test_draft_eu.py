@@ -69,7 +69,7 @@ def _data_dir(root: Path, n: int = 24) -> Path:
 
 
 def _recipe(tmp: Path, lm: Any, **over: Any) -> Any:
-    from ssd_guard.drafts.recipe import DraftRecipe
+    from ssd_guard.training.drafts.recipe import DraftRecipe
 
     raw: dict[str, Any] = {
         "name": "tiny-drafts",
@@ -154,8 +154,8 @@ def test_segments_match_the_full_forward(tiny_lm: Any) -> None:
 # --------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def prepared(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from ssd_guard.distill.workdir import Workdir
-    from ssd_guard.drafts.train import DraftContext, load_cache, stage_cache, stage_data
+    from ssd_guard.training.distill.workdir import Workdir
+    from ssd_guard.training.drafts.train import DraftContext, load_cache, stage_cache, stage_data
 
     tmp = tmp_path_factory.mktemp("drafts")
     recipe = _recipe(tmp, tiny_lm)
@@ -169,7 +169,7 @@ def prepared(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_ddd_cells_are_disjoint_and_drafts_differ(prepared: Any) -> None:
-    from ssd_guard.drafts.train import _seed, cell_items, train_one
+    from ssd_guard.training.drafts.train import _seed, cell_items, train_one
 
     recipe, ctx, data, cache = prepared
     cells = [
@@ -202,7 +202,7 @@ def test_ddd_cells_are_disjoint_and_drafts_differ(prepared: Any) -> None:
 
 
 def test_noiseless_osd_is_plain_distillation(prepared: Any) -> None:
-    from ssd_guard.drafts.train import cell_items, train_one
+    from ssd_guard.training.drafts.train import cell_items, train_one
 
     recipe, ctx, data, cache = prepared
     items = cell_items(data, recipe, None)
@@ -224,7 +224,7 @@ def test_noiseless_osd_is_plain_distillation(prepared: Any) -> None:
 
 
 def test_training_resumes_exactly(prepared: Any, tmp_path: Path) -> None:
-    from ssd_guard.drafts.train import _Interrupted, cell_items, train_one
+    from ssd_guard.training.drafts.train import _Interrupted, cell_items, train_one
 
     recipe, ctx, data, cache = prepared
     items = cell_items(data, recipe, None)
@@ -253,7 +253,7 @@ def test_training_resumes_exactly(prepared: Any, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- pipeline
 @pytest.fixture(scope="module")
 def pipeline_run(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from ssd_guard.drafts.train import run_draft_pipeline
+    from ssd_guard.training.drafts.train import run_draft_pipeline
 
     tmp = tmp_path_factory.mktemp("pipe")
     recipe = _recipe(tmp, tiny_lm)
@@ -265,7 +265,7 @@ def pipeline_run(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_pipeline_resumes_and_writes_artifact(pipeline_run: Any, tiny_lm: Any) -> None:
-    from ssd_guard.drafts.train import run_draft_pipeline
+    from ssd_guard.training.drafts.train import run_draft_pipeline
 
     recipe, root, seen = pipeline_run
     assert all(s == "done" for _, s in seen)

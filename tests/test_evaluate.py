@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tiny import save_student_artifact
 
-from ssd_guard.evaluation.baselines.stats import LiveStats, Stats, compute_stats
+from ssd_guard.training.stats import LiveStats, Stats, compute_stats
 
 DATA = Path(__file__).parent / "data"
 FEW_SHOT = "Question: What is the capital of France?\nAnswer: Paris\n\n"
@@ -329,8 +329,8 @@ def test_live_prefill_truncates_and_matches_full_hidden_states(tiny_lm: Any) -> 
 
 def test_live_generation_stats_are_shared_and_seeded(tiny_lm: Any) -> None:
     from ssd_guard.evaluation.baselines.dispersion import TeacherDispersion
-    from ssd_guard.evaluation.baselines.probes import KnowProbe
-    from ssd_guard.evaluation.baselines.semantic_entropy import SemanticEntropy
+    from ssd_guard.training.probes import KnowProbe
+    from ssd_guard.training.semantic_entropy import SemanticEntropy
 
     prompts = ["Question: Who wrote Hamlet?\nAnswer:", "Question: What is 2+2?\nAnswer:"]
     live = LiveStats(tiny_lm, TrigramEmbedder(), n_samples=3, max_new_tokens=3, seed=5)
@@ -362,8 +362,8 @@ def test_load_workdir_falls_back_to_shards_and_live_embeddings(
     import shutil
 
     from ssd_guard.errors import ConfigError
-    from ssd_guard.evaluation.metrics import derangement as _derangement
-    from ssd_guard.evaluation.workdir import load_workdir
+    from ssd_guard.training.metrics import derangement as _derangement
+    from ssd_guard.training.workdir_data import load_workdir
 
     qa, _ = workdirs
     full = load_workdir(qa)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from ssd_guard.answers import core_span, normalise_answer, question_of
-from ssd_guard.distill.data import load_open_from_mc
 from ssd_guard.encoding import PromptEncoder
 from ssd_guard.features import FeatureSpec
 from ssd_guard.generation import pool_hidden_states, sample_answers
+from ssd_guard.training.distill.data import load_open_from_mc
 
 TEXTS = [
     "Question: What is the capital of France?\nAnswer: Paris\n\nQuestion: Who wrote it?\nAnswer:",

@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from ssd_guard.evaluation import metrics as M
+from ssd_guard.training import metrics as M
 
 
 def _random_case(seed: int, n: int = 200, ties: bool = False):

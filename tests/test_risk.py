@@ -183,7 +183,7 @@ def _pooled(
 
 
 def test_loso_prefers_the_input_that_carries_over() -> None:
-    from ssd_guard.evaluation.risk_fit import loso_select, risk_candidates
+    from ssd_guard.training.risk_fit import loso_select, risk_candidates
 
     cols_tr, y_tr, src_tr, held = _pooled()
     cands = risk_candidates(RISK_INPUTS["pre"])
@@ -197,7 +197,7 @@ def test_loso_prefers_the_input_that_carries_over() -> None:
     assert table["single:entropy"]["worst"] > table["single:pcp"]["worst"]
     assert set(table["full"]["by_C"]) == {"0.01", "0.1", "1.0", "10.0"}
     # In domain the probe looks best -- what a validation-only selection would have kept.
-    from ssd_guard.evaluation import metrics as M
+    from ssd_guard.training import metrics as M
 
     assert M.auroc(y_tr, cols_tr["pcp"]) > M.auroc(y_tr, cols_tr["entropy"]) + 0.2
 
@@ -210,7 +210,7 @@ def test_loso_prefers_the_input_that_carries_over() -> None:
 
 
 def test_compare_to_singles_report_keys() -> None:
-    from ssd_guard.evaluation.risk_fit import _signed, compare_to_singles
+    from ssd_guard.training.risk_fit import _signed, compare_to_singles
 
     rng = np.random.default_rng(1)
     y = rng.uniform(size=200) < 0.5

@@ -196,11 +196,11 @@ def test_calibrated_risk_bound_resolves_from_its_own_file(scorer, tmp_path: Path
     from ssd_guard.artifact import bundled_artifact_path
     from ssd_guard.calibration import (
         CalibrationFile,
-        calibrate_threshold,
         calibration_filename,
         save_calibration,
     )
     from ssd_guard.policy import load_policy
+    from ssd_guard.training.calibration import calibrate_threshold
 
     student = tmp_path / "student"
     shutil.copytree(bundled_artifact_path(), student)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ssd_guard.evaluation.baselines.dispersion import TeacherDispersion, dispersion
-from ssd_guard.evaluation.baselines.probes import (
+from ssd_guard.training.probes import (
     KnowProbe,
     LinearProbe,
     SemanticEntropyProbe,
     best_split_threshold,
 )
-from ssd_guard.evaluation.baselines.semantic_entropy import (
+from ssd_guard.training.semantic_entropy import (
     EmbeddingEquivalence,
     NLIEquivalence,
     SemanticEntropy,
@@ -25,7 +25,7 @@ from ssd_guard.evaluation.baselines.semantic_entropy import (
     greedy_clusters,
     make_equivalence,
 )
-from ssd_guard.evaluation.baselines.stats import Scorer, Stats, compute_stats
+from ssd_guard.training.stats import Scorer, Stats, compute_stats
 
 K = 6
 
@@ -192,7 +192,7 @@ def test_dispersion_hand_computed() -> None:
 
 
 def test_td_scorer_matches_the_distillation_definition() -> None:
-    from ssd_guard.distill.stages_late import teacher_dispersion
+    from ssd_guard.training.distill.stages_late import teacher_dispersion
 
     emb = _unit(np.random.default_rng(0), 5, K, 12)
     ours = TeacherDispersion("std").score(Stats(prompts=["p"] * 5, sample_embeddings=emb))

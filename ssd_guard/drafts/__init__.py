@@ -3,10 +3,8 @@
 * :mod:`.model` — drafts built from the target (its embedding, a few of its decoder
   layers, its head), the three-segment batch layout, low-rank weight perturbations and
   the EU divergences (``EU = JSD(drafts) + KL(draft mixture || proxy)``);
-* :mod:`.recipe` — the ``distill-drafts`` recipe;
-* :mod:`.train` — the resumable stages (data, teacher cache, Data-Diverse Drafts,
-  Online-Stochastic-Distillation proxy, logistic regression + artifact);
 * :mod:`.artifact` — the safetensors + manifest artifact and its compatibility checks.
 
-The scorer is :class:`ssd_guard.scoring.draft_eu.DraftEUScorer`.
+The scorer is :class:`ssd_guard.scoring.draft_eu.DraftEUScorer`; training them (recipe,
+stages) is offline: :mod:`ssd_guard.training.drafts`.
 """

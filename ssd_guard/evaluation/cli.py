@@ -15,7 +15,7 @@ def _workdir(path: str | None, config: str | None, what: str) -> Path | None:
     if path:
         return Path(path)
     if config:
-        from ssd_guard.distill.recipe import load_recipe
+        from ssd_guard.training.distill.recipe import load_recipe
 
         recipe = load_recipe(config)
         return recipe.resolve(recipe.workdir)

@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssd_guard.evaluation import metrics as M
 from ssd_guard.evaluation.baselines.dispersion import TeacherDispersion
-from ssd_guard.evaluation.baselines.probes import KnowProbe, SemanticEntropyProbe
-from ssd_guard.evaluation.baselines.semantic_entropy import SemanticEntropy
-from ssd_guard.evaluation.baselines.stats import LiveStats, Scorer
 from ssd_guard.evaluation.reference import REFERENCE
-from ssd_guard.evaluation.scorers import SSDStatsScorer
-from ssd_guard.evaluation.workdir import WorkdirData, load_workdir
+from ssd_guard.training import metrics as M
+from ssd_guard.training.probes import KnowProbe, SemanticEntropyProbe
+from ssd_guard.training.semantic_entropy import SemanticEntropy
+from ssd_guard.training.stats import LiveStats, Scorer
+from ssd_guard.training.stats_scorers import SSDStatsScorer
+from ssd_guard.training.workdir_data import WorkdirData, load_workdir
 
 __all__ = ["REFERENCE", "run_evaluation"]
 
@@ -78,7 +78,7 @@ def _versions() -> dict[str, str]:
     import sklearn
     import transformers
 
-    from ssd_guard import __version__
+    from ssd_guard._version import __version__
 
     return {
         "ssd_guard": __version__,
@@ -239,8 +239,8 @@ def _mc_file_section(
 ) -> dict[str, Any]:
     """Multiple choice on rows ``skip .. skip + limit`` of an MC file (never trained on),
     scored with the main student's answer signals and the base model's log-probs."""
-    from ssd_guard.distill.data import load_open_from_mc
     from ssd_guard.evaluation.mc import choice_logprobs
+    from ssd_guard.training.distill.data import load_open_from_mc
 
     rows = load_open_from_mc(path, None)[skip:]
     if limit is not None:
@@ -381,8 +381,8 @@ def _risk_scores(
     model = getattr(ssd, "risk_model", None)
     if model is None:
         return {}
-    from ssd_guard.evaluation.risk_fit import risk_inputs, workdir_token_stats
     from ssd_guard.scoring.token_stats import TOKEN_STAT_NAMES
+    from ssd_guard.training.risk_fit import risk_inputs, workdir_token_stats
 
     token_stats = None
     if lm is not None and "post_gen" in model.variants:

@@ -127,7 +127,7 @@ class DraftEUScorer:
         few = manifest.prompt.few_shot
         self._prefix: list[int] = []
         if few:
-            from ssd_guard.distill.workdir import prefix_length
+            from ssd_guard.encoding import prefix_length
 
             n = prefix_length(self.tokenizer, few)
             self._prefix = [int(i) for i in self.tokenizer(few + "Question:")["input_ids"][:n]]

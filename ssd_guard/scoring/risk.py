@@ -18,7 +18,7 @@ to the student's fingerprint. Three variants, by what is known when the guard as
 
 Every input is standardised with the training split's mean and scale, then
 ``risk = sigmoid(coef . x + intercept)``. The probes and the regressions are fitted on the
-training split only (``ssd-guard fit-risk``, :mod:`ssd_guard.evaluation.risk_fit`); the
+training split only (``ssd-guard fit-risk``, :mod:`ssd_guard.training.risk_fit`); the
 probes' values for the regression's own training rows are out-of-fold (stacking), so the
 regression does not learn to trust in-sample probe outputs. :data:`RISK_INPUTS` are the
 inputs a variant *may* read: on pooled sources the fit chooses each variant's input set

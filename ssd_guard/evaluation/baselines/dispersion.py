@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from ssd_guard.evaluation.baselines.stats import Scorer, Stats
+from ssd_guard.training.stats import Scorer, Stats
 
 __all__ = ["TeacherDispersion", "dispersion"]
 
@@ -25,7 +25,7 @@ def dispersion(
     """Spread of ``[N, K, E]`` answer embeddings per prompt, ``[N]``.
 
     ``std``: the mean over dimensions of the per-dimension standard deviation (the
-    distillation's TD, ``ssd_guard.distill.stages_late.teacher_dispersion``).
+    distillation's TD, ``ssd_guard.training.distill.stages_late.teacher_dispersion``).
     ``trace``: the trace of the covariance. ``ddof=1`` (unbiased, the default) or 0.
     """
     x = np.asarray(embeddings, dtype=np.float64)

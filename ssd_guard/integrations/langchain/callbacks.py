@@ -22,7 +22,6 @@ lost; :class:`AsyncSSDGuard` is therefore the same handler.)
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -125,9 +124,11 @@ class SSDGuard(BaseCallbackHandler):
 
     def middleware(self, *, model: Any = None) -> SSDGuardMiddleware:
         """An :class:`SSDGuardMiddleware` for ``langchain.agents.create_agent``."""
-        module = importlib.import_module("ssd_guard.integrations.langchain.middleware")
-        mw: SSDGuardMiddleware = module.SSDGuardMiddleware(self, model=model)
-        return mw
+        # Imported here: the middleware needs ``langchain`` (v1 agents), the callback only
+        # ``langchain_core``.
+        from ssd_guard.integrations.langchain.middleware import SSDGuardMiddleware
+
+        return SSDGuardMiddleware(self, model=model)
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _guard_for(self, serialized: dict[str, Any] | None, kwargs: dict[str, Any]) -> Guard:

@@ -36,7 +36,7 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, NotRequired, TypeVar
+from typing import Annotated, Any, NotRequired, Protocol, TypeVar
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -81,7 +81,6 @@ from ssd_guard.integrations.langchain._common import (
     text_of,
     with_prompt,
 )
-from ssd_guard.integrations.langchain.callbacks import SSDGuard
 
 __all__ = ["SSDGuardMiddleware", "SSDGuardState"]
 
@@ -109,6 +108,17 @@ async def _acall_in(config: RunnableConfig, fn: Callable[..., Awaitable[T]], *ar
         return await asyncio.create_task(fn(*args), context=ctx)  # type: ignore[arg-type]
 
 
+class _HoldsGuard(Protocol):
+    """What the middleware reads of an :class:`SSDGuard` callback."""
+
+    @property
+    def guard(self) -> Guard: ...
+    @property
+    def tags(self) -> Sequence[str]: ...
+    @property
+    def run_name(self) -> str | None: ...
+
+
 class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
     """SSD guard for ``create_agent(..., middleware=[SSDGuardMiddleware(guard)])``; see the
     module doc. *guard* is a :class:`~ssd_guard.guard.Guard` or an :class:`SSDGuard`
@@ -120,7 +130,7 @@ class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
 
     def __init__(
         self,
-        guard: Guard | SSDGuard,
+        guard: Guard | _HoldsGuard,
         *,
         model: Any = None,
         hidden_state_source: str | None = None,
@@ -128,12 +138,12 @@ class SSDGuardMiddleware(AgentMiddleware[SSDGuardState, Any, Any]):
         run_name: str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(guard, SSDGuard):
-            tags = tuple(tags) or guard.tags
+        if isinstance(guard, Guard):
+            core = guard
+        else:  # an SSDGuard callback (this module does not import it: no import cycle)
+            tags = tuple(tags) or tuple(guard.tags)
             run_name = run_name or guard.run_name
             core = guard.guard
-        else:
-            core = guard
         self.guard = core.for_model(model, source=hidden_state_source)
         self._by_model: dict[int, Guard] = {}
         # The statistics of each recent turn (the question's hidden state), so that the

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ssd_guard.distill.recipe import RecipeFile, load_recipe_file
+from ssd_guard.training.distill.recipe import RecipeFile, load_recipe_file
 
 __all__ = ["DraftRecipe", "load_draft_recipe"]
 

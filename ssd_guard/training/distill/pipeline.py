@@ -23,16 +23,17 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ssd_guard.distill import STAGES
-from ssd_guard.distill.data import (
+from ssd_guard.errors import ConfigError, SSDGuardError
+from ssd_guard.training.distill import STAGES
+from ssd_guard.training.distill.data import (
     load_mc_as_chat,
     load_mc_jsonl,
     load_open_from_mc,
     load_qa_jsonl,
     split_ids,
 )
-from ssd_guard.distill.recipe import Recipe
-from ssd_guard.distill.workdir import (
+from ssd_guard.training.distill.recipe import Recipe
+from ssd_guard.training.distill.workdir import (
     Context,
     Workdir,
     _atomic_save,
@@ -45,11 +46,10 @@ from ssd_guard.distill.workdir import (
     run_stages,
     stage_hash,
 )
-from ssd_guard.errors import ConfigError, SSDGuardError
 
 __all__ = ["DEPENDS", "STAGES", "Workdir", "risk_model_note", "run_pipeline"]
 
-log = logging.getLogger("ssd_guard.distill")
+log = logging.getLogger("ssd_guard.training.distill")
 
 
 # --------------------------------------------------------------------------- stages
@@ -316,7 +316,7 @@ def artifact_dir(recipe: Recipe, wd: Workdir) -> Path:
 
 
 def _stages() -> dict[str, Stage]:
-    from ssd_guard.distill import stages_late
+    from ssd_guard.training.distill import stages_late
 
     return {
         "prompts": stage_prompts,

@@ -1,7 +1,7 @@
 """SSD behind the stats-based scorer interface, so it is evaluated like TD, SE, SEP, PCP.
 
 :class:`SSDStatsScorer` reads the hidden state of the artifact's layer from a
-:class:`~ssd_guard.evaluation.baselines.stats.Stats` (no LM pass when the stats came from the work
+:class:`~ssd_guard.training.stats.Stats` (no LM pass when the stats came from the work
 directory) and the raw sentence embeddings of answers (projected by the artifact's
 PCA). Its live path is the :class:`~ssd_guard.scoring.ssd.SSDScorer` itself.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssd_guard.evaluation.baselines.stats import Scorer, Stats
+from ssd_guard.training.stats import Scorer, Stats
 
 __all__ = ["SSDStatsScorer", "features_from_stats"]
 

@@ -1,4 +1,4 @@
-"""Read a distillation work directory into :class:`~ssd_guard.evaluation.baselines.stats.Stats`.
+"""Read a distillation work directory into :class:`~ssd_guard.training.stats.Stats`.
 
 The evaluation computes nothing the distillation already stored: hidden states come
 from ``features.safetensors`` (or the teacher shards), answers from the teacher
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ssd_guard.distill.data import is_correct
 from ssd_guard.errors import ConfigError
-from ssd_guard.evaluation.baselines.stats import Stats, embed_texts
+from ssd_guard.training.distill.data import is_correct
+from ssd_guard.training.stats import Stats, embed_texts
 
 __all__ = ["WorkdirData", "load_workdir"]
 
@@ -86,7 +86,7 @@ def _check_fresh(root: Path) -> None:
     """Refuse a work directory whose files come from different runs: a stage the
     evaluation reads whose recorded inputs no longer match the stages before it (e.g.
     the data changed and only ``--until prompts`` ran since)."""
-    from ssd_guard.distill.workdir import Workdir, stale_stages
+    from ssd_guard.training.distill.workdir import Workdir, stale_stages
 
     found = stale_stages(Workdir(root))
     stale = {k: found[k] for k in _READ_STAGES if k in found}

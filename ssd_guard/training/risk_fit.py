@@ -43,13 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssd_guard.evaluation import metrics as M
-from ssd_guard.evaluation.baselines.probes import KnowProbe, SemanticEntropyProbe
-from ssd_guard.evaluation.baselines.semantic_entropy import SemanticEntropy
-from ssd_guard.evaluation.baselines.stats import Stats
-from ssd_guard.evaluation.scorers import SSDStatsScorer, features_from_stats
 from ssd_guard.scoring.risk import RISK_INPUTS, LinearProbeWeights, RiskModel, RiskVariant
 from ssd_guard.scoring.token_stats import TOKEN_STAT_NAMES, teacher_forced_token_stats
+from ssd_guard.training import metrics as M
+from ssd_guard.training.probes import KnowProbe, SemanticEntropyProbe
+from ssd_guard.training.semantic_entropy import SemanticEntropy
+from ssd_guard.training.stats import Stats
+from ssd_guard.training.stats_scorers import SSDStatsScorer, features_from_stats
 
 __all__ = [
     "PROBE_INPUTS",

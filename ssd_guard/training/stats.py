@@ -4,7 +4,7 @@ In the spirit of lm-polygraph's estimator / stat-calculator split: every scorer 
 the statistics it ``needs`` (``"hidden"``, ``"default"``, ``"samples"``,
 ``"default_embeddings"``, ``"sample_embeddings"``); a calculator fills one :class:`Stats`
 for the union of the needs of all scorers, and every scorer reads from it. Stats come
-from the distillation work directory (evaluation, see ``ssd_guard.evaluation.workdir``)
+from the distillation work directory (evaluation, see ``ssd_guard.training.workdir_data``)
 or live from a base model and an embedder (:class:`LiveStats`: the guard, cost timing).
 
 Lower layers only: nothing here imports the guard, the policy or the evaluation.

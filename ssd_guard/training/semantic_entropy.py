@@ -25,8 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ssd_guard.distill.data import normalize_answer
-from ssd_guard.evaluation.baselines.stats import Scorer, Stats
+from ssd_guard.training.distill.data import normalize_answer
+from ssd_guard.training.stats import Scorer, Stats
 
 __all__ = [
     "EmbeddingEquivalence",
@@ -125,7 +125,7 @@ class EmbeddingEquivalence(_Pairwise):
 
 
 class StringEquivalence(_Pairwise):
-    """Same meaning when equal after :func:`~ssd_guard.distill.data.normalize_answer`."""
+    """Same meaning when equal after :func:`~ssd_guard.training.distill.data.normalize_answer`."""
 
     key = "string"
 

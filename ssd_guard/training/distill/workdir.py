@@ -18,8 +18,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssd_guard.distill.recipe import Recipe
+from ssd_guard.encoding import prefix_length  # re-exported: the stages read it here
 from ssd_guard.errors import ConfigError
+from ssd_guard.training.distill.recipe import Recipe
 
 __all__ = [
     "Context",
@@ -37,7 +38,7 @@ __all__ = [
     "stale_stages",
 ]
 
-log = logging.getLogger("ssd_guard.distill")
+log = logging.getLogger("ssd_guard.training.distill")
 
 
 def stage_hash(obj: Any) -> str:
@@ -402,16 +403,6 @@ def stale_stages(wd: Workdir) -> dict[str, list[str]]:
 def load_prompts(wd: Workdir) -> list[dict[str, Any]]:
     with wd.path("prompts.jsonl").open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
-
-
-def prefix_length(tokenizer: Any, few_shot: str) -> int:
-    """Tokens a prompt spends on the few-shot prefix (and special tokens) before its question."""
-    alone = tokenizer(few_shot, add_special_tokens=True)["input_ids"]
-    joined = tokenizer(few_shot + "Question:", add_special_tokens=True)["input_ids"]
-    n = 0
-    while n < min(len(alone), len(joined)) and alone[n] == joined[n]:
-        n += 1
-    return n
 
 
 def load_teacher(wd: Workdir) -> tuple[list[dict[str, Any]], torch.Tensor]:

@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ssd_guard.evaluation.baselines.semantic_entropy import SemanticEntropy
-from ssd_guard.evaluation.baselines.stats import Scorer, Stats
-from ssd_guard.evaluation.metrics import auroc
+from ssd_guard.training.metrics import auroc
+from ssd_guard.training.semantic_entropy import SemanticEntropy
+from ssd_guard.training.stats import Scorer, Stats
 
 __all__ = ["KnowProbe", "LinearProbe", "SemanticEntropyProbe", "best_split_threshold"]
 

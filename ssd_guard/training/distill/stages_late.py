@@ -15,8 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from ssd_guard.answers import answer_core, grade_choice, normalise_answer, question_of
-from ssd_guard.distill.data import is_correct
-from ssd_guard.distill.workdir import (
+from ssd_guard.encoding import AnswerEmbedder, PCAProjection
+from ssd_guard.errors import ConfigError
+from ssd_guard.features import FeatureSpec
+from ssd_guard.training.distill.data import is_correct
+from ssd_guard.training.distill.workdir import (
     _atomic_save,
     _atomic_write_text,
     load_prompts,
@@ -24,15 +27,12 @@ from ssd_guard.distill.workdir import (
     load_teacher_all,
     prefix_length,
 )
-from ssd_guard.encoding import AnswerEmbedder, PCAProjection
-from ssd_guard.errors import ConfigError
-from ssd_guard.evaluation.metrics import spearman
-from ssd_guard.features import FeatureSpec
+from ssd_guard.training.metrics import spearman
 
 if TYPE_CHECKING:
-    from ssd_guard.distill.workdir import Context, Workdir
+    from ssd_guard.training.distill.workdir import Context, Workdir
 
-log = logging.getLogger("ssd_guard.distill")
+log = logging.getLogger("ssd_guard.training.distill")
 
 
 def _ordered_teacher(

@@ -64,16 +64,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ssd_guard.distill.workdir import (
-    TargetContext,
-    Workdir,
-    _atomic_save,
-    _atomic_write_text,
-    open_workdir,
-    prefix_length,
-    run_stages,
-    stage_hash,
-)
 from ssd_guard.drafts.model import (
     Draft,
     Segments,
@@ -85,9 +75,19 @@ from ssd_guard.drafts.model import (
     run_stack,
     sample_deltas,
 )
-from ssd_guard.drafts.recipe import DraftRecipe
 from ssd_guard.errors import ConfigError
 from ssd_guard.scoring.token_stats import answer_token_ids
+from ssd_guard.training.distill.workdir import (
+    TargetContext,
+    Workdir,
+    _atomic_save,
+    _atomic_write_text,
+    open_workdir,
+    prefix_length,
+    run_stages,
+    stage_hash,
+)
+from ssd_guard.training.drafts.recipe import DraftRecipe
 
 __all__ = ["DraftContext", "TeacherCache", "run_draft_pipeline", "stage_names", "train_one"]
 
@@ -661,7 +661,7 @@ def stage_assemble(
     vok = ~np.isnan(f_val).any(axis=1)
     p_val = lr_probability(f_val[vok][:, cols], tensors, r.aggregate.log_features)
     tensors["calibration.draft_eu"] = torch.tensor(np.sort(p_val), dtype=torch.float64)
-    from ssd_guard.evaluation.metrics import auroc
+    from ssd_guard.training.metrics import auroc
 
     stats = {
         "val_jsd_mean": float(np.nanmean(f_val[:, FEATURES.index("jsd_mean")])),
