@@ -1,8 +1,9 @@
 """ssd-guard: fast uncertainty guardrails for LLM calls, by Semantic Self-Distillation.
 
-The public surface is curated here; everything else lives in private-by-convention
-modules. LangChain classes load lazily so that importing ssd_guard never imports
-LangChain.
+The public surface is curated here: what a user needs to guard a call, configure it and
+catch its errors. The building blocks live in their subpackages (``ssd_guard.mixture``,
+``ssd_guard.encoding``, ``ssd_guard.artifact``, ``ssd_guard.scoring``, ...). LangChain
+classes load lazily so that importing ssd_guard never imports LangChain.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ssd_guard._version import __version__
-from ssd_guard.artifact import Manifest, check_compatible, load_artifact, save_artifact
-from ssd_guard.audit import bind_run, configure_audit
-from ssd_guard.cache import MemoryCache, RedisCache, ScoreCache, cache_from_config, make_key
-from ssd_guard.encoding import AnswerEmbedder, PCAProjection, PromptEncoder
+from ssd_guard.audit import configure_audit
+from ssd_guard.cache import MemoryCache, RedisCache
 from ssd_guard.errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -26,16 +25,10 @@ from ssd_guard.errors import (
     PolicyError,
     SSDGuardError,
 )
-from ssd_guard.features import FeatureSpec
 from ssd_guard.guard import Guard, GuardResult
 from ssd_guard.local import GuardedLocalModel
-from ssd_guard.mixture import GaussianMixture
-from ssd_guard.models import load_causal_lm, load_embedder
-from ssd_guard.policy import Decision, Policy, describe_policy, load_default_policy, load_policy
-from ssd_guard.scoring.batcher import BatchingScorer, MicroBatcher
-from ssd_guard.scoring.callstats import CallStats
+from ssd_guard.policy import Policy, load_default_policy, load_policy
 from ssd_guard.scoring.ssd import SSDScorer
-from ssd_guard.student import SSDStudent
 
 if TYPE_CHECKING:  # the real types for type checkers; at run time they load lazily
     from ssd_guard.integrations.langchain import AsyncSSDGuard, SSDGuard
@@ -43,52 +36,57 @@ if TYPE_CHECKING:  # the real types for type checkers; at run time they load laz
 
 _LAZY = {"SSDGuard", "AsyncSSDGuard", "SSDGuardMiddleware"}
 
+#: Names the root exported before the surface was curated, and where they live now. They
+#: still resolve (with a DeprecationWarning naming the new import) for one release.
+_MOVED = {
+    "AnswerEmbedder": "ssd_guard.encoding",
+    "PCAProjection": "ssd_guard.encoding",
+    "PromptEncoder": "ssd_guard.encoding",
+    "BatchingScorer": "ssd_guard.scoring.batcher",
+    "MicroBatcher": "ssd_guard.scoring.batcher",
+    "CallStats": "ssd_guard.scoring.callstats",
+    "Decision": "ssd_guard.policy",
+    "describe_policy": "ssd_guard.policy",
+    "FeatureSpec": "ssd_guard.features",
+    "GaussianMixture": "ssd_guard.mixture",
+    "Manifest": "ssd_guard.artifact",
+    "check_compatible": "ssd_guard.artifact",
+    "load_artifact": "ssd_guard.artifact",
+    "save_artifact": "ssd_guard.artifact",
+    "ScoreCache": "ssd_guard.cache",
+    "cache_from_config": "ssd_guard.cache",
+    "make_key": "ssd_guard.cache",
+    "SSDStudent": "ssd_guard.student",
+    "bind_run": "ssd_guard.audit",
+    "load_causal_lm": "ssd_guard.models",
+    "load_embedder": "ssd_guard.models",
+}
+
 __all__ = [
-    "AnswerEmbedder",
     "ArtifactError",
     "ArtifactIntegrityError",
     "ArtifactMismatchError",
     "AsyncSSDGuard",
-    "BatchingScorer",
     "CacheUnavailableError",
-    "CallStats",
     "ConfigError",
-    "Decision",
-    "FeatureSpec",
-    "GaussianMixture",
     "Guard",
     "GuardBlockedError",
     "GuardInputError",
     "GuardResult",
     "GuardedLocalModel",
-    "Manifest",
     "MemoryCache",
-    "MicroBatcher",
     "ModelLoadError",
-    "PCAProjection",
     "Policy",
     "PolicyError",
-    "PromptEncoder",
     "RedisCache",
     "SSDGuard",
     "SSDGuardError",
     "SSDGuardMiddleware",
     "SSDScorer",
-    "SSDStudent",
-    "ScoreCache",
     "__version__",
-    "bind_run",
-    "cache_from_config",
-    "check_compatible",
     "configure_audit",
-    "describe_policy",
-    "load_artifact",
-    "load_causal_lm",
     "load_default_policy",
-    "load_embedder",
     "load_policy",
-    "make_key",
-    "save_artifact",
 ]
 
 
@@ -97,4 +95,15 @@ def __getattr__(name: str) -> Any:
         from ssd_guard.integrations import langchain
 
         return getattr(langchain, name)
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        module = _MOVED[name]
+        warnings.warn(
+            f"ssd_guard.{name} moved: import it from {module} (from {module} import {name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'ssd_guard' has no attribute {name!r}")

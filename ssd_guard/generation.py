@@ -22,6 +22,7 @@ __all__ = [
     "pool_hidden_states",
     "pool_weights",
     "sample_answers",
+    "sample_token_ids",
     "stop_token_table",
 ]
 
@@ -163,10 +164,54 @@ def sample_answers(
     if stop_table is None:
         stop_table = stop_token_table(tokenizer, device)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-    input_ids = enc["input_ids"].to(device)
-    attn = enc["attention_mask"].to(device)
     if tokenizer.padding_side != "left":
         raise ValueError("sample_answers needs a left-padding tokenizer")
+    rows = n_samples + 1
+    tokens, lengths, hidden, pooled = sample_token_ids(
+        model,
+        enc["input_ids"].to(device),
+        enc["attention_mask"].to(device),
+        n_samples=n_samples,
+        temperature=temperature,
+        default_temperature=default_temperature,
+        max_new_tokens=max_new_tokens,
+        stop_table=stop_table,
+        pad_token_id=tokenizer.pad_token_id,
+        generator=generator,
+        return_hidden=return_hidden,
+        pool_start=pool_start,
+    )
+    texts = tokenizer.batch_decode(
+        [row[: int(n)].tolist() for row, n in zip(tokens.cpu(), lengths.cpu())],
+        skip_special_tokens=True,
+    )
+    texts = [_clean(t) for t in texts]
+    b = int(enc["input_ids"].shape[0])
+    default = texts[::rows]
+    samples = [texts[i * rows + 1 : (i + 1) * rows] for i in range(b)]
+    return SampledAnswers(default, samples, hidden, pooled)
+
+
+def sample_token_ids(
+    model: Any,
+    input_ids: torch.Tensor,
+    attn: torch.Tensor,
+    *,
+    n_samples: int,
+    temperature: float,
+    default_temperature: float,
+    max_new_tokens: int,
+    stop_table: torch.Tensor,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    return_hidden: bool = False,
+    pool_start: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The token side of :func:`sample_answers`: one prefill of the left-padded batch, its
+    KV cache repeated for ``n_samples + 1`` rows per prompt (the first greedy unless
+    ``default_temperature > 0``), one batched decode. Returns ``(tokens [B*R, T],
+    lengths [B*R], last-token states [B, L+1, H] or None, pooled states or None)``, all
+    on the model's device (no host copy)."""
     pos = left_pad_positions(attn)
     out = model(
         input_ids=input_ids,
@@ -183,6 +228,7 @@ def sample_answers(
         pooled = pool_hidden_states(out.hidden_states, attn, pool_start)
     rows = n_samples + 1
     b = input_ids.shape[0]
+    device = input_ids.device
     cache = out.past_key_values
     cache.batch_repeat_interleave(rows)
     logits = out.logits[:, -1, :].float().repeat_interleave(rows, dim=0)  # [B*R, V]
@@ -193,7 +239,6 @@ def sample_answers(
     temps = torch.full((b * rows, 1), float(temperature), device=device)
     temps[is_default] = max(default_temperature, 1e-6)
     greedy_rows = is_default if default_temperature <= 0 else torch.zeros_like(is_default)
-
     tokens, lengths = decode_loop(
         model,
         cache,
@@ -204,17 +249,10 @@ def sample_answers(
         greedy_rows=greedy_rows,
         max_new_tokens=max_new_tokens,
         stop_table=stop_table,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_token_id,
         generator=generator,
     )
-    texts = tokenizer.batch_decode(
-        [row[: int(n)].tolist() for row, n in zip(tokens.cpu(), lengths.cpu())],
-        skip_special_tokens=True,
-    )
-    texts = [_clean(t) for t in texts]
-    default = texts[::rows]
-    samples = [texts[i * rows + 1 : (i + 1) * rows] for i in range(b)]
-    return SampledAnswers(default, samples, hidden, pooled)
+    return tokens, lengths, hidden, pooled
 
 
 def pool_weights(attention_mask: torch.Tensor, pool_start: int) -> torch.Tensor:

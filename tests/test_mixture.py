@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from ssd_guard import GaussianMixture
+from ssd_guard.mixture import GaussianMixture
 
 
 def random_mixture(b: int, k: int, d: int, seed: int = 0, scale: float = 1.0) -> GaussianMixture:

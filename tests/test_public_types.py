@@ -72,3 +72,20 @@ def test_a_type_checker_sees_the_real_classes(tmp_path: Path) -> None:
     assert out.count("error:") == 2, out + proc.stderr
     assert 'expression has type "SSDGuard", variable has type "int"' in out
     assert 'expression has type "SSDGuardMiddleware", variable has type "int"' in out
+
+
+def test_the_root_surface_is_curated_and_moved_names_still_resolve() -> None:
+    import warnings
+
+    assert len(ssd_guard.__all__) <= 25
+    core = {"Guard", "GuardResult", "SSDScorer", "SSDGuard", "load_policy", "configure_audit"}
+    assert core <= set(ssd_guard.__all__)
+    assert not set(ssd_guard._MOVED) & set(ssd_guard.__all__)
+    from ssd_guard.mixture import GaussianMixture
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ssd_guard.GaussianMixture is GaussianMixture  # type: ignore[attr-defined]
+    assert any("ssd_guard.mixture" in str(w.message) for w in caught)
+    with pytest.raises(AttributeError):
+        ssd_guard.NoSuchName  # type: ignore[attr-defined]  # noqa: B018
