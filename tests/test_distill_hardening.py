@@ -333,7 +333,7 @@ def evaluated(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     import ssd_guard.models as models
     from ssd_guard.cli import main
     from ssd_guard.encoding import PCAProjection
-    from ssd_guard.evaluation import runner
+    from ssd_guard.evaluation import runner, scorers
 
     base = tmp_path_factory.mktemp("eval")
     qa = build_workdir(base / "qa", tiny_lm)
@@ -354,6 +354,8 @@ def evaluated(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(models, "shared_embedder", lambda *a, **k: TrigramEmbedder())
         mp.setattr(models, "shared_causal_lm", lambda *a, **k: tiny_lm)
+        # TD-std / TD-trace are built in scorers, the student-space TD in runner
+        mp.setattr(scorers, "TeacherDispersion", Recording)
         mp.setattr(runner, "TeacherDispersion", Recording)
         args = ["evaluate", "--workdir", str(qa), "--out", str(base / "out"), "--n-boot", "20"]
         with contextlib.redirect_stdout(out):

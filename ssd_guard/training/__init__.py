@@ -8,7 +8,8 @@ tests, enforces it):
   (prompts, teacher samples, labels, embeddings + PCA, features, layer probes, student);
 * :mod:`.drafts` — ``ssd-guard distill-drafts``: the draft models' recipe and training
   (the drafts themselves, read at run time, live in :mod:`ssd_guard.drafts`);
-* :mod:`.risk_fit` — fitting the combined risk (``ssd-guard fit-risk``);
+* :mod:`.risk_fit` — fitting the combined risk (``ssd-guard fit-risk``), over
+  :mod:`.risk_inputs` (its input columns) and :mod:`.risk_select` (the LOSO selection);
 * :mod:`.calibration` — Learn-then-Test threshold fitting (``ssd-guard calibrate``);
   the calibration *file* the runtime reads is :mod:`ssd_guard.calibration`;
 * :mod:`.probes` (SEP / PCP hidden-state probes), :mod:`.semantic_entropy` (SE labels),

@@ -36,20 +36,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ssd_guard.scoring.risk import RISK_INPUTS, LinearProbeWeights, RiskModel, RiskVariant
-from ssd_guard.scoring.token_stats import TOKEN_STAT_NAMES, teacher_forced_token_stats
+from ssd_guard.scoring.token_stats import TOKEN_STAT_NAMES
 from ssd_guard.training import metrics as M
-from ssd_guard.training.probes import KnowProbe, SemanticEntropyProbe
-from ssd_guard.training.semantic_entropy import SemanticEntropy
-from ssd_guard.training.stats import Stats
-from ssd_guard.training.stats_scorers import SSDStatsScorer, features_from_stats
+from ssd_guard.training.risk_inputs import TOKEN_STATS_FILE as TOKEN_STATS_FILE  # re-export
+from ssd_guard.training.risk_inputs import (
+    Logger,
+    _fit_probe,
+    _layer_stats,
+    _logit,
+    _refit_probe,
+    _weights,
+    predict_rows,
+    risk_inputs,
+    workdir_token_stats,
+)
+from ssd_guard.training.risk_select import (
+    PROBE_INPUTS,
+    Columns,
+    _choose_on_validation,
+    _concat,
+    _fit_lr,
+    _rows,
+    _signed,
+    compare_to_singles,
+    loso_select,
+    risk_candidates,
+)
+from ssd_guard.training.stats_scorers import features_from_stats
 
 __all__ = [
     "PROBE_INPUTS",
@@ -62,362 +81,8 @@ __all__ = [
     "workdir_token_stats",
 ]
 
-Logger = Callable[[str], None]
-TOKEN_STATS_FILE = "token_stats.safetensors"
-_C_GRID = (0.01, 0.1, 1.0, 10.0)
-Columns = dict[str, np.ndarray]
-
-#: The inputs read from the student's hidden states: fitted on the pooled sources, so
-#: in-domain by construction; the LOSO selection weighs them by how they carry over.
-PROBE_INPUTS: tuple[str, ...] = ("pcp", "sep")
-
 #: Where a held-out source is scored in the LOSO selection.
 LOSO_ROWS = ("validation", "train+validation")
-
-
-def workdir_token_stats(
-    data: Any, model: Any, tokenizer: Any, *, chunk: int = 128, log: Logger | None = None
-) -> np.ndarray:
-    """``[N, 3]`` token statistics of every row's default answer (all splits), computed
-    by teacher forcing and cached (resumable, chunk by chunk) in the work directory."""
-    from safetensors.numpy import load_file, save_file
-
-    say = log or (lambda m: None)
-    path = Path(data.root) / TOKEN_STATS_FILE
-    prompts = [str(r.get("text", r["prompt"])) for r in data.prompts]
-    default = list(data.stats.default or [])
-    n = len(prompts)
-    digest = _token_stats_digest(prompts, default, model)
-    done = np.full((n, 3), np.nan)
-    have = np.zeros(n, dtype=bool)
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="np") as f:
-            stored = (f.metadata() or {}).get("digest")
-        if stored == digest:
-            t = load_file(str(path))
-            done, have = t["values"].astype(np.float64), t["done"].astype(bool)
-        else:
-            say(
-                f"token stats: {path} was computed for other prompts, answers or another "
-                "model; computing them again"
-            )
-    todo = np.flatnonzero(~have)
-    t0 = time.perf_counter()
-    for start in range(0, len(todo), chunk):
-        rows = todo[start : start + chunk]
-        done[rows] = teacher_forced_token_stats(
-            model, tokenizer, [prompts[i] for i in rows], [default[i] for i in rows]
-        )
-        have[rows] = True
-        save_file(
-            {"values": done, "done": have.astype(np.uint8)}, str(path), metadata={"digest": digest}
-        )
-        say(f"token stats: {int(have.sum())}/{n} rows ({time.perf_counter() - t0:.0f} s)")
-    return done
-
-
-def _token_stats_digest(prompts: Sequence[str], answers: Sequence[str], model: Any) -> str:
-    """What the cached token statistics depend on: every row's prompt and default
-    answer, and the model (its weights' fingerprint and dtype)."""
-    import hashlib
-    import json
-
-    from ssd_guard.models import model_fingerprint
-
-    try:
-        who = [model_fingerprint(model), str(next(model.parameters()).dtype)]
-    except (AttributeError, StopIteration, TypeError):
-        who = [type(model).__name__]
-    blob = json.dumps([who, list(prompts), list(answers)], ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _layer_stats(stats: Stats, features: torch.Tensor, layers: Sequence[int], h: int) -> Stats:
-    """A Stats whose ``hidden_layers`` are the student's feature slices (probe inputs)."""
-    out = Stats(prompts=stats.prompts, samples=stats.samples)
-    out.sample_embeddings = stats.sample_embeddings
-    out.hidden_layers = {
-        int(ly): features[:, i * h : (i + 1) * h].float() for i, ly in enumerate(layers)
-    }
-    return out
-
-
-def _fit_probe(
-    kind: str,
-    train: Stats,
-    y_train: np.ndarray | None,
-    val: Stats,
-    y_val: np.ndarray | None,
-    layers: Sequence[int],
-    seed: int,
-) -> tuple[Any, float, float]:
-    """The probe (layer and C chosen on validation), its C and validation AUROC."""
-    best: tuple[float, float, Any] | None = None
-    for c in (0.01, 0.05, 0.2):
-        probe: Any
-        if kind == "pcp":
-            probe = KnowProbe(candidate_layers=layers, C=c, seed=seed, name="PCP")
-        else:
-            se = SemanticEntropy("embedding", threshold=0.8, name="SE-cos")
-            probe = SemanticEntropyProbe(
-                candidate_layers=layers, entropy=se, C=c, seed=seed, name="SEP"
-            )
-        probe.fit(train, y_train, validation=(val, y_val))
-        score = max(probe.layer_scores_.values())
-        if best is None or score > best[0]:
-            best = (score, c, probe)
-    assert best is not None
-    return best[2], best[1], best[0]
-
-
-def _weights(probe: Any, layers: Sequence[int], h: int) -> LinearProbeWeights:
-    i = list(layers).index(int(probe.layer_))
-    return LinearProbeWeights(
-        start=i * h,
-        stop=(i + 1) * h,
-        mean=np.asarray(probe.mean_, dtype=np.float64),
-        scale=np.asarray(probe.scale_, dtype=np.float64),
-        coef=np.asarray(probe.coef_, dtype=np.float64).ravel(),
-        intercept=float(np.asarray(probe.intercept_).ravel()[0]),
-    )
-
-
-def _logit(w: LinearProbeWeights, features: torch.Tensor) -> np.ndarray:
-    return np.asarray(w.logit(features).double().cpu().numpy())
-
-
-def risk_inputs(
-    ssd: Any,
-    stats: Stats,
-    probes: dict[str, LinearProbeWeights],
-    token_stats: np.ndarray | None,
-) -> dict[str, np.ndarray]:
-    """Every input column for *stats*' rows (probe logits from the given weights)."""
-    sc = SSDStatsScorer(ssd)
-    feats = features_from_stats(ssd.features, stats)
-    cols: dict[str, np.ndarray] = {"entropy": sc.score(stats)}
-    for name, w in probes.items():
-        cols[name] = _logit(w, feats)
-    assert stats.default_embeddings is not None
-    for k, v in sc.answer_signals(stats, stats.default_embeddings).items():
-        cols[k] = np.asarray(v, dtype=np.float64)
-    if token_stats is not None:
-        for j, name in enumerate(TOKEN_STAT_NAMES):
-            cols[name] = np.asarray(token_stats[:, j], dtype=np.float64)
-    return cols
-
-
-def _rows(cols: Mapping[str, np.ndarray], idx: np.ndarray) -> Columns:
-    return {k: np.asarray(v)[idx] for k, v in cols.items()}
-
-
-def _concat(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Columns:
-    return {k: np.concatenate([np.asarray(a[k]), np.asarray(b[k])]) for k in a if k in b}
-
-
-def risk_candidates(inputs: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """The LOSO candidates of a variant with *inputs*: each single input
-    (``single:<name>``), the full set (``full``) and the full set without the hidden-state
-    probes (``no_probes``; left out when it repeats another candidate, as in ``pre``)."""
-    out: dict[str, tuple[str, ...]] = {f"single:{n}": (n,) for n in inputs}
-    out["full"] = tuple(inputs)
-    rest = tuple(n for n in inputs if n not in PROBE_INPUTS)
-    if rest and rest not in out.values():
-        out["no_probes"] = rest
-    return out
-
-
-@dataclass
-class _Fit:
-    """A fitted regression and the training means standing in for missing inputs."""
-
-    variant: RiskVariant
-    fill: np.ndarray
-
-    def predict(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
-        from scipy.special import expit
-
-        v = self.variant
-        x = np.stack([np.asarray(cols[n], dtype=np.float64) for n in v.inputs], axis=-1)
-        x = np.where(np.isfinite(x), x, self.fill)
-        return np.asarray(expit(((x - v.mean) / v.scale) @ v.coef + v.intercept))
-
-
-def _fit_lr(
-    names: Sequence[str], cols: Mapping[str, np.ndarray], y: np.ndarray, c: float, seed: int
-) -> _Fit:
-    """Standardise + logistic regression on the named columns (a missing value -- an
-    empty answer's token statistics -- is the training rows' mean)."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = np.stack([np.asarray(cols[n], dtype=np.float64) for n in names], axis=-1)
-    finite = np.isfinite(x)
-    counts = finite.sum(0)
-    fill = np.where(counts > 0, np.where(finite, x, 0.0).sum(0) / np.maximum(counts, 1), 0.0)
-    x = np.where(finite, x, fill)
-    mean, scale = x.mean(0), x.std(0)
-    scale = np.where(scale > 1e-8, scale, 1.0)
-    y = np.asarray(y, dtype=bool)
-    if y.all() or not y.any():  # one class only: a constant risk
-        rate = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
-        coef, intercept = np.zeros(len(names)), float(np.log(rate / (1 - rate)))
-    else:
-        lr = LogisticRegression(C=c, max_iter=5000, random_state=seed)
-        lr.fit((x - mean) / scale, y)
-        coef, intercept = np.asarray(lr.coef_[0], dtype=np.float64), float(lr.intercept_[0])
-    return _Fit(RiskVariant(tuple(names), mean, scale, coef, intercept), fill)
-
-
-def _summary(aurocs: Mapping[str, float]) -> tuple[float, float]:
-    """(worst, mean) AUROC over the sources where it is defined (-inf when none is)."""
-    vals = [float(a) for a in aurocs.values() if np.isfinite(a)]
-    return (min(vals), float(np.mean(vals))) if vals else (-np.inf, -np.inf)
-
-
-def _key(row: Mapping[str, Any]) -> tuple[float, float]:
-    return (round(float(row["worst"]), 9), round(float(row["mean"]), 9))
-
-
-def loso_select(
-    candidates: Mapping[str, Sequence[str]],
-    cols_tr: Mapping[str, np.ndarray],
-    y_tr: np.ndarray,
-    src_tr: np.ndarray,
-    held_out: Mapping[str, tuple[Mapping[str, np.ndarray], np.ndarray]],
-    *,
-    c_grid: Sequence[float] = _C_GRID,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Leave-one-source-out choice of a regression's inputs and ``C``.
-
-    For every candidate (name -> input names), ``C`` and held-out source ``s`` of
-    *held_out* (``s -> (columns, y)`` of the rows it is scored on), fit on the training
-    rows whose source is not ``s`` and take the AUROC on ``s``'s rows. A candidate's ``C``
-    and then the candidate are chosen by the best worst-case AUROC over the sources, ties
-    by the mean (then: the larger ``C``, the earlier candidate -- single inputs first).
-    Returns ``{"sources", "n_rows", "candidates": {name: {"inputs", "C", "auroc":
-    {source: AUROC}, "worst", "mean", "by_C"}}, "choice": {...}}``.
-    """
-    y_tr = np.asarray(y_tr, dtype=bool)
-    src_tr = np.asarray(src_tr)
-    sources = sorted(held_out)
-    table: dict[str, dict[str, Any]] = {}
-    best: str | None = None
-    for name, inputs in candidates.items():
-        by_c: dict[float, dict[str, Any]] = {}
-        for c in sorted(c_grid, reverse=True):
-            per: dict[str, float] = {}
-            for s in sources:
-                keep = np.flatnonzero(src_tr != s)
-                fit = _fit_lr(inputs, _rows(cols_tr, keep), y_tr[keep], c, seed)
-                cols_s, y_s = held_out[s]
-                per[s] = M.auroc(np.asarray(y_s, dtype=bool), fit.predict(cols_s))
-            worst, mean = _summary(per)
-            by_c[c] = {"auroc": per, "worst": worst, "mean": mean}
-        c_best = max(by_c, key=lambda c: _key(by_c[c]))  # first of ties: the larger C
-        row = {"inputs": list(inputs), "C": c_best, **by_c[c_best]}
-        row["by_C"] = {str(c): v for c, v in by_c.items()}
-        table[name] = row
-        if best is None or _key(row) > _key(table[best]):
-            best = name
-    if best is None:
-        raise ValueError("no LOSO candidate")
-    chosen = table[best]
-    return {
-        "sources": sources,
-        "n_rows": {s: len(held_out[s][1]) for s in sources},
-        "error_rate": {s: float(np.mean(held_out[s][1])) for s in sources},
-        "candidates": table,
-        "choice": {
-            "candidate": best,
-            "inputs": list(chosen["inputs"]),
-            "C": chosen["C"],
-            "worst_auroc": chosen["worst"],
-            "mean_auroc": chosen["mean"],
-            "single_input": len(chosen["inputs"]) == 1,
-        },
-    }
-
-
-def _signed(
-    x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray
-) -> tuple[np.ndarray, float]:
-    """*x_eval* sign-corrected by the training rows (higher = riskier: the sign of the
-    training AUROC - 1/2); a missing value counts as the riskiest (an empty answer)."""
-    ok = np.isfinite(x_train)
-    a = M.auroc(np.asarray(y_train, dtype=bool)[ok], x_train[ok])
-    sign = -1.0 if np.isfinite(a) and a < 0.5 else 1.0
-    v = sign * np.asarray(x_eval, dtype=np.float64)
-    fin = np.isfinite(v)
-    top = float(v[fin].max()) + 1.0 if fin.any() else 0.0
-    return np.where(fin, v, top), sign
-
-
-def compare_to_singles(
-    y: np.ndarray, combined: np.ndarray, singles: Mapping[str, np.ndarray]
-) -> dict[str, Any]:
-    """AUROC of the combined risk and of each single input (already sign-corrected) on
-    one set of rows, the best single input and ``combined_ge_best_single``."""
-    y = np.asarray(y, dtype=bool)
-    comb = M.auroc(y, combined)
-    single = {n: M.auroc(y, v) for n, v in singles.items()}
-    finite = {n: a for n, a in single.items() if np.isfinite(a)}
-    best = max(finite, key=lambda n: finite[n]) if finite else None
-    best_auc = finite[best] if best is not None else float("nan")
-    return {
-        "n": len(y),
-        "error_rate": float(y.mean()) if len(y) else float("nan"),
-        "combined": comb,
-        "single": single,
-        "best_single": best,
-        "best_single_auroc": best_auc,
-        "margin": comb - best_auc,
-        "combined_ge_best_single": bool(
-            np.isfinite(comb) and best is not None and comb >= best_auc - 1e-12
-        ),
-    }
-
-
-def _refit_probe(
-    kind: str,
-    probe: Any,
-    c: float,
-    sub: Stats,
-    target: np.ndarray,
-    layers: Sequence[int],
-    h: int,
-    seed: int,
-) -> LinearProbeWeights:
-    """*probe*'s kind, layer and ``C`` (SEP: its SE split) refitted on *sub* (targets:
-    PCP the correctness labels, SEP the semantic entropies)."""
-    p: Any
-    if kind == "pcp":
-        p = KnowProbe(int(probe.layer_), C=c, seed=seed)
-    else:
-        p = SemanticEntropyProbe(int(probe.layer_), threshold=probe.threshold_, C=c)
-    p.fit(sub, target)
-    return _weights(p, layers, h)
-
-
-def _choose_on_validation(
-    names: Sequence[str],
-    cols_tr: Columns,
-    y_tr: np.ndarray,
-    cols_va: Columns,
-    y_va: np.ndarray,
-    seed: int,
-) -> float:
-    """``C`` by validation AUROC (one source: nothing to hold out)."""
-    best: tuple[float, float] | None = None
-    for c in _C_GRID:
-        a = M.auroc(y_va, _fit_lr(names, cols_tr, y_tr, c, seed).predict(cols_va))
-        a = a if np.isfinite(a) else -np.inf
-        if best is None or a > best[0]:
-            best = (a, c)
-    assert best is not None
-    return best[1]
 
 
 def fit_risk(
@@ -694,15 +359,3 @@ def _test_report(
                 r["combined_ge_best_single"] for r in per_loso.values()
             ),
         }
-
-
-def predict_rows(
-    model: RiskModel, variant: str, cols: dict[str, np.ndarray], features: torch.Tensor
-) -> np.ndarray:
-    """The variant's P(wrong) from stored columns (the probe columns are recomputed from
-    *features* with the model's own probe weights)."""
-    c = dict(cols)
-    for name, w in model.probes.items():
-        c[name] = _logit(w, features)
-    tcols = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in c.items()}
-    return np.asarray(model.predict_columns(tcols, variant).double().numpy())
