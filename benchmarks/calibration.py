@@ -1,4 +1,4 @@
-"""Does the calibrated threshold keep its promise? (issue 12)
+"""Does the calibrated threshold keep its promise?
 
     OMP_NUM_THREADS=1 python benchmarks/calibration.py --workdir runs/smollm2-pooled \
         --source triviaqa --alpha 0.2 --delta 0.1

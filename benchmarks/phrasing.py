@@ -44,7 +44,7 @@ TEMPLATES = (
     "As far as I know, {a}.",
     "It's {a}, if I remember correctly.",
 )
-#: The cases issue 10 reported (docs/results/index.md "Answers in any form" quotes their scores).
+#: The cases users reported (docs/results/index.md "Answers in any form" quotes their scores).
 ISSUE_EXAMPLES = (
     ("What is the capital of France?", ("Paris", "Berlin", "A banana")),
     (

@@ -1,5 +1,5 @@
 """``ssd-guard calibrate``: thresholds with a stated guarantee; ``ssd-guard fit-risk``: the
-student's combined risk signal (issue 12).
+student's combined risk signal.
 
 The calibration prompts are the work directory's *validation* split (never the train or
 the test split); see :mod:`ssd_guard.calibration` for the guarantee and its assumptions.

@@ -49,7 +49,7 @@ def test_round_trip_is_bit_exact(tmp_path) -> None:
 
 def test_fingerprint_covers_every_score_relevant_manifest_field(tmp_path) -> None:
     """Changing the layer, the prompt's few-shot prefix or the features changes the scores,
-    so it must change the fingerprint that shared caches key on (issue 11, item 6)."""
+    so it must change the fingerprint that shared caches key on."""
     from ssd_guard.features import FeatureSpec
 
     save_artifact(tmp_path / "art", manifest(), tensors())

@@ -1,4 +1,4 @@
-"""Issue 11, item 19: with no configuration, audit events are JSON lines on stderr (or in
+"""With no configuration, audit events are JSON lines on stderr (or in
 ``$SSD_GUARD_AUDIT_LOG``), never coloured console lines on stdout."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11, item 10: ``ssd-guard audit`` never prints a traceback. Bad lines (bytes that
+"""``ssd-guard audit`` never prints a traceback. Bad lines (bytes that
 are not UTF-8, a torn last line, fields of the wrong shape) are skipped and counted; a
 closed pipe ends the command quietly."""
 

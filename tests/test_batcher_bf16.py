@@ -1,4 +1,4 @@
-"""`BatchingScorer` scores equal unbatched scores in bf16 (issue 11, item 7).
+"""`BatchingScorer` scores equal unbatched scores in bf16.
 
 A left-padded batch changes a bf16 prefill's rounding (the bundled student's entropy moved
 by up to 0.42 nats, ``benchmarks/results/batcher-exactness.json``). The batching scorer

@@ -1,4 +1,4 @@
-"""Calibrated thresholds (issue 12): the Learn-then-Test guarantee holds at its stated
+"""Calibrated thresholds: the Learn-then-Test guarantee holds at its stated
 frequency on synthetic scores with a known error rate; infeasible targets and another
 student's calibration give clear errors."""
 

@@ -68,7 +68,7 @@ def test_pool_falls_back_to_last_token() -> None:
 
 def test_capture_hooks_are_invisible_to_other_threads(tiny_lm) -> None:
     """A truncating encoder in one thread never raises into, or records from, another
-    thread's forward pass through the same model (issue 11, item 1)."""
+    thread's forward pass through the same model."""
     spec = FeatureSpec(layers=[1, 2])
     enc = PromptEncoder(tiny_lm.model, tiny_lm.tokenizer, features=spec)
     ref = enc.encode(TEXTS)

@@ -1,4 +1,4 @@
-"""Issue #11, items 4, 5 and 12 (guard side), against a real redis-server:
+"""The guard side of cache faults, against a real redis-server:
 
 * 4: a forged cache value (NaN, +-Infinity, ``true``, a wrong schema) is a miss: the
   guard scores the prompt itself and decides on the real score (``cache_hit: false``);

@@ -1,4 +1,4 @@
-"""Issue #11, items 8 and 11: bad arguments raise GuardInputError (an SSDGuardError) that
+"""Bad arguments raise GuardInputError (an SSDGuardError) that
 names the argument -- never a raw AttributeError / TypeError / UnicodeEncodeError, and a
 single string where a list is expected is never split into characters."""
 

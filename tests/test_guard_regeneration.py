@@ -1,4 +1,4 @@
-"""Issue #11, item 16: ``reject_answer`` must not regenerate with the same greedy settings
+"""``reject_answer`` must not regenerate with the same greedy settings
 and get the identical answer. A generator with a ``temperature=`` keyword is asked to
 sample at ``regen_temperature`` (default REGEN_TEMPERATURE); a deterministic one is not
 called again; an unknown one is stopped when it repeats itself. Every reject_answer

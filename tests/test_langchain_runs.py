@@ -1,4 +1,4 @@
-"""Issue 11, items 14 and 15: every path audits LangChain's own run ids, tags and
+"""Every path audits LangChain's own run ids, tags and
 metadata, and the async handler never loses a block."""
 
 from __future__ import annotations

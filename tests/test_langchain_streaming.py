@@ -1,4 +1,4 @@
-"""Issue 11, item 13: a stream never shows an answer the guard has not let through.
+"""A stream never shows an answer the guard has not let through.
 
 When an answer rule can block, ``wrap().stream()`` buffers the model's chunks until the
 answer check passes, the agent middleware keeps LangGraph's ``stream_mode="messages"``

@@ -1,4 +1,4 @@
-"""Issue 11, items 9 and 19: ``ssd-guard check-policy`` refuses what a policy names but
+"""``ssd-guard check-policy`` refuses what a policy names but
 cannot be found, and checks several files in one call."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11, items 2 and 9: hostile YAML is refused fast and clearly; ``cache.ttl_s`` is
+"""Hostile YAML is refused fast and clearly; ``cache.ttl_s`` is
 bounded (and Redis accepts the bound)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The guard loads what the policy names (issue 11 item 18).
+"""The guard loads what the policy names.
 
 ``Guard(None, policy)`` and ``SSDGuard(policy=...)`` load the policy's ``student``
 artifact (a path relative to the policy file), on its ``proxy_model`` when it names one;

@@ -1,4 +1,4 @@
-"""Base-model forward passes per guarded call, counted on every path (issue 11).
+"""Base-model forward passes per guarded call, counted on every path.
 
 The guard reads the prompt's hidden state (one truncated prefill of the scorer's base
 model) once per call and hands it to every later check of that call in its

@@ -1,5 +1,5 @@
 """``hidden_state_source`` is decided in one place (:mod:`ssd_guard.provenance`), and the
-core does not depend on the LangChain integration (issue 11, code shape)."""
+core does not depend on the LangChain integration."""
 
 from __future__ import annotations
 

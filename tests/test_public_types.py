@@ -1,5 +1,5 @@
 """The public surface is typed for users: the lazily loaded LangChain classes are not
-``Any`` to a type checker, and every public error is exported (issue 11)."""
+``Any`` to a type checker, and every public error is exported."""
 
 from __future__ import annotations
 

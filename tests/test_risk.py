@@ -1,4 +1,4 @@
-"""The combined risk signal (issue 12): the model's maths and file, token statistics, and
+"""The combined risk signal: the model's maths and file, token statistics, and
 the guard reading ``risk`` and post-generation pair scorers in policies."""
 
 from __future__ import annotations

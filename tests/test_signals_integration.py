@@ -1,6 +1,6 @@
 """Integration: the real bundled student's signals order real cases the right way round.
 
-These pin what the product promises (issue 10): a correct answer outscores an absurd one
+These pin what the product promises: a correct answer outscores an absurd one
 in any phrasing, an injected document scores below the documents that answer the
 question, and the shipped examples act on the right cases with the real models.
 """

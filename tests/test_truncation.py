@@ -1,4 +1,4 @@
-"""A prompt longer than the encoder's limit is never scored silently (issue 11 item 3).
+"""A prompt longer than the encoder's limit is never scored silently.
 
 The encoder keeps the last ``max_tokens`` tokens and counts the cut; the guard puts
 ``truncated: true`` on the audit events of that call (and ``GuardResult.truncated``), on

@@ -1,4 +1,4 @@
-"""One combined risk: the probability that the default answer is wrong (issue 12).
+"""One combined risk: the probability that the default answer is wrong.
 
 "Entropy alone is insufficient" (arXiv 2603.21172): an entropy combined with a correctness
 probe beats either. :class:`RiskModel` is a logistic regression over the single-pass

@@ -10,7 +10,7 @@ only** (selection of the probes' layer and regularisation on validation, nothing
 2. Out-of-fold probe logits for the training rows (5 folds), so the combiner sees probe
    values as noisy as at run time.
 3. One logistic regression per variant (``pre``, ``post``, ``post_gen``) whose **input set
-   and** ``C`` are chosen by leave-one-source-out (LOSO, issue 18 item 4) when the work
+   and** ``C`` are chosen by leave-one-source-out (LOSO) when the work
    directory pools two or more sources (the ``source`` field of ``prompts.jsonl``): the
    candidates are each single input, the full input set and the full set without the
    hidden-state probes (:data:`PROBE_INPUTS`); for each held-out source a candidate is
