@@ -32,6 +32,9 @@ def _workdir_of(args: argparse.Namespace) -> Path:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from ssd_guard.errors import require_extra
+
+    require_extra("mapie", "train", "ssd-guard calibrate")
     import numpy as np
 
     from ssd_guard.artifact import bundled_artifact_path
@@ -201,6 +204,9 @@ def add_commands(sub: Any) -> None:
 
 
 def _fit_risk(args: argparse.Namespace) -> int:
+    from ssd_guard.errors import require_extra
+
+    require_extra("sklearn", "train", "ssd-guard fit-risk")
     from ssd_guard.artifact import bundled_artifact_path
     from ssd_guard.scoring.ssd import SSDScorer
     from ssd_guard.training.risk_fit import fit_risk_with_report, workdir_token_stats

@@ -86,6 +86,9 @@ def add_pipeline_args(parser: Any, config_help: str, stages: Sequence[str] | Non
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from ssd_guard.errors import require_extra
+
+    require_extra("sklearn", "train", "ssd-guard distill")
     from ssd_guard.training.distill.pipeline import run_pipeline
     from ssd_guard.training.distill.recipe import load_recipe
 

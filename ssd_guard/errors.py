@@ -10,9 +10,11 @@ __all__ = [
     "ConfigError",
     "GuardBlockedError",
     "GuardInputError",
+    "MissingExtraError",
     "ModelLoadError",
     "PolicyError",
     "SSDGuardError",
+    "require_extra",
 ]
 
 
@@ -84,3 +86,26 @@ def type_phrase(value: object, *, mapping: str = "a mapping") -> str:
     if isinstance(value, dict):
         return mapping
     return type(value).__name__
+
+
+class MissingExtraError(SSDGuardError, ImportError):
+    """A part of ssd-guard was used whose optional dependencies are not installed; the
+    message names the extra to install (``pip install 'ssd-guard[redis]'``)."""
+
+    def __init__(self, feature: str, extra: str, module: str) -> None:
+        super().__init__(
+            f"{feature} needs the optional dependency {module!r}: pip install 'ssd-guard[{extra}]'"
+        )
+        self.feature = feature
+        self.extra = extra
+        self.module = module
+
+
+def require_extra(module: str, extra: str, feature: str) -> None:
+    """Raise :class:`MissingExtraError` naming *extra* when *module* cannot be imported."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(feature, extra, module) from exc

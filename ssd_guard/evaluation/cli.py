@@ -48,6 +48,9 @@ def _pair_scorers(args: argparse.Namespace, log: Any) -> list[Any]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ssd_guard.errors import require_extra
+
+    require_extra("matplotlib", "eval", "ssd-guard evaluate")
     from ssd_guard.errors import ConfigError
     from ssd_guard.evaluation.runner import run_evaluation
 

@@ -45,7 +45,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ssd_guard.integrations.langchain._common import (
+from ssd_guard.errors import require_extra
+
+require_extra("langchain_core", "langchain", "The LangChain integration")
+
+from ssd_guard.integrations.langchain._common import (  # noqa: E402
     QUARANTINE_NOTICE,
     TURN_KEY,
     GuardStreamingError,
@@ -54,8 +58,8 @@ from ssd_guard.integrations.langchain._common import (
     resolve_hidden_state_source,
     result_message,
 )
-from ssd_guard.integrations.langchain.callbacks import AsyncSSDGuard, SSDGuard
-from ssd_guard.integrations.langchain.runnable import GuardedChatModel, LocalGuardedChatModel
+from ssd_guard.integrations.langchain.callbacks import AsyncSSDGuard, SSDGuard  # noqa: E402
+from ssd_guard.integrations.langchain.runnable import GuardedChatModel, LocalGuardedChatModel  # noqa: E402
 
 if TYPE_CHECKING:
     from ssd_guard.integrations.langchain.middleware import SSDGuardMiddleware, SSDGuardState

@@ -48,6 +48,8 @@ from langchain_core.runnables.config import (
     set_config_context,
 )
 
+from ssd_guard.errors import MissingExtraError
+
 try:
     from langchain.agents.middleware import (
         AgentMiddleware,
@@ -59,10 +61,8 @@ try:
     )
     from langchain.agents.middleware.types import PrivateStateAttr
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "SSDGuardMiddleware needs LangChain v1 agents (langchain.agents.middleware), "
-        "which is not installed; install the extra: pip install 'ssd-guard[langchain]' "
-        f"(or pip install 'langchain>=1.0'). Original error: {exc}"
+    raise MissingExtraError(
+        "SSDGuardMiddleware (LangChain v1 agents)", "langchain", "langchain.agents.middleware"
     ) from exc
 
 from ssd_guard import _flow as flow
