@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from ssd_guard.errors import ConfigError
+from ssd_guard.signals import SIGNALS
 
 __all__ = [
     "CALIBRATION_FILENAME",
@@ -59,10 +60,7 @@ CALIBRATION_FILENAME = "calibration.json"
 #: (the guard answers at or below the threshold), ``False`` when lower is riskier (the
 #: guard answers at or above it).
 SIGNAL_DIRECTIONS: dict[str, bool] = {
-    "entropy": True,
-    "risk": True,
-    "pmi": False,
-    "loglik": False,
+    name: sig.higher_is_riskier for name, sig in SIGNALS.items() if sig.calibratable
 }
 
 

@@ -67,4 +67,4 @@ def test_the_extras_are_declared_and_the_install_script_takes_them_all() -> None
     for optional in ("redis", "langchain", "scikit-learn", "matplotlib", "mapie"):
         assert optional not in core, optional
     script = (ROOT / "scripts" / "install.sh").read_text(encoding="utf-8")
-    assert "redis,langchain,train,eval" in script
+    assert "redis,langchain,train,eval,ray" in script

@@ -32,7 +32,7 @@ from ssd_guard.training.distill.data import (
     load_qa_jsonl,
     split_ids,
 )
-from ssd_guard.training.distill.recipe import Recipe
+from ssd_guard.training.distill.recipe import TEACHER_EXECUTION_KEYS, Recipe
 from ssd_guard.training.distill.workdir import (
     Context,
     Workdir,
@@ -109,9 +109,14 @@ def stage_prompts(wd: Workdir, ctx: Context) -> dict[str, Any]:
 SHARD_DIGEST = "ssd_guard.deps"
 
 
+def _sampling(teacher: dict[str, Any]) -> dict[str, Any]:
+    """The teacher settings that change what is sampled (not how it runs)."""
+    return {k: v for k, v in teacher.items() if k not in TEACHER_EXECUTION_KEYS}
+
+
 def _teacher_settings(recipe: Recipe) -> str:
     d = recipe.model_dump(mode="json")
-    return stage_hash([d["base_model"], d["dtype"], d["teacher"]])
+    return stage_hash([d["base_model"], d["dtype"], _sampling(d["teacher"])])
 
 
 def shard_digest(settings: str, index: int, rows: list[dict[str, Any]]) -> str:
@@ -139,13 +144,60 @@ def _shard_is_current(wd: Workdir, s: int, digest: str) -> bool:
     return meta.get(SHARD_DIGEST) == digest
 
 
+_STOP_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def sample_shard(
+    lm: Any, recipe: Recipe, index: int, chunk: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Teacher shard *index*: K samples and the default answer of each prompt in *chunk*,
+    with its per-shard seed (a resumed run, or another worker, draws exactly what an
+    uninterrupted single process would). Returns the records and the tensors to save."""
+    from ssd_guard.generation import sample_answers, stop_token_table
+
+    t = recipe.teacher
+    key = (id(lm.tokenizer), str(lm.device))
+    if key not in _STOP_TABLES:  # ~one decode per vocabulary entry: once per model
+        _STOP_TABLES[key] = stop_token_table(lm.tokenizer, lm.device)
+    table = _STOP_TABLES[key]
+    pool_start = prefix_length(lm.tokenizer, recipe.prompt.few_shot)
+    gen = torch.Generator(device=lm.device).manual_seed(t.seed * 1_000_003 + index)
+    records: list[dict[str, Any]] = []
+    hidden: list[torch.Tensor] = []
+    pooled: list[torch.Tensor] = []
+    for b in range(0, len(chunk), t.batch_size):
+        batch = chunk[b : b + t.batch_size]
+        res = sample_answers(
+            lm.model,
+            lm.tokenizer,
+            [row["text"] for row in batch],
+            n_samples=t.n_samples,
+            temperature=t.temperature,
+            default_temperature=t.default_temperature,
+            max_new_tokens=t.max_new_tokens,
+            generator=gen,
+            stop_table=table,
+            pool_start=pool_start if t.pool else None,
+        )
+        for row, d, smp in zip(batch, res.default, res.samples):
+            records.append({"id": row["id"], "default": d, "samples": smp})
+        assert res.hidden is not None
+        hidden.append(res.hidden.to("cpu", torch.bfloat16))
+        if res.pooled is not None:
+            pooled.append(res.pooled.to("cpu", torch.bfloat16))
+    shard = {"hidden": torch.cat(hidden)}
+    if pooled:
+        shard["pooled"] = torch.cat(pooled)
+    return records, shard
+
+
 def stage_teacher(
     wd: Workdir, ctx: Context, progress: bool = True, stop_after_shards: int | None = None
 ) -> dict[str, Any]:
     """Sample the teacher answers shard by shard; a completed shard is kept while its
-    prompts and the teacher settings are unchanged (its recorded digest matches)."""
-    from ssd_guard.generation import sample_answers, stop_token_table
-
+    prompts and the teacher settings are unchanged (its recorded digest matches). With
+    ``teacher.backend: ray`` the shards are sampled by Ray Data actors and written here
+    as they arrive (resumable the same way)."""
     t = ctx.recipe.teacher
     prompts = load_prompts(wd)
     n_shards = (len(prompts) + t.shard_size - 1) // t.shard_size
@@ -181,50 +233,29 @@ def stage_teacher(
 
         remaining = sum(min(t.shard_size, len(prompts) - s * t.shard_size) for s in todo)
         bar = tqdm(total=remaining, desc="teacher sampling", unit="prompt")
-    lm = ctx.lm if todo else None
-    table = stop_token_table(lm.tokenizer, lm.device) if lm is not None else None
-    pool_start = prefix_length(lm.tokenizer, ctx.recipe.prompt.few_shot) if lm is not None else 0
-    done_now = 0
-    for s in todo:
-        assert lm is not None  # todo is non-empty here
-        chunk = prompts[s * t.shard_size : (s + 1) * t.shard_size]
+
+    def write(s: int, records: list[dict[str, Any]], shard: dict[str, torch.Tensor]) -> None:
         jsonl, st = _shard_paths(wd, s)
-        # An outdated shard stops counting as complete before anything is rewritten.
-        jsonl.unlink(missing_ok=True)
-        # Per-shard seed: a resumed run draws exactly what an uninterrupted one would.
-        gen = torch.Generator(device=lm.device).manual_seed(t.seed * 1_000_003 + s)
-        records: list[dict[str, Any]] = []
-        hidden: list[torch.Tensor] = []
-        pooled: list[torch.Tensor] = []
-        for b in range(0, len(chunk), t.batch_size):
-            batch = chunk[b : b + t.batch_size]
-            res = sample_answers(
-                lm.model,
-                lm.tokenizer,
-                [row["text"] for row in batch],
-                n_samples=t.n_samples,
-                temperature=t.temperature,
-                default_temperature=t.default_temperature,
-                max_new_tokens=t.max_new_tokens,
-                generator=gen,
-                stop_table=table,
-                pool_start=pool_start if t.pool else None,
-            )
-            for row, d, smp in zip(batch, res.default, res.samples):
-                records.append({"id": row["id"], "default": d, "samples": smp})
-            assert res.hidden is not None
-            hidden.append(res.hidden.to("cpu", torch.bfloat16))
-            if res.pooled is not None:
-                pooled.append(res.pooled.to("cpu", torch.bfloat16))
-            if bar is not None:
-                bar.update(len(batch))
-        shard = {"hidden": torch.cat(hidden)}
-        if pooled:
-            shard["pooled"] = torch.cat(pooled)
         _atomic_save(shard, st, meta={SHARD_DIGEST: digests[s]})
         # The JSONL is written last: its presence marks the shard complete.
         _atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in records))
         wd.checkpoint()
+
+    for s in todo:  # an outdated shard stops counting as complete before anything runs
+        _shard_paths(wd, s)[0].unlink(missing_ok=True)
+    chunks = {s: prompts[s * t.shard_size : (s + 1) * t.shard_size] for s in todo}
+    done_now = 0
+    if t.backend == "ray" and todo:
+        from ssd_guard.training.distill.teacher_ray import sample_shards_on_ray
+
+        results = sample_shards_on_ray(ctx.recipe, chunks)
+    else:
+        lm = ctx.lm if todo else None
+        results = ((s, *sample_shard(lm, ctx.recipe, s, chunks[s])) for s in todo if lm is not None)
+    for s, records, shard in results:
+        write(s, records, shard)
+        if bar is not None:
+            bar.update(len(records))
         done_now += 1
         if stop_after_shards is not None and done_now >= stop_after_shards:
             raise _Interrupted(f"stopped after {done_now} shard(s) as asked")
@@ -234,6 +265,7 @@ def stage_teacher(
     return {
         "n_shards": n_shards,
         "resampled": len(todo),
+        "backend": t.backend,
         "model_id": model.model_id,
         "fingerprint": model.fingerprint,
         "dtype": str(next(model.model.parameters()).dtype).removeprefix("torch."),
@@ -286,7 +318,10 @@ def stage_deps(recipe: Recipe, wd: Workdir) -> Callable[[str], dict[str, str]]:
         fields, upstream = DEPENDS[name]
         if name == "prompts" and recipe.prompt.chat:
             fields = (*fields, "base_model")
-        out = {f"recipe:{f}": stage_hash(_field(d, f)) for f in fields}
+        out = {
+            f"recipe:{f}": stage_hash(_sampling(d[f]) if f == "teacher" else _field(d, f))
+            for f in fields
+        }
         if name == "prompts":
             for path in _data_files(recipe):
                 out[f"file:{path}"] = file_digest(path)

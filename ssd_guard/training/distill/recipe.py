@@ -89,6 +89,20 @@ class TeacherConfig(_Strict):
     #: Also store the hidden states mean-pooled over the question's tokens (the prompt
     #: without the few-shot prefix), at every layer, for students that read them.
     pool: bool = True
+    #: Where the teacher runs: ``hf`` (this process, transformers) or ``ray`` (the shards
+    #: spread over Ray Data actors, one model each; the same shards, seeds and results).
+    #: Execution settings: they do not enter the stage's dependency digest, so a work dir
+    #: can switch backend without resampling.
+    backend: Literal["hf", "ray"] = "hf"
+    #: Ray actors (each loads the model once); each gets ``threads_per_worker`` CPU threads.
+    workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    #: ``ray.init(address=...)``: null starts a local Ray with ``workers`` CPUs.
+    ray_address: str | None = None
+
+
+#: TeacherConfig keys that say how the teacher runs, not what it samples.
+TEACHER_EXECUTION_KEYS = frozenset({"backend", "workers", "threads_per_worker", "ray_address"})
 
 
 class LabelConfig(_Strict):
