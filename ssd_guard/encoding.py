@@ -5,12 +5,9 @@
   ``l`` (a hook raises once the layer has run), so the layers above it cost nothing.
   :meth:`PromptEncoder.capture` instead records that state during a generation's own
   prefill, so pre-generation scoring needs no extra pass at all.
-* :class:`AnswerEmbedder` — sentence embeddings (L2-normalised) projected by a fitted
-  :class:`PCAProjection`.
-* :func:`check_text` / :func:`check_texts` / :func:`check_text_lists` — the argument
-  checks shared by the guard and the scorers: text they are given must be a ``str`` that
-  encodes as UTF-8 (no lone surrogate), a list of texts never a single string; anything
-  else raises :class:`~ssd_guard.errors.GuardInputError` naming the argument and index.
+* :class:`AnswerEmbedder` and :class:`PCAProjection` (defined in :mod:`ssd_guard.embedding`)
+  and the text checks :func:`check_text` / :func:`check_texts` / :func:`check_text_lists`
+  (defined in :mod:`ssd_guard.texts`) are re-exported here.
 
 A prompt longer than the encoder's ``max_tokens`` keeps its *last* ``max_tokens`` tokens
 (the end of the question, which the student reads). Only a bounded window of characters
@@ -22,16 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ssd_guard.errors import GuardInputError
+from ssd_guard.embedding import AnswerEmbedder, PCAProjection
 from ssd_guard.features import FeatureSpec
 from ssd_guard.generation import left_pad_positions, pool_weights
+from ssd_guard.texts import check_text, check_text_lists, check_texts
 
 log = logging.getLogger("ssd_guard.encoding")
 
@@ -46,65 +44,6 @@ __all__ = [
     "decoder_layers",
     "prefix_length",
 ]
-
-
-# --------------------------------------------------------------------------------------
-# Argument checks (shared by the guard and the scorers)
-# --------------------------------------------------------------------------------------
-def _wrong_type(name: str, value: Any, expected: str) -> GuardInputError:
-    hint = " (decode bytes to str first)" if isinstance(value, bytes | bytearray) else ""
-    return GuardInputError(name, f"{name} must be {expected}, got {type(value).__name__}{hint}")
-
-
-def check_text(name: str, value: Any, *, expected: str = "a str") -> str:
-    """*value* if it is text the scorer, the tokenizers and the cache can take (a ``str``
-    that encodes as UTF-8); else :class:`~ssd_guard.errors.GuardInputError` naming *name*
-    (``"prompts[2]"``...)."""
-    if not isinstance(value, str):
-        raise _wrong_type(name, value, expected)
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise GuardInputError(
-                name,
-                f"{name} is not valid Unicode text: lone surrogate {value[exc.start]!r} at "
-                f"index {exc.start}",
-            ) from None
-    return value
-
-
-def _as_items(name: str, value: Any) -> list[Any]:
-    """*value* (a list / tuple / iterable, never a single string or a mapping) as a list."""
-    if isinstance(value, str | bytes | bytearray):
-        raise GuardInputError(
-            name,
-            f"{name} must be a list of str, got a single {type(value).__name__} (it would be "
-            f"split into characters); wrap it in a list: [{name}]",
-        )
-    if isinstance(value, Mapping) or not isinstance(value, Iterable):
-        raise GuardInputError(name, f"{name} must be a list of str, got {type(value).__name__}")
-    return list(value)
-
-
-def check_texts(name: str, value: Any) -> list[str]:
-    """*value* (a list / tuple / iterable of str, never a single string) as a list, each
-    item checked by :func:`check_text` as ``name[i]``."""
-    return [check_text(f"{name}[{i}]", item) for i, item in enumerate(_as_items(name, value))]
-
-
-def check_text_lists(name: str, value: Any) -> list[str | list[str]]:
-    """*value*: one entry per prompt, each a str or a list of str (candidate answers)."""
-    out: list[str | list[str]] = []
-    for i, item in enumerate(_as_items(name, value)):
-        key = f"{name}[{i}]"
-        if isinstance(item, str):
-            out.append(check_text(key, item))
-        elif isinstance(item, Iterable) and not isinstance(item, bytes | bytearray | Mapping):
-            out.append(check_texts(key, item))
-        else:
-            raise _wrong_type(key, item, "a str or a list of str")
-    return out
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
@@ -422,150 +361,6 @@ class HiddenStateCapture:
 
     def __init__(self) -> None:
         self.hidden: torch.Tensor | None = None
-
-
-class PCAProjection:
-    """``z = (e - mean) @ components.T / scale``: PCA, optionally whitened.
-
-    ``components`` are sorted by explained variance, so the first ``d`` rows of a
-    ``D``-dim projection are the ``d``-dim projection.
-    """
-
-    def __init__(self, mean: torch.Tensor, components: torch.Tensor, scale: torch.Tensor) -> None:
-        if (
-            components.dim() != 2
-            or mean.shape[0] != components.shape[1]
-            or scale.shape[0] != components.shape[0]
-        ):
-            raise ValueError("PCA shapes: mean [E], components [D, E], scale [D]")
-        self.mean = mean.float()
-        self.components = components.float()
-        self.scale = scale.float()
-
-    @property
-    def dim(self) -> int:
-        return int(self.components.shape[0])
-
-    @property
-    def input_dim(self) -> int:
-        return int(self.components.shape[1])
-
-    @classmethod
-    def fit(cls, X: torch.Tensor, dim: int, whiten: bool = True) -> PCAProjection:
-        X = X.double()
-        if dim > min(X.shape):
-            raise ValueError(f"PCA dim {dim} exceeds min(n_samples, n_features) = {min(X.shape)}")
-        mean = X.mean(0)
-        _, s, vh = torch.linalg.svd(X - mean, full_matrices=False)
-        comps = vh[:dim]
-        # Deterministic signs: the largest-magnitude loading of each component is positive.
-        signs = torch.sign(comps[torch.arange(dim), comps.abs().argmax(1)])
-        comps = comps * signs.unsqueeze(1)
-        std = s[:dim] / max(X.shape[0] - 1, 1) ** 0.5
-        scale = std.clamp_min(1e-8) if whiten else torch.ones(dim, dtype=X.dtype)
-        return cls(mean.float(), comps.float(), scale.float())
-
-    def truncate(self, dim: int) -> PCAProjection:
-        if dim > self.dim:
-            raise ValueError(f"cannot truncate a {self.dim}-dim PCA to {dim} dims")
-        return PCAProjection(self.mean, self.components[:dim], self.scale[:dim])
-
-    def transform(self, X: torch.Tensor) -> torch.Tensor:
-        dev = X.device
-        return ((X.float() - self.mean.to(dev)) @ self.components.to(dev).T) / self.scale.to(dev)
-
-    def tensors(self, prefix: str = "pca.") -> dict[str, torch.Tensor]:
-        return {
-            f"{prefix}mean": self.mean,
-            f"{prefix}components": self.components,
-            f"{prefix}scale": self.scale,
-        }
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "pca.") -> PCAProjection:
-        return cls(
-            tensors[f"{prefix}mean"], tensors[f"{prefix}components"], tensors[f"{prefix}scale"]
-        )
-
-
-class AnswerEmbedder:
-    """Sentence embeddings (L2-normalised) and their PCA projection, batched."""
-
-    def __init__(
-        self, model: Any, pca: PCAProjection | None = None, *, batch_size: int = 256
-    ) -> None:
-        self.model = model
-        self.pca = pca
-        self.batch_size = batch_size
-
-    @property
-    def dim(self) -> int:
-        get = (
-            getattr(self.model, "get_embedding_dimension", None)
-            or self.model.get_sentence_embedding_dimension
-        )
-        return int(get())
-
-    def _direct_parts(self) -> tuple[Any, Any, int] | None:
-        """``(tokenizer, transformer, max_len)`` when the model is the plain
-        Transformer -> mean Pooling -> Normalize stack (MiniLM, mpnet): then a short batch
-        is embedded by calling the transformer directly, skipping ``encode``'s
-        per-call overhead (about 2 ms of an 8 ms one-answer embedding on CPU)."""
-        if getattr(self, "_direct_model", None) is not self.model:  # (re)derive per model
-            parts = None
-            try:
-                mods = list(self.model)
-                names = [type(m).__name__ for m in mods]
-                pooling = getattr(mods[1], "pooling_mode", None) if len(mods) > 1 else None
-                if (
-                    names == ["Transformer", "Pooling", "Normalize"]
-                    and pooling in ("mean", "mean_tokens")
-                    and getattr(mods[0], "auto_model", None) is not None
-                    and getattr(self.model, "tokenizer", None) is not None
-                ):
-                    parts = (self.model.tokenizer, mods[0].auto_model, self.model.max_seq_length)
-            except TypeError:  # not a sentence-transformers module list
-                parts = None
-            self._direct: tuple[Any, Any, int] | None = parts
-            self._direct_model = self.model
-        return self._direct
-
-    @torch.inference_mode()
-    def _embed_direct(self, parts: tuple[Any, Any, int], texts: Sequence[str]) -> torch.Tensor:
-        tokenizer, transformer, max_len = parts
-        device = next(transformer.parameters()).device
-        enc = tokenizer(
-            list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
-        )
-        enc = {k: v.to(device) for k, v in enc.items()}
-        tokens = transformer(**enc).last_hidden_state.float()
-        mask = enc["attention_mask"].unsqueeze(-1).to(tokens.dtype)
-        mean = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return torch.nn.functional.normalize(mean, p=2, dim=-1).cpu()
-
-    def embed_raw(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[N, E]`` float32 normalised embeddings (CPU)."""
-        if len(texts) == 0:
-            return torch.empty(0, self.dim)
-        parts = self._direct_parts() if len(texts) <= 8 else None
-        if parts is not None:
-            return self._embed_direct(parts, texts)
-        emb = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        out: torch.Tensor = emb.float().cpu()
-        return out
-
-    def embed(self, texts: Sequence[str], dim: int | None = None) -> torch.Tensor:
-        """``[N, d]`` PCA-projected embeddings (``dim`` truncates the projection)."""
-        if self.pca is None:
-            raise RuntimeError("this AnswerEmbedder has no PCA projection; fit one first")
-        pca = self.pca if dim is None else self.pca.truncate(dim)
-        return pca.transform(self.embed_raw(texts))
 
 
 def prefix_length(tokenizer: Any, few_shot: str) -> int:

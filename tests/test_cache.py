@@ -66,7 +66,7 @@ def test_make_key_shape_and_exact_text() -> None:
     assert ns == "ns" and len(digest) == 64 and int(digest, 16) >= 0
     same = make_key("ns", student_fingerprint="abc", model_id="m", layer=4, prompt="Hello world")
     assert k == same
-    # the scorer sees the exact text, so the key does too (issue #11, item 5)
+    # the scorer sees the exact text, so the key does too
     for variant in ("Hello  world", " Hello world", "Hello world\n", "Hello\tworld"):
         other = make_key("ns", student_fingerprint="abc", model_id="m", layer=4, prompt=variant)
         assert other != k, variant

@@ -1,4 +1,4 @@
-"""Issue #11, item 4 (cache side): every cached value is validated, and values are signed
+"""Every cached value is validated, and values are signed
 with an HMAC key from the environment; forged, non-finite or mistyped values are misses
 plus a structured event. Runs against MemoryCache and a real redis-server."""
 

@@ -189,16 +189,18 @@ def test_auto_dtype_follows_the_cpu_bf16_support(monkeypatch: Any, caplog: Any) 
     assert models.cpu_flags("no flags here") is None
 
     # `auto` on an AVX2-only CPU is fp32 (bf16 would be emulated), logged with the reason.
-    monkeypatch.setattr(models, "cpu_flags", lambda cpuinfo=None: frozenset(avx2))
-    monkeypatch.setattr(models, "_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(models, "_LOGGED", set())
+    from ssd_guard import devices  # where the dtype choice lives (models re-exports it)
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda cpuinfo=None: frozenset(avx2))
+    monkeypatch.setattr(devices, "_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(devices, "_LOGGED", set())
     with caplog.at_level(logging.INFO, logger="ssd_guard.models"):
         assert models.resolve_dtype("auto", cpu) == torch.float32
     (rec,) = [r for r in caplog.records if getattr(r, "event", None) == "dtype.auto"]
     assert rec.dtype == "fp32" and rec.device == "cpu"  # type: ignore[attr-defined]
     assert "no native bf16" in rec.reason  # type: ignore[attr-defined]
     assert rec.getMessage().startswith("dtype.auto dtype=fp32 device=cpu reason=")
-    monkeypatch.setattr(models, "cpu_flags", lambda cpuinfo=None: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(devices, "cpu_flags", lambda cpuinfo=None: frozenset({"avx512_bf16"}))
     assert models.resolve_dtype("auto", cpu) == torch.bfloat16
     assert models.resolve_dtype("fp32", cpu) == torch.float32
 

@@ -181,7 +181,7 @@ def test_retrieve_then_still_risky_abstains() -> None:
 
 
 def test_a_context_prompt_never_reaches_the_scorer_so_retrieval_cannot_make_it_riskier() -> None:
-    # Issue 11 item 17: the long context prompt scored riskier than the question and the
+    # The long context prompt scored riskier than the question and the
     # guard abstained although the retrieved document held the answer. The student now
     # scores the question only; the document and the answer are scored against the
     # question's answer distribution.

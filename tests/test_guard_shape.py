@@ -21,8 +21,8 @@ from fakes import FailingCache
 from structlog.testing import capture_logs
 from test_guard import GOOD_DOC, POISON_DOC, Gen, Retr, decisions_of, make_policy, make_scorer
 
-import ssd_guard.cache as cache_mod
-import ssd_guard.guard as guard_mod
+import ssd_guard.cache.redis_cache as cache_mod
+import ssd_guard.guard.core as guard_mod
 from ssd_guard._flow import Call, Flow, adrive, drive
 from ssd_guard.errors import CacheUnavailableError
 from ssd_guard.guard import Guard

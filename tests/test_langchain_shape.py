@@ -68,7 +68,7 @@ def test_sync_and_async_twins_are_thin_drivers() -> None:
                 )
     # the pairs LangChain asks for are there, as drivers
     assert {
-        "runnable.py:_GuardRunnable._ainvoke",
+        "_base.py:_GuardRunnable._ainvoke",
         "middleware.py:SSDGuardMiddleware.abefore_model",
         "middleware.py:SSDGuardMiddleware.awrap_model_call",
         "middleware.py:SSDGuardMiddleware.awrap_tool_call",

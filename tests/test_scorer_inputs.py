@@ -155,7 +155,8 @@ def test_good_input_still_scores_and_any_iterable_is_taken(scorer: Any) -> None:
 
 
 def test_the_guard_and_the_scorer_share_one_validator() -> None:
-    from ssd_guard import encoding, guard
+    from ssd_guard import encoding
+    from ssd_guard.guard import inputs as guard
 
     assert guard._check_text is encoding.check_text
     assert guard._check_texts is encoding.check_texts

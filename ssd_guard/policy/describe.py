@@ -6,14 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from ssd_guard.policy.evaluation import _quantile, _sorted_finite
 from ssd_guard.policy.schema import (
     HIGHER_IS_RISKIER,
     METRICS,
     Condition,
     Policy,
     Threshold,
-    _quantile,
-    _sorted_finite,
 )
 
 __all__ = ["describe_policy"]

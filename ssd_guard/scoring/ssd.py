@@ -28,7 +28,9 @@ audit events (``on_long_prompt="truncate"``, the default), or is refused with a
 characters is tokenized.
 
 :func:`read_student` / :func:`verify_artifact` run the checks :meth:`SSDScorer.load`
-runs (``ssd-guard artifact`` prints the manifest once they pass).
+runs (``ssd-guard artifact`` prints the manifest once they pass); reading the artifact is
+:mod:`~ssd_guard.scoring.ssd_artifact`'s job, the answer signals
+:mod:`~ssd_guard.scoring.ssd_answers`'.
 
 Every method that needs a prompt's hidden state takes ``stats=``, a
 :class:`~ssd_guard.scoring.callstats.CallStats` of the guarded call: the state is then
@@ -41,26 +43,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 
-from ssd_guard.answers import answer_core, chat_prompt, core_span, normalise_answer, question_of
-from ssd_guard.artifact import Manifest, bundled_artifact_path, check_compatible, load_artifact
+from ssd_guard.answers import chat_prompt
+from ssd_guard.artifact import Manifest, check_compatible
 from ssd_guard.encoding import (
     AnswerEmbedder,
-    PCAProjection,
     PromptEncoder,
     check_text,
-    check_text_lists,
     check_texts,
 )
-from ssd_guard.errors import ArtifactError, ArtifactMismatchError, GuardInputError
+from ssd_guard.errors import ArtifactMismatchError, GuardInputError
 from ssd_guard.mixture import GaussianMixture
 from ssd_guard.scoring.callstats import CallStats
-from ssd_guard.scoring.risk import RiskModel, load_risk_model
-from ssd_guard.scoring.token_stats import CALLSTATS_KEY
-from ssd_guard.student import SSDStudent
+from ssd_guard.scoring.risk import RiskModel
+from ssd_guard.scoring.ssd_answers import ANSWER_SIGNALS, _AnswerSignals
+from ssd_guard.scoring.ssd_artifact import (
+    StudentArtifact,
+    _student_parts,
+    apply_prompt_format,
+    bare_question,
+    build_heads,
+    load_marginal,
+    read_student,
+)
 
 __all__ = [
     "ANSWER_SIGNALS",
@@ -74,135 +82,10 @@ __all__ = [
     "verify_artifact",
 ]
 
-#: Answer signals of one pass (higher = more plausible for each).
-ANSWER_SIGNALS = ("loglik", "pmi", "consensus")
-
 #: What a prompt longer than ``max_prompt_tokens`` gets: its last tokens scored (logged,
 #: ``truncated`` on the audit events), or a :class:`~ssd_guard.errors.GuardInputError`.
 LONG_PROMPT_POLICIES = ("truncate", "error")
 LongPromptPolicy = Literal["truncate", "error"]
-
-
-def load_marginal(tensors: dict[str, torch.Tensor]) -> GaussianMixture | None:
-    """The unconditional answer density stored as ``marginal.{weights,means,scales}``."""
-    keys = ("marginal.weights", "marginal.means", "marginal.scales")
-    present = [k for k in keys if k in tensors]
-    if not present:
-        return None
-    if len(present) != len(keys):
-        missing = [k for k in keys if k not in tensors]
-        raise ArtifactError(f"artifact holds an incomplete marginal density: no {missing}")
-    try:
-        return GaussianMixture(
-            tensors["marginal.weights"].float().unsqueeze(0),
-            tensors["marginal.means"].float().unsqueeze(0),
-            tensors["marginal.scales"].float().unsqueeze(0),
-        )
-    except (RuntimeError, ValueError) as exc:
-        raise ArtifactError(f"artifact's marginal density is malformed: {exc}") from exc
-
-
-def bare_question(prompt: str) -> str:
-    """The question of a prompt given bare or in ``Question: ...\nAnswer:`` form."""
-    text = prompt.strip()
-    if text.startswith("Question:"):
-        text = text[len("Question:") :].strip()
-    if text.endswith("Answer:"):
-        text = text[: -len("Answer:")].strip()
-    return text
-
-
-def apply_prompt_format(prompt: str, few_shot: str, template: str) -> str:
-    """``few_shot`` + ``template`` with ``{question}`` the prompt's question: the prompt
-    may be a bare question or already in ``Question: ...\nAnswer:`` form."""
-    return few_shot + template.replace("{question}", bare_question(prompt))
-
-
-def build_heads(
-    manifest: Manifest, tensors: dict[str, torch.Tensor], device: torch.device | str | None = None
-) -> dict[str, SSDStudent]:
-    heads = {}
-    for name, info in manifest.heads.items():
-        prefix = f"heads.{name}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not state:
-            raise ArtifactError(f"artifact lists head {name!r} but holds no tensors for it")
-        config: dict[str, Any] = {
-            "in_dim": manifest.feature_spec.in_dim(manifest.base_model.hidden_size),
-            "out_dim": info.dim,
-            "n_components": info.n_components,
-            "hidden": info.hidden,
-            "depth": info.depth,
-            "min_scale": info.min_scale,
-            "val_nll": info.val_nll,
-        }
-        try:
-            heads[name] = SSDStudent.from_state(config, state, device=device)
-        except (RuntimeError, KeyError, ValueError) as exc:  # load_state_dict(strict=True)
-            detail = str(exc).strip().splitlines()
-            raise ArtifactError(
-                f"artifact head {name!r}: its tensors do not have the shapes the manifest "
-                f"gives (in_dim={config['in_dim']}, dim={info.dim}, "
-                f"n_components={info.n_components}, hidden={info.hidden}, "
-                f"depth={info.depth}): {detail[-1] if detail else type(exc).__name__}"
-            ) from exc
-    return heads
-
-
-def _student_parts(
-    manifest: Manifest, tensors: dict[str, torch.Tensor], device: torch.device | str | None
-) -> tuple[dict[str, SSDStudent], PCAProjection, GaussianMixture | None]:
-    """The heads, answer PCA and marginal density of an artifact, each checked against
-    the manifest (:class:`ArtifactError` with what does not match)."""
-    n_layers = manifest.base_model.num_layers
-    beyond = [ly for ly in manifest.feature_spec.all_layers if ly > n_layers]
-    if beyond:
-        raise ArtifactError(
-            f"artifact reads layer {beyond[0]}, but its base model {manifest.base_model.id} "
-            f"has {n_layers} layers (0..{n_layers})"
-        )
-    keys = ("pca.mean", "pca.components", "pca.scale")
-    missing = [k for k in keys if k not in tensors]
-    if missing:
-        raise ArtifactError(f"artifact holds no answer PCA: no {missing}")
-    try:
-        pca = PCAProjection.from_tensors(tensors)
-    except ValueError as exc:
-        raise ArtifactError(f"artifact's answer PCA is malformed: {exc}") from exc
-    if pca.input_dim != manifest.embedder.dim:
-        raise ArtifactError(
-            f"artifact's answer PCA reads {pca.input_dim}-dim embeddings, but the manifest's "
-            f"embedder {manifest.embedder.id} has dim {manifest.embedder.dim}"
-        )
-    for name, info in manifest.heads.items():
-        if info.dim > pca.dim:
-            raise ArtifactError(
-                f"artifact head {name!r} has dim {info.dim}, more than the answer PCA's "
-                f"{pca.dim} components"
-            )
-    heads = build_heads(manifest, tensors, device=device)
-    return heads, pca, load_marginal(tensors)
-
-
-class StudentArtifact(NamedTuple):
-    """An artifact read and checked by :func:`read_student`."""
-
-    path: Path
-    manifest: Manifest
-    tensors: dict[str, torch.Tensor]
-    risk_model: RiskModel | None
-
-
-def read_student(artifact: str | Path = "bundled") -> StudentArtifact:
-    """Read an artifact and run every check of :meth:`SSDScorer.load` that needs no base
-    model: a valid manifest of a known format, weights matching its sha256, the PCA,
-    heads (with the shapes the manifest gives) and marginal density it names, and a
-    ``risk.safetensors`` fitted for this very student (fingerprint). Raises
-    :class:`~ssd_guard.errors.ArtifactError` (or a subclass) with what is wrong."""
-    manifest, tensors = load_artifact(artifact)
-    path = bundled_artifact_path() if str(artifact) == "bundled" else Path(artifact)
-    _student_parts(manifest, tensors, "cpu")
-    return StudentArtifact(path, manifest, tensors, load_risk_model(path, manifest.fingerprint))
 
 
 def verify_artifact(
@@ -222,7 +105,7 @@ def verify_artifact(
     return student
 
 
-class SSDScorer:
+class SSDScorer(_AnswerSignals):
     """Score prompts and answers with a distilled SSD student.
 
     Build it with :meth:`load` (which loads the base model and embedder named by the
@@ -555,177 +438,6 @@ class SSDScorer:
             risk, _ = self.risk_model.predict(h, ent)
             out["risk"] = [float(v) for v in risk.cpu().tolist()]
         return out
-
-    def _answer_risk(
-        self,
-        h: torch.Tensor,
-        prompts: Sequence[str],
-        lists: list[list[str]],
-        best: dict[str, torch.Tensor],
-        stats: CallStats | None,
-    ) -> torch.Tensor:
-        """``[B, N]`` combined risk of every candidate (``post`` variant, ``post_gen`` for
-        the answers whose generation recorded its token statistics in *stats*)."""
-        assert self.risk_model is not None
-        ent = self.entropy_from_hidden(h)
-        out = torch.full_like(best["loglik"], float("nan"))
-        for j in range(out.shape[1]):
-            rows = [i for i, lst in enumerate(lists) if j < len(lst)]
-            if not rows:
-                continue
-            idx = torch.tensor(rows)
-            sig = {k: best[k][idx, j].to(h.device) for k in ANSWER_SIGNALS}
-            recorded = [
-                None if stats is None else stats.get(CALLSTATS_KEY, lists[i][j]) for i in rows
-            ]
-            hh, ee = h[idx.to(h.device)], ent[idx.to(ent.device)]
-            if all(r is not None for r in recorded):
-                ts = torch.tensor([list(r) for r in recorded if r is not None])
-                risk, _ = self.risk_model.predict(hh, ee, sig, ts)
-            else:
-                risk, _ = self.risk_model.predict(hh, ee, sig)
-            out[idx, j] = risk.float().cpu()
-        return out
-
-    def prepare_answers(self, answers: Sequence[str]) -> list[str]:
-        """The answer texts as the student's teacher saw them (normalised if the
-        artifact says so)."""
-        return self._prepare(check_texts("answers", answers))
-
-    def _prepare(self, answers: list[str]) -> list[str]:
-        if self.manifest.answers.normalise:
-            return [normalise_answer(a) for a in answers]
-        return [a.strip() for a in answers]
-
-    def embed_answers(self, answers: Sequence[str], head: str = "answer") -> torch.Tensor:
-        """Answers projected into *head*'s target space (``[N, d]``)."""
-        return self._embed(check_texts("answers", answers), head)
-
-    def _embed(self, answers: list[str], head: str = "answer") -> torch.Tensor:
-        dim = self.heads[head].dim_
-        z = self.embedder.embed(self._prepare(answers), dim=dim)
-        if not self.manifest.heads[head].whitened and self.embedder.pca is not None:
-            z = z * self.embedder.pca.scale[:dim]  # plain PCA coordinates
-        return z
-
-    def signals_of(self, mix: GaussianMixture, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every answer signal for ``z [B, N, d]`` under ``mix`` (``[B]`` mixtures)."""
-        z = z.to(self.device)
-        ll = mix.log_prob(z)
-        out = {"loglik": ll}
-        if self.marginal is not None:
-            b, n, d = z.shape
-            marg = self.marginal.log_prob(z.reshape(1, b * n, d)).reshape(b, n)
-            out["pmi"] = ll - marg
-        else:
-            out["pmi"] = ll
-        out["consensus"] = -(z - mix.mean().unsqueeze(1)).pow(2).sum(-1).sqrt()
-        return out
-
-    def answer_signals(
-        self,
-        prompts: Sequence[str],
-        answers: Sequence[str] | Sequence[Sequence[str]],
-        *,
-        formatted: bool = False,
-        hidden: torch.Tensor | None = None,
-        stats: CallStats | None = None,
-        with_risk: bool = False,
-    ) -> dict[str, list[float]] | dict[str, list[list[float]]]:
-        """All answer signals of one pass: ``{"loglik", "pmi", "consensus"}``, each shaped
-        like :meth:`score_answers`' result (higher = more plausible for every signal).
-        With *with_risk* and a risk model, also ``risk`` (P(wrong), higher = riskier).
-
-        A sentence-length answer is also scored on its core span (the words that do not
-        restate the question) when the artifact enables it; each signal takes the better
-        of the two, so the form of an answer matters less than its content. The prompts'
-        states are *hidden* when given, else :meth:`hidden` (with the call's *stats*).
-        """
-        prompts = check_texts("prompts", prompts)
-        entries = check_text_lists("answers", answers)
-        if len(prompts) != len(entries):
-            raise ValueError(f"{len(prompts)} prompts but {len(entries)} answer entries")
-        if not prompts:
-            empty: dict[str, list[float]] = {k: [] for k in ANSWER_SIGNALS}
-            return empty
-        single = all(isinstance(a, str) for a in entries)
-        lists = [[a] if isinstance(a, str) else a for a in entries]
-        h = (
-            hidden
-            if hidden is not None
-            else self._hidden(prompts, formatted=formatted, stats=stats)
-        )
-        mix = self.mixture(h, "answer")
-        # Candidate texts per answer: the answer itself, plus its core span.
-        texts: list[str] = []
-        owner: list[tuple[int, int]] = []
-        use_core = self.manifest.answers.core_span
-        core_embed = self.manifest.answers.core_embed
-        for i, (p, lst) in enumerate(zip(prompts, lists)):
-            question = question_of(p)
-            for j, a in enumerate(lst):
-                if core_embed:  # the student models answer cores: embed exactly that
-                    texts.append(answer_core(question, a))
-                    owner.append((i, j))
-                    continue
-                texts.append(a)
-                owner.append((i, j))
-                if use_core:
-                    core = core_span(question, self._prepare([a])[0])
-                    if core is not None:
-                        texts.append(core)
-                        owner.append((i, j))
-        z_flat = self._embed(texts) if texts else torch.empty(0)
-        n_max = max((len(lst) for lst in lists), default=0)
-        best = {k: torch.full((len(lists), max(n_max, 1)), -torch.inf) for k in ANSWER_SIGNALS}
-        # Group the candidate embeddings per prompt: [B, M, d] with padding.
-        per_prompt: list[list[int]] = [[] for _ in lists]
-        for row, (i, _j) in enumerate(owner):
-            per_prompt[i].append(row)
-        m_max = max((len(r) for r in per_prompt), default=0)
-        if m_max:
-            d = z_flat.shape[-1]
-            z = torch.zeros(len(lists), m_max, d, device=z_flat.device)
-            for i, rows in enumerate(per_prompt):
-                if rows:
-                    z[i, : len(rows)] = z_flat[rows]
-            sig = {k: v.cpu() for k, v in self.signals_of(mix, z).items()}
-            for i, rows in enumerate(per_prompt):
-                for col, row in enumerate(rows):
-                    j = owner[row][1]
-                    for k in ANSWER_SIGNALS:
-                        best[k][i, j] = torch.maximum(best[k][i, j], sig[k][i, col])
-        if with_risk and self.risk_model is not None:
-            best["risk"] = self._answer_risk(h, prompts, lists, best, stats)
-        if single:
-            return {k: v[:, 0].tolist() for k, v in best.items()}
-        return {
-            k: [v[i, : len(lst)].tolist() for i, lst in enumerate(lists)] for k, v in best.items()
-        }
-
-    def score_answers(
-        self,
-        prompts: Sequence[str],
-        answers: Sequence[str] | Sequence[Sequence[str]],
-        *,
-        formatted: bool = False,
-        hidden: torch.Tensor | None = None,
-        signal: str = "loglik",
-        stats: CallStats | None = None,
-    ) -> list[float] | list[list[float]]:
-        """Post-generation check: one answer signal per answer (higher = more plausible).
-
-        ``signal`` is ``"loglik"`` (log-likelihood under the prompt's mixture),
-        ``"pmi"`` (that minus the unconditional answer log-density) or ``"consensus"``
-        (minus the distance to the mixture mean). ``answers`` holds one string per
-        prompt (returns ``list[float]``) or a list of candidate strings per prompt
-        (returns ``list[list[float]]``; lists may differ in length).
-        """
-        if signal not in ANSWER_SIGNALS:
-            raise ValueError(f"unknown answer signal {signal!r}; choose from {ANSWER_SIGNALS}")
-        return self.answer_signals(
-            prompts, answers, formatted=formatted, hidden=hidden, stats=stats
-        )[signal]
 
     def consensus(
         self, prompts: Sequence[str], *, formatted: bool = False, stats: CallStats | None = None

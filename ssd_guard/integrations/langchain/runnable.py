@@ -4,23 +4,22 @@ Both are chain runs of their own (``_call_with_config`` / ``_transform_stream_wi
 so they appear in traces, their decisions are audited with the run's ``run_id`` /
 ``parent_run_id`` and the run's tags and metadata, and the inner model's runs are their
 children. Each call is one flow (:mod:`._flow`) run by a sync driver (``invoke`` /
-``stream``) or an async one (``ainvoke`` / ``astream``).
+``stream``) or an async one (``ainvoke`` / ``astream``): the drivers are the base class's
+(:mod:`._base`), the sampling keywords of a regeneration come from :mod:`._sampling`.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
 
-from langchain_core.language_models import BaseLanguageModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import patch_config
 
-from ssd_guard import _flow as flow
 from ssd_guard._flow import Call, Emit, Flow
 from ssd_guard.guard import Guard, GuardResult
+from ssd_guard.integrations.langchain._base import _GuardRunnable
 from ssd_guard.integrations.langchain._common import (
     NOSTREAM_TAG,
     RunInfo,
@@ -36,205 +35,12 @@ from ssd_guard.integrations.langchain._common import (
     to_messages,
     with_prompt,
 )
+from ssd_guard.integrations.langchain._sampling import sampling_kwargs
 from ssd_guard.provenance import model_name
 
 __all__ = ["GuardedChatModel", "LocalGuardedChatModel"]
 
 _END = object()
-
-
-def _explicit_kwargs(fn: Callable[..., Any] | None) -> set[str]:
-    """The keyword parameters *fn* names (a ``**kwargs`` catch-all names none)."""
-    if fn is None:
-        return set()
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name for p in params if p.kind in kinds}
-
-
-def _is_local_hf_pipeline(model: Any) -> bool:
-    """A ``ChatHuggingFace`` over a ``HuggingFacePipeline``, or the pipeline LLM itself:
-    the local ``transformers`` pipeline reads its generation settings from the call's
-    ``pipeline_kwargs`` (a ``temperature=`` keyword is ignored there)."""
-    llm = getattr(model, "llm", None)
-    pipe = getattr(llm if llm is not None else model, "pipeline", None)
-    return pipe is not None and hasattr(getattr(pipe, "model", None), "config")
-
-
-def sampling_kwargs(
-    model: Runnable[Any, Any], call_kwargs: Mapping[str, Any], temperature: float
-) -> dict[str, Any] | None:
-    """The call keywords that make *model* sample at *temperature* (for a regeneration
-    after ``reject_answer``), or ``None`` when it cannot be switched to sampling.
-
-    * a local Hugging Face pipeline (``ChatHuggingFace`` / ``HuggingFacePipeline``):
-      ``pipeline_kwargs={..., "do_sample": True, "temperature": T}`` (merged with the
-      ``pipeline_kwargs`` already given or bound);
-    * a chat model / LLM with a ``temperature`` field, or whose ``_generate`` names
-      ``temperature`` / ``do_sample``: those keywords (LangChain hands a call's keywords
-      to ``_generate``, as ``.bind(temperature=T)`` would);
-    * any other Runnable (``RunnableLambda``, a chain...) only when its ``invoke`` names
-      ``temperature`` / ``do_sample`` itself; otherwise ``None``: nothing is passed.
-
-    ``bind`` / ``bind_tools`` bindings are looked through.
-    """
-    obj: Any = model
-    layers: list[Mapping[str, Any]] = [call_kwargs]
-    for _ in range(8):
-        if not isinstance(obj, RunnableBinding):
-            break
-        layers.append(obj.kwargs)
-        obj = obj.bound
-    if _is_local_hf_pipeline(obj):
-        given: dict[str, Any] = {}
-        for layer in reversed(layers):  # the outer layers win, as in RunnableBinding
-            given.update(layer.get("pipeline_kwargs") or {})
-        return {"pipeline_kwargs": {**given, "do_sample": True, "temperature": temperature}}
-    if isinstance(obj, BaseLanguageModel):
-        names = _explicit_kwargs(getattr(obj, "_generate", None))
-        if "temperature" in type(obj).model_fields:
-            names.add("temperature")
-    else:
-        names = _explicit_kwargs(getattr(obj, "invoke", None))
-    out: dict[str, Any] = {}
-    if "temperature" in names:
-        out["temperature"] = temperature
-    if "do_sample" in names:
-        out["do_sample"] = True
-    return out or None
-
-
-class _GuardRunnable(Runnable[Any, AIMessage]):
-    """``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` over one :meth:`_flow`."""
-
-    tags: tuple[str, ...] = ()
-
-    def _flow(
-        self,
-        input_: Any,
-        config: RunnableConfig,
-        info: RunInfo,
-        run_manager: Any,
-        kwargs: dict[str, Any],
-        *,
-        streaming: bool,
-    ) -> Flow[AIMessage]:
-        raise NotImplementedError
-
-    def _start(
-        self,
-        input_: Any,
-        run_manager: Any,
-        config: RunnableConfig,
-        run_name: str | None,
-        kwargs: dict[str, Any],
-        streaming: bool,
-    ) -> Flow[AIMessage]:
-        info = RunInfo.of_run(run_manager, extra_tags=self.tags, run_name=run_name)
-        return self._flow(input_, config, info, run_manager, kwargs, streaming=streaming)
-
-    # -- drivers (what LangChain's run wrappers call) --------------------------------------
-    def _invoke(
-        self,
-        input_: Any,
-        run_manager: Any,
-        config: RunnableConfig,
-        _ssd_run_name: str | None = None,
-        **kwargs: Any,
-    ) -> AIMessage:
-        return flow.run(self._start(input_, run_manager, config, _ssd_run_name, kwargs, False))
-
-    async def _ainvoke(
-        self,
-        input_: Any,
-        run_manager: Any,
-        config: RunnableConfig,
-        _ssd_run_name: str | None = None,
-        **kwargs: Any,
-    ) -> AIMessage:
-        return await flow.arun(
-            self._start(input_, run_manager, config, _ssd_run_name, kwargs, False)
-        )
-
-    def _transform(
-        self,
-        inputs: Iterator[Any],
-        run_manager: Any,
-        config: RunnableConfig,
-        _ssd_run_name: str | None = None,
-        **kwargs: Any,
-    ) -> Iterator[AIMessageChunk]:
-        input_ = list(inputs)[-1]  # the last input is the one to run
-        yield from flow.iterate(
-            self._start(input_, run_manager, config, _ssd_run_name, kwargs, True)
-        )
-
-    async def _atransform(
-        self,
-        inputs: AsyncIterator[Any],
-        run_manager: Any,
-        config: RunnableConfig,
-        _ssd_run_name: str | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[AIMessageChunk]:
-        input_ = [i async for i in inputs][-1]
-        async for chunk in flow.aiterate(
-            self._start(input_, run_manager, config, _ssd_run_name, kwargs, True)
-        ):
-            yield chunk
-
-    # -- Runnable API ----------------------------------------------------------------------
-    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
-        return self._call_with_config(
-            self._invoke,
-            input,
-            config,
-            run_type="chain",
-            _ssd_run_name=(config or {}).get("run_name"),
-            **kwargs,
-        )
-
-    async def ainvoke(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AIMessage:
-        return await self._acall_with_config(
-            self._ainvoke,
-            input,
-            config,
-            run_type="chain",
-            _ssd_run_name=(config or {}).get("run_name"),
-            **kwargs,
-        )
-
-    def stream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Iterator[AIMessageChunk]:
-        chunks = self._transform_stream_with_config(
-            iter([input]),
-            self._transform,
-            config,
-            run_type="chain",
-            _ssd_run_name=(config or {}).get("run_name"),
-            **kwargs,
-        )
-        yield from cast(Iterator[AIMessageChunk], chunks)
-
-    async def astream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[AIMessageChunk]:
-        chunks = self._atransform_stream_with_config(
-            _one(input),
-            self._atransform,
-            config,
-            run_type="chain",
-            _ssd_run_name=(config or {}).get("run_name"),
-            **kwargs,
-        )
-        async for chunk in cast(AsyncIterator[AIMessageChunk], chunks):
-            yield chunk
 
 
 class GuardedChatModel(WrapsModel, _GuardRunnable):
@@ -469,10 +275,6 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
 
 async def _aiter(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
     return stream
-
-
-async def _one(value: Any) -> AsyncIterator[Any]:
-    yield value
 
 
 class LocalGuardedChatModel(_GuardRunnable):

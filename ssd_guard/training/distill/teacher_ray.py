@@ -20,6 +20,7 @@ import torch
 
 from ssd_guard.errors import require_extra
 from ssd_guard.training.distill.recipe import Recipe
+from ssd_guard.training.distill.teacher import sample_shard
 
 __all__ = ["sample_shards_on_ray"]
 
@@ -38,8 +39,6 @@ class _ShardSampler:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import json
-
-        from ssd_guard.training.distill.pipeline import sample_shard
 
         out: dict[str, list[Any]] = {"shard": [], "records": [], "hidden": [], "pooled": []}
         for index, rows in zip(batch["shard"], batch["rows"], strict=True):
