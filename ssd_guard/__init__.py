@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssd_guard._version import __version__
 from ssd_guard.audit import configure_audit
-from ssd_guard.cache import MemoryCache, RedisCache
+from ssd_guard.cache import MemoryCache
 from ssd_guard.errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -32,10 +32,18 @@ from ssd_guard.policy import Policy, load_default_policy, load_policy
 from ssd_guard.scoring.ssd import SSDScorer
 
 if TYPE_CHECKING:  # the real types for type checkers; at run time they load lazily
+    from ssd_guard.cache.redis_cache import RedisCache
     from ssd_guard.integrations.langchain import AsyncSSDGuard, SSDGuard
     from ssd_guard.integrations.langchain.middleware import SSDGuardMiddleware
 
-_LAZY = {"SSDGuard", "AsyncSSDGuard", "SSDGuardMiddleware"}
+#: Names that load on first use, from the module that holds them: LangChain's classes
+#: (importing ssd_guard never imports LangChain) and RedisCache (nor redis-py).
+_LAZY = {
+    "SSDGuard": "ssd_guard.integrations",
+    "AsyncSSDGuard": "ssd_guard.integrations",
+    "SSDGuardMiddleware": "ssd_guard.integrations",
+    "RedisCache": "ssd_guard.cache",
+}
 
 #: Names the root exported before the surface was curated, and where they live now. They
 #: still resolve (with a DeprecationWarning naming the new import) for one release.
@@ -93,12 +101,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from ssd_guard.integrations import langchain
+    import importlib
 
-        return getattr(langchain, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _MOVED:
-        import importlib
         import warnings
 
         module = _MOVED[name]

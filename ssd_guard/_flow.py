@@ -24,7 +24,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Call", "Emit", "Flow", "adrive", "aiterate", "arun", "drive", "iterate", "run"]
+__all__ = ["Call", "Emit", "Flow", "aiterate", "arun", "iterate", "run"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -62,55 +62,58 @@ class Emit:
 Flow = Generator[Call[Any] | Emit, Any, R]
 
 
-def _resume(flow: Flow[R], value: Any, error: Exception | None) -> Call[Any] | Emit:
-    return flow.throw(error) if error is not None else flow.send(value)
+class _Cursor(Generic[R]):
+    """Where a driver is in its flow: the next operation, given the last one's outcome."""
+
+    __slots__ = ("error", "flow", "result", "value")
+
+    def __init__(self, flow: Flow[R], result: list[R] | None) -> None:
+        self.flow, self.result = flow, result
+        self.value: Any = None
+        self.error: Exception | None = None
+
+    def next(self) -> Call[Any] | Emit | None:
+        """Resume the flow with the last outcome; ``None`` once it has returned (its value
+        appended to *result*)."""
+        value, error, self.value, self.error = self.value, self.error, None, None
+        try:
+            return self.flow.throw(error) if error is not None else self.flow.send(value)
+        except StopIteration as stop:
+            if self.result is not None:
+                self.result.append(stop.value)
+            return None
 
 
 def iterate(flow: Flow[R], result: list[R] | None = None) -> Iterator[Any]:
     """Drive *flow* synchronously: yield what it emits; its return value is appended to
-    *result*."""
-    value: Any = None
-    error: Exception | None = None
+    *result*. An exception raised by a :class:`Call` is thrown into the flow, which may
+    clean up and re-raise."""
+    cur = _Cursor(flow, result)
     try:
-        while True:
-            try:
-                op = _resume(flow, value, error)
-            except StopIteration as stop:
-                if result is not None:
-                    result.append(stop.value)
-                return
-            value, error = None, None
+        while (op := cur.next()) is not None:
             if isinstance(op, Emit):
                 yield op.value
                 continue
             try:
-                value = op.sync()
-            except Exception as exc:  # thrown into the flow, which may clean up and re-raise
-                error = exc
+                cur.value = op.sync()
+            except Exception as exc:
+                cur.error = exc
     finally:
         flow.close()
 
 
 async def aiterate(flow: Flow[R], result: list[R] | None = None) -> AsyncIterator[Any]:
     """:func:`iterate` for the async driver (each :class:`Call` is awaited)."""
-    value: Any = None
-    error: Exception | None = None
+    cur = _Cursor(flow, result)
     try:
-        while True:
-            try:
-                op = _resume(flow, value, error)
-            except StopIteration as stop:
-                if result is not None:
-                    result.append(stop.value)
-                return
-            value, error = None, None
+        while (op := cur.next()) is not None:
             if isinstance(op, Emit):
                 yield op.value
-                continue
-            try:
-                value = await op.arun()
-            except Exception as exc:
-                error = exc
+            else:
+                try:
+                    cur.value = await op.arun()
+                except Exception as exc:
+                    cur.error = exc
     finally:
         flow.close()
 
@@ -133,8 +136,3 @@ async def arun(flow: Flow[R]) -> R:
     async for value in aiterate(flow, box):
         raise _emitted(value)
     return box[0]
-
-
-#: The names the guard and the cache drive their flows with.
-drive = run
-adrive = arun

@@ -39,6 +39,7 @@ __all__ = [
     "base_model_problem",
     "bundled_artifact_path",
     "check_compatible",
+    "file_in",
     "load_artifact",
     "read_verified",
     "save_artifact",
@@ -58,6 +59,13 @@ MANIFEST = "manifest.json"
 #: grows with their length (a 200,000-character prompt took 53 s at the 8,192-token
 #: context on 2 CPU cores; under a second at 512).
 DEFAULT_MAX_PROMPT_TOKENS = 512
+
+
+def file_in(path: str | Path, filename: str) -> Path:
+    """*path* itself, or ``<path>/<filename>`` when *path* is a directory (an artifact
+    directory holding a side file: ``calibration.json``, ``risk.safetensors``)."""
+    p = Path(path)
+    return p / filename if p.is_dir() else p
 
 
 class _Model(BaseModel):
@@ -198,12 +206,13 @@ def write_weights_and_manifest(
     directory: str | Path,
     manifest: _M,
     tensors: dict[str, torch.Tensor],
-    *,
-    weights_name: str,
-    metadata: dict[str, str],
+    fmt: tuple[str, int],
+    weights_name: str = "model.safetensors",
 ) -> Path:
-    """Write ``weights_name`` (safetensors) then ``manifest.json`` holding the weights'
-    sha256 (and ``created``, when the manifest has none), each atomically."""
+    """Write ``weights_name`` (safetensors, its metadata naming the format *fmt*:
+    ``(name, version)``) then ``manifest.json`` holding the weights' sha256 (and
+    ``created``, when the manifest has none), each atomically."""
+    metadata = {"format": fmt[0], "format_version": str(fmt[1])}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / weights_name
@@ -272,13 +281,7 @@ def save_artifact(
     directory: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor]
 ) -> Path:
     """Write ``model.safetensors`` then ``manifest.json`` (with the weights' sha256)."""
-    return write_weights_and_manifest(
-        directory,
-        manifest,
-        tensors,
-        weights_name=WEIGHTS,
-        metadata={"format": "ssd-guard", "format_version": str(FORMAT_VERSION)},
-    )
+    return write_weights_and_manifest(directory, manifest, tensors, ("ssd-guard", FORMAT_VERSION))
 
 
 def bundled_artifact_path() -> Path:

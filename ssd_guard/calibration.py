@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from ssd_guard.artifact import file_in
 from ssd_guard.errors import ConfigError
 from ssd_guard.signals import SIGNALS
 
@@ -92,6 +93,19 @@ class CalibrationMismatchError(CalibrationError):
     """The calibration file was made for another student (fingerprint mismatch)."""
 
 
+#: The fields a calibration file takes from the Learn-then-Test result.
+_FROM_RESULT = (
+    "higher_is_riskier",
+    "alpha",
+    "delta",
+    "threshold",
+    "valid_thresholds",
+    "n_calibration",
+    "coverage",
+    "calibration_error",
+)
+
+
 class CalibrationFile(BaseModel):
     """A calibration bound to one student (``student_fingerprint``)."""
 
@@ -142,14 +156,7 @@ class CalibrationFile(BaseModel):
         return cls(
             student_fingerprint=student_fingerprint,
             signal=signal,
-            higher_is_riskier=result.higher_is_riskier,
-            alpha=result.alpha,
-            delta=result.delta,
-            threshold=result.threshold,
-            valid_thresholds=result.valid_thresholds,
-            n_calibration=result.n_calibration,
-            coverage=result.coverage,
-            calibration_error=result.calibration_error,
+            **{k: getattr(result, k) for k in _FROM_RESULT},
             data=data or {},
             mapie_version=version,
         )
@@ -160,9 +167,7 @@ class CalibrationFile(BaseModel):
 
 def save_calibration(cal: CalibrationFile, path: str | Path) -> Path:
     """Write *cal* to *path* (a file, or a directory → ``<dir>/calibration.json``)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CALIBRATION_FILENAME
+    p = file_in(path, CALIBRATION_FILENAME)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(cal.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
     return p
@@ -171,9 +176,7 @@ def save_calibration(cal: CalibrationFile, path: str | Path) -> Path:
 def load_calibration(path: str | Path, *, fingerprint: str | None = None) -> CalibrationFile:
     """Read a calibration file (or ``<dir>/calibration.json``); with *fingerprint* (the
     student's :attr:`SSDScorer.fingerprint`), refuse a calibration of another student."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CALIBRATION_FILENAME
+    p = file_in(path, CALIBRATION_FILENAME)
     if not p.is_file():
         raise CalibrationError(
             f"no calibration file at {p}: run `ssd-guard calibrate` for this student first"

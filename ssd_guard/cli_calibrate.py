@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ssd_guard.signals import SIGNALS
+
 __all__ = ["add_commands"]
 
 
@@ -155,7 +157,7 @@ def add_commands(sub: Any) -> None:
     c.add_argument(
         "--signal",
         default="entropy",
-        choices=["entropy", "risk", "pmi", "loglik"],
+        choices=[n for n, s in SIGNALS.items() if s.calibratable],
         help="entropy (default), risk (the combined risk before generation; needs "
         "`ssd-guard fit-risk`), or an answer signal of the default answer",
     )

@@ -8,7 +8,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["AnswerEmbedder", "PCAProjection"]
+__all__ = ["AnswerEmbedder", "PCAProjection", "encode_normalised"]
+
+
+def encode_normalised(model: Any, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+    """``[N, E]`` float32 L2-normalised embeddings of *texts* by a sentence-transformers
+    *model*, on its device."""
+    with torch.no_grad():
+        emb = model.encode(
+            list(texts),
+            batch_size=batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+    return torch.as_tensor(emb).float()
 
 
 class PCAProjection:
@@ -137,15 +151,7 @@ class AnswerEmbedder:
         parts = self._direct_parts() if len(texts) <= 8 else None
         if parts is not None:
             return self._embed_direct(parts, texts)
-        emb = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        out: torch.Tensor = emb.float().cpu()
-        return out
+        return encode_normalised(self.model, texts, self.batch_size).cpu()
 
     def embed(self, texts: Sequence[str], dim: int | None = None) -> torch.Tensor:
         """``[N, d]`` PCA-projected embeddings (``dim`` truncates the projection)."""

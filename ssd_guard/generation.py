@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "SAMPLING_KEYS",
     "SampledAnswers",
     "decode_loop",
     "left_pad_positions",
@@ -23,8 +24,18 @@ __all__ = [
     "pool_weights",
     "sample_answers",
     "sample_token_ids",
+    "sampling_of",
     "stop_token_table",
 ]
+
+#: The keywords of :func:`sample_answers` that say what is sampled: a teacher's settings.
+SAMPLING_KEYS = ("n_samples", "temperature", "default_temperature", "max_new_tokens")
+
+
+def sampling_of(settings: Any) -> dict[str, Any]:
+    """The :data:`SAMPLING_KEYS` attributes of *settings* (a recipe's ``teacher``, a
+    :class:`~ssd_guard.training.stats.LiveStats`...), as :func:`sample_answers` keywords."""
+    return {k: getattr(settings, k) for k in SAMPLING_KEYS}
 
 
 @dataclass

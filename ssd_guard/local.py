@@ -45,29 +45,16 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import torch
 
 from ssd_guard.generation import decode_loop, left_pad_positions, stop_token_table
 from ssd_guard.guard import Guard, GuardResult
-from ssd_guard.scoring.callstats import CallStats
+from ssd_guard.scoring.callstats import CallStats, takes_stats
 from ssd_guard.scoring.token_stats import CALLSTATS_KEY, TokenStatsAccumulator
 
 __all__ = ["GuardedLocalModel", "LocalStats"]
-
-
-def _takes_stats(scorer: Any) -> bool:
-    """Whether *scorer* can take a call's :class:`CallStats` (``score_prompts(stats=)``)."""
-    import inspect
-
-    fn = getattr(scorer, "score_prompts", None)
-    if fn is None:
-        return False
-    try:
-        return "stats" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @dataclass
@@ -108,6 +95,18 @@ class LocalStats:
     """wall time spent in the base model (prefills + decode loops)"""
 
 
+class InvokeKwargs(TypedDict, total=False):
+    """The keywords of :meth:`GuardedLocalModel.invoke` (as in :meth:`Guard.run
+    <ssd_guard.guard.Guard.run>`)."""
+
+    documents: Sequence[str] | None
+    source: Literal["retrieval", "tool", "cache"]
+    tags: Sequence[str]
+    run_name: str | None
+    run_id: str | None
+    parent_run_id: str | None
+
+
 class GuardedLocalModel:
     """A local Hugging Face causal LM that generates under a :class:`Guard`.
 
@@ -134,7 +133,9 @@ class GuardedLocalModel:
         scorer: Any = guard.scorer
         # A wrapper that cannot take the call's statistics (a BatchingScorer) would run a
         # prefill of its own: score with the scorer it wraps (the state here is free).
-        while not _takes_stats(scorer) and _takes_stats(getattr(scorer, "scorer", None)):
+        while not takes_stats(getattr(scorer, "score_prompts", None)) and takes_stats(
+            getattr(getattr(scorer, "scorer", None), "score_prompts", None)
+        ):
             scorer = scorer.scorer
         missing = [
             attr for attr in ("encoder", "format_prompt", "hidden") if not hasattr(scorer, attr)
@@ -288,20 +289,11 @@ class GuardedLocalModel:
         pre, _, _ = self._prefill(self.scorer.format_prompt(prompt), capture=False)
         return self._decode(pre, self.temperature if temperature is None else temperature)
 
-    def invoke(
-        self,
-        prompt: str,
-        *,
-        documents: Sequence[str] | None = None,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        run_id: str | None = None,
-        parent_run_id: str | None = None,
-    ) -> GuardResult:
-        """Guard one generation (see :meth:`Guard.run`): check, act, generate, check, act,
-        with the hidden state taken from the generation's own prefill (handed to the scorer
-        through the call's :class:`~ssd_guard.scoring.callstats.CallStats`)."""
+    def invoke(self, prompt: str, **kw: Unpack[InvokeKwargs]) -> GuardResult:
+        """Guard one generation (see :meth:`Guard.run`; keywords: :class:`InvokeKwargs`):
+        check, act, generate, check, act, with the hidden state taken from the
+        generation's own prefill (handed to the scorer through the call's
+        :class:`~ssd_guard.scoring.callstats.CallStats`)."""
         session = _Session()
         session.stats.hidden_provider = lambda texts: self._hidden_for(texts, session)
 
@@ -310,42 +302,13 @@ class GuardedLocalModel:
             return self._generate(p, session, temperature)
 
         try:
-            return self.guard.run(
-                prompt,
-                generate,
-                documents=documents,
-                source=source,
-                tags=tags,
-                run_name=run_name,
-                run_id=run_id,
-                parent_run_id=parent_run_id,
-                stats=session.stats,
-            )
+            return self.guard.run(prompt, generate, **kw, stats=session.stats)
         finally:
             session.kv.clear()  # free the KV caches of prefills nobody decoded from
 
-    async def ainvoke(
-        self,
-        prompt: str,
-        *,
-        documents: Sequence[str] | None = None,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        run_id: str | None = None,
-        parent_run_id: str | None = None,
-    ) -> GuardResult:
+    async def ainvoke(self, prompt: str, **kw: Unpack[InvokeKwargs]) -> GuardResult:
         """:meth:`invoke` on a worker thread (the model work is synchronous)."""
-        return await asyncio.to_thread(
-            self.invoke,
-            prompt,
-            documents=documents,
-            source=source,
-            tags=tags,
-            run_name=run_name,
-            run_id=run_id,
-            parent_run_id=parent_run_id,
-        )
+        return await asyncio.to_thread(lambda: self.invoke(prompt, **kw))
 
     def as_chat_model(self, *, tags: Sequence[str] = ()) -> Any:
         """Deprecated: use ``LocalGuardedChatModel(local)`` from

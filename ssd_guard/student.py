@@ -129,19 +129,12 @@ class SSDStudent:
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
-        self.rank_weight = rank_weight
-        self.n_components = n_components
-        self.hidden = hidden
-        self.depth = depth
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.batch_size = batch_size
-        self.min_scale = min_scale
-        self.seed = seed
-        self.device = device
+        # the head, its training, the loss
+        self.n_components, self.hidden, self.depth = n_components, hidden, depth
+        self.dropout, self.lr, self.weight_decay = dropout, lr, weight_decay
+        self.max_epochs, self.patience, self.batch_size = max_epochs, patience, batch_size
+        self.min_scale, self.rank_weight = min_scale, rank_weight
+        self.seed, self.device = seed, device
 
     def get_params(self) -> dict[str, Any]:
         keys = [

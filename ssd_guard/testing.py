@@ -32,6 +32,7 @@ from structlog.testing import capture_logs
 
 from ssd_guard.audit import DECISION_EVENT
 from ssd_guard.cache import Items, MemoryCache, make_key, report_error
+from ssd_guard.cache.base import InProcessAsync
 from ssd_guard.errors import CacheUnavailableError
 
 __all__ = [
@@ -222,7 +223,7 @@ class FakeScorer:
         return f"FakeScorer(fingerprint={self.fingerprint!r}, calls={self.calls})"
 
 
-class FailingCache:
+class FailingCache(InProcessAsync):
     """A score cache whose backend is down, as :class:`~ssd_guard.cache.RedisCache` behaves
     while Redis is unreachable.
 
@@ -311,19 +312,7 @@ class FailingCache:
             return
         self._backend.set_many(items, ttl_s)
 
-    # -- async ---------------------------------------------------------------------------
-    async def aget(self, key: str) -> dict[str, Any] | None:
-        return self.get(key)
-
-    async def aget_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        return self.get_many(keys)
-
-    async def aset(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        self.set(key, value, ttl_s)
-
-    async def aset_many(self, items: Items, ttl_s: float | None = None) -> None:
-        self.set_many(items, ttl_s)
-
+    # -- lifecycle (the async twins: InProcessAsync) -----------------------------------
     def close(self) -> None:
         """Nothing to release."""
 

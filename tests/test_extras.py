@@ -49,6 +49,20 @@ def test_the_core_imports_without_the_offline_and_langchain_extras() -> None:
     assert proc.stdout.strip() == "Guard"
 
 
+def test_the_core_imports_without_redis_and_a_redis_cache_names_the_extra() -> None:
+    proc = _without(
+        ["redis", "tenacity"],
+        "import ssd_guard; from ssd_guard import Guard, MemoryCache; "
+        "from ssd_guard.policy import load_default_policy; "
+        "print(sorted(m for m, v in sys.modules.items() if v and m.split('.')[0] in "
+        "('redis', 'tenacity')))\n"
+        "try:\n    ssd_guard.RedisCache\nexcept ssd_guard.MissingExtraError as e:\n"
+        "    print('missing', e.extra)",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "missing redis"]
+
+
 def test_training_commands_without_their_extra_say_which(tmp_path: Path) -> None:
     proc = _without(
         ["sklearn"],

@@ -3,7 +3,7 @@
 ``Guard`` (check prompt / answer / documents, screen, retrieve, prepare, complete, run)
 and ``RedisCache`` (get / set and their batches) write each flow once, as a generator
 yielding :class:`~ssd_guard._flow.Call` effects; the public sync and async methods are
-thin drivers of it (:func:`~ssd_guard._flow.drive` / :func:`~ssd_guard._flow.adrive`).
+thin drivers of it (:func:`~ssd_guard._flow.run` / :func:`~ssd_guard._flow.arun`).
 So (1) no async method repeats its sync twin's body, and (2) both drivers make the same
 decisions for the same calls.
 """
@@ -23,7 +23,8 @@ from test_guard import GOOD_DOC, POISON_DOC, Gen, Retr, decisions_of, make_polic
 
 import ssd_guard.cache.redis_cache as cache_mod
 import ssd_guard.guard.core as guard_mod
-from ssd_guard._flow import Call, Flow, adrive, drive
+from ssd_guard import _flow as flow
+from ssd_guard._flow import Call, Flow
 from ssd_guard.errors import CacheUnavailableError
 from ssd_guard.guard import Guard
 
@@ -63,9 +64,8 @@ def _size(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
 
 
 def _calls(fn: ast.AST) -> set[str]:
-    return {
-        n.func.id for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-    }
+    """The dotted names *fn* calls (``flow.run``, ``len``...)."""
+    return {ast.unparse(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
 
 
 @pytest.mark.parametrize(
@@ -89,8 +89,8 @@ def test_async_methods_are_thin_drivers(path: Path, name: str) -> None:
         assert twin is not None and isinstance(twin, ast.FunctionDef), f"{name}.{fname}"
         assert _size(fn) <= DRIVER_SIZE, f"{name}.{fname} is not a thin driver"
         assert _size(twin) <= DRIVER_SIZE, f"{name}.{twin.name} is not a thin driver"
-        assert "adrive" in _calls(fn), f"{name}.{fname} does not drive a flow"
-        assert "drive" in _calls(twin), f"{name}.{twin.name} does not drive a flow"
+        assert "flow.arun" in _calls(fn), f"{name}.{fname} does not drive a flow"
+        assert "flow.run" in _calls(twin), f"{name}.{twin.name} does not drive a flow"
         drivers.add(twin.name)
     assert drivers >= PAIRS[name]
 
@@ -132,25 +132,25 @@ def test_drivers_send_results_and_throw_errors_into_the_flow() -> None:
     sync_log: list[str] = []
     async_log: list[str] = []
     # (the sync driver never awaits: an awaitable returned by an effect is its result)
-    out = drive(_flow(sync_log))
+    out = flow.run(_flow(sync_log))
     assert out == "done" and sync_log == ["sync-a", "not awaited", "caught sync"]
-    assert asyncio.run(adrive(_flow(async_log))) == "done"
+    assert asyncio.run(flow.arun(_flow(async_log))) == "done"
     assert async_log == ["async-a", "awaited-b", "caught async"]
 
 
 def test_an_uncaught_error_closes_the_flow() -> None:
     closed: list[bool] = []
 
-    def flow() -> Flow[None]:
+    def failing() -> Flow[None]:
         try:
             yield Call(_boom, _aboom)
         finally:
             closed.append(True)
 
     with pytest.raises(KeyError, match="sync"):
-        drive(flow())
+        flow.run(failing())
     with pytest.raises(KeyError, match="async"):
-        asyncio.run(adrive(flow()))
+        asyncio.run(flow.arun(failing()))
     assert closed == [True, True]
 
 

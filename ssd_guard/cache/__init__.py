@@ -35,14 +35,24 @@ kind on the decision event as ``cache_error``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ssd_guard.cache.base import ScoreCache
 from ssd_guard.cache.config import cache_from_config
 from ssd_guard.cache.keys import make_key, normalise_text
 from ssd_guard.cache.memory import MemoryCache
-from ssd_guard.cache.redis_cache import DEFAULT_MAX_ENTRY_BYTES, RedisCache, UnsignedCacheWarning
 from ssd_guard.cache.reporting import collect_errors, report_error
-from ssd_guard.cache.values import HMAC_KEY_ENV, SCHEMA_VERSION
+from ssd_guard.cache.values import (
+    DEFAULT_MAX_ENTRY_BYTES,
+    HMAC_KEY_ENV,
+    SCHEMA_VERSION,
+    UnsignedCacheWarning,
+)
 from ssd_guard.cache.values import Items as Items  # the batch type; not in __all__
+from ssd_guard.errors import require_extra
+
+if TYPE_CHECKING:  # the real type for type checkers; at run time it loads on first use
+    from ssd_guard.cache.redis_cache import RedisCache
 
 __all__ = [
     "DEFAULT_MAX_ENTRY_BYTES",
@@ -58,3 +68,20 @@ __all__ = [
     "normalise_text",
     "report_error",
 ]
+
+
+def _redis_cache_class() -> type[RedisCache]:
+    """:class:`RedisCache`, after checking that the ``[redis]`` extra is installed
+    (:class:`~ssd_guard.errors.MissingExtraError` naming it otherwise)."""
+    require_extra("redis", "redis", "RedisCache")
+    require_extra("tenacity", "redis", "RedisCache")
+    from ssd_guard.cache import redis_cache
+
+    return redis_cache.RedisCache
+
+
+def __getattr__(name: str) -> Any:
+    # RedisCache loads redis-py on first use, so that the core imports without [redis]
+    if name == "RedisCache":
+        return _redis_cache_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

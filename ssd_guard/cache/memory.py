@@ -8,11 +8,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ssd_guard.cache.base import InProcessAsync
 from ssd_guard.cache.keys import make_key
 from ssd_guard.cache.values import Items, _check_ttl, _Codec, _secret
 
 
-class MemoryCache:
+class MemoryCache(InProcessAsync):
     """Thread-safe in-process LRU with optional TTL (monotonic clock, injectable).
 
     Values are validated like :class:`RedisCache`'s; they are signed only when *hmac_key*
@@ -97,18 +98,6 @@ class MemoryCache:
         _check_ttl(ttl_s)
         for key, raw in self._codec.items(items):
             self._set_raw(key, raw, ttl_s)
-
-    async def aget(self, key: str) -> dict[str, Any] | None:
-        return self.get(key)
-
-    async def aget_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        return self.get_many(keys)
-
-    async def aset(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        self.set(key, value, ttl_s)
-
-    async def aset_many(self, items: Items, ttl_s: float | None = None) -> None:
-        self.set_many(items, ttl_s)
 
     def delete(self, key: str) -> None:
         with self._lock:

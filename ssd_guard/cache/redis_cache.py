@@ -16,23 +16,24 @@ import redis.asyncio as aredis
 import structlog
 from redis.backoff import NoBackoff
 
-from ssd_guard._flow import Flow, adrive, drive
+from ssd_guard import _flow as flow
+from ssd_guard._flow import Flow
 from ssd_guard.cache.keys import make_key
 from ssd_guard.cache.redis_commands import _RedisCommands
 from ssd_guard.cache.redis_io import _ERRORS, _IO_DEADLINE, _connection_class, _redact
-from ssd_guard.cache.values import HMAC_KEY_ENV, Items, _check_ttl, _Codec, _env_secret, _secret
+from ssd_guard.cache.values import (
+    DEFAULT_MAX_ENTRY_BYTES,
+    HMAC_KEY_ENV,
+    Items,
+    UnsignedCacheWarning,
+    _check_ttl,
+    _Codec,
+    _env_secret,
+    _secret,
+)
 from ssd_guard.errors import ConfigError
 
-#: Default :class:`RedisCache` ``max_entry_bytes``: a stored score entry is ~100 bytes, so
-#: 256 KiB is generous, yet a batch of N keys can never pull more than N x 256 KiB.
-DEFAULT_MAX_ENTRY_BYTES = 256 * 1024
-
 _log = structlog.get_logger("ssd_guard.cache")
-
-
-class UnsignedCacheWarning(UserWarning):
-    """A :class:`RedisCache` runs without an HMAC key: anyone who can write to that Redis
-    can forge scores (set ``SSD_GUARD_CACHE_HMAC_KEY``)."""
 
 
 class RedisCache(_RedisCommands):
@@ -44,7 +45,8 @@ class RedisCache(_RedisCommands):
     attempts (tenacity) on connection errors and timeouts. See :mod:`ssd_guard.cache` for
     what happens when Redis is down. Each operation is written once, as a flow of
     :class:`Call` effects (:meth:`_op`: circuit breaker, retries, fail mode), driven by the
-    sync method with :func:`drive` and by the async one with :func:`adrive`.
+    sync method with :func:`~ssd_guard._flow.run` and by the async one with
+    :func:`~ssd_guard._flow.arun`.
 
     *command_deadline_s* bounds each operation as a whole, retries and back-off included
     (default: ``4 * timeout_s + 0.05``, i.e. 0.25 s at the default 0.05 s): past it the
@@ -273,22 +275,22 @@ class RedisCache(_RedisCommands):
 
     # -- sync ----------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
-        return drive(self._get_flow(key))
+        return flow.run(self._get_flow(key))
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        return drive(self._get_many_flow(keys))
+        return flow.run(self._get_many_flow(keys))
 
     def set(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        drive(self._set_flow(key, self._encode(key, value), ttl_s))
+        flow.run(self._set_flow(key, self._encode(key, value), ttl_s))
 
     def _set_raw(self, key: str, raw: str | bytes, ttl_s: float | None = None) -> None:
-        drive(self._set_flow(key, raw, ttl_s))
+        flow.run(self._set_flow(key, raw, ttl_s))
 
     def set_many(self, items: Items, ttl_s: float | None = None) -> None:
-        drive(self._set_many_flow(items, ttl_s))
+        flow.run(self._set_many_flow(items, ttl_s))
 
     def delete(self, key: str) -> None:
-        drive(self._op("delete", lambda c: c.delete(key), None))
+        flow.run(self._op("delete", lambda c: c.delete(key), None))
 
     def clear(self) -> None:
         """Delete every key of this cache's namespace (SCAN + DEL; an admin operation: not
@@ -304,7 +306,7 @@ class RedisCache(_RedisCommands):
             if batch:
                 client.delete(*batch)
 
-        drive(self._op("clear", wipe, None, bounded=False))
+        flow.run(self._op("clear", wipe, None, bounded=False))
 
     def ping(self) -> bool:
         """Probe Redis now (bypassing the circuit breaker, within ``command_deadline_s``);
@@ -322,16 +324,16 @@ class RedisCache(_RedisCommands):
 
     # -- async ---------------------------------------------------------------------------
     async def aget(self, key: str) -> dict[str, Any] | None:
-        return await adrive(self._get_flow(key))
+        return await flow.arun(self._get_flow(key))
 
     async def aget_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        return await adrive(self._get_many_flow(keys))
+        return await flow.arun(self._get_many_flow(keys))
 
     async def aset(self, key: str, value: Mapping[str, Any], ttl_s: float | None = None) -> None:
-        await adrive(self._set_flow(key, self._encode(key, value), ttl_s))
+        await flow.arun(self._set_flow(key, self._encode(key, value), ttl_s))
 
     async def aset_many(self, items: Items, ttl_s: float | None = None) -> None:
-        await adrive(self._set_many_flow(items, ttl_s))
+        await flow.arun(self._set_many_flow(items, ttl_s))
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

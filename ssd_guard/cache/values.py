@@ -130,3 +130,14 @@ def _canonical(value: Mapping[str, float]) -> str:
 def _check_ttl(ttl_s: float | None) -> None:
     if ttl_s is not None and not ttl_s > 0:
         raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+
+
+#: Default :class:`~ssd_guard.cache.RedisCache` ``max_entry_bytes``: a stored score entry is
+#: ~100 bytes, so 256 KiB is generous, yet a batch of N keys can never pull more than
+#: N x 256 KiB (a longer value is a logged miss, never read whole).
+DEFAULT_MAX_ENTRY_BYTES = 256 * 1024
+
+
+class UnsignedCacheWarning(UserWarning):
+    """A :class:`~ssd_guard.cache.RedisCache` runs without an HMAC key: anyone who can
+    write to that Redis can forge scores (set ``SSD_GUARD_CACHE_HMAC_KEY``)."""

@@ -98,13 +98,9 @@ class DraftManifest(_Model):
 def save_draft_artifact(
     directory: str | Path, manifest: DraftManifest, tensors: dict[str, torch.Tensor]
 ) -> Path:
-    return write_weights_and_manifest(
-        directory,
-        manifest,
-        tensors,
-        weights_name=WEIGHTS,
-        metadata={"format": "ssd-guard-drafts", "format_version": str(DRAFT_FORMAT_VERSION)},
-    )
+    """Write a draft-model artifact (the student's file layout and integrity rules)."""
+    fmt = ("ssd-guard-drafts", DRAFT_FORMAT_VERSION)
+    return write_weights_and_manifest(directory, manifest, tensors, fmt, weights_name=WEIGHTS)
 
 
 def load_draft_artifact(directory: str | Path) -> tuple[DraftManifest, dict[str, torch.Tensor]]:

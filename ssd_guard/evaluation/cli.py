@@ -8,7 +8,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ssd_guard.scoring.ssd_answers import ANSWER_SIGNALS
+
 __all__ = ["add_commands", "summary_lines"]
+
+
+#: The options of ``ssd-guard evaluate`` passed to :func:`run_evaluation` as they are.
+_PASSED_AS_IS = (
+    "artifact",
+    "arc_artifact",
+    "mc_data",
+    "mc_skip",
+    "mc_limit",
+    "source",
+    "answer_signal",
+    "cost_prompts",
+    "n_boot",
+    "seed",
+    "se_threshold",
+    "nli_model",
+    "device",
+    "dtype",
+)
 
 
 def _workdir(path: str | None, config: str | None, what: str) -> Path | None:
@@ -68,20 +89,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         workdir,
         args.out,
         arc_workdir=arc,
-        artifact=args.artifact,
-        arc_artifact=args.arc_artifact,
-        mc_data=args.mc_data,
-        mc_skip=args.mc_skip,
-        mc_limit=args.mc_limit,
-        source=args.source,
-        answer_signal=args.answer_signal,
-        cost_prompts=args.cost_prompts,
-        n_boot=args.n_boot,
-        seed=args.seed,
-        se_threshold=args.se_threshold,
-        nli_model=args.nli_model,
-        device=args.device,
-        dtype=args.dtype,
+        **{k: getattr(args, k) for k in _PASSED_AS_IS},
         command=command,
         log=log,
         pair_scorers=_pair_scorers(args, log),
@@ -155,7 +163,7 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument(
         "--answer-signal",
-        choices=["loglik", "pmi", "consensus"],
+        choices=list(ANSWER_SIGNALS),
         help="SSD answer signal for mismatch / MC (default: the artifact's)",
     )
     p.add_argument("--out", required=True, help="output directory (e.g. benchmarks/results/NAME)")

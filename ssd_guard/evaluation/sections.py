@@ -87,11 +87,35 @@ def _mismatch_section(
     }
 
 
+def _padded(lists: Sequence[Sequence[float]], width: int) -> np.ndarray:
+    """Ragged per-question choice scores as ``[N, width]``, ``-inf`` where a question has
+    fewer choices."""
+    arr = np.full((len(lists), width), -np.inf)
+    for i, lst in enumerate(lists):
+        arr[i, : len(lst)] = lst
+    return arr
+
+
+def _base_model_choices(
+    lm: Any, texts: list[str], choices: list[list[str]], n_boot: int, idx_seed: int
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """The base model's multiple-choice baseline: summed and mean choice log-probs, the
+    seconds they took, and the bootstrap indices of the section."""
+    from ssd_guard.evaluation.mc import choice_logprobs
+
+    t0 = time.perf_counter()
+    lp_sum, lp_mean = choice_logprobs(lm.model, lm.tokenizer, texts, choices)
+    return (
+        lp_sum,
+        lp_mean,
+        time.perf_counter() - t0,
+        M.bootstrap_indices(len(texts), n_boot, idx_seed),
+    )
+
+
 def _mc_section(
     arc: WorkdirData, arc_ssd: Any, lm: Any, idx_seed: int, n_boot: int, log: Logger
 ) -> dict[str, Any]:
-    from ssd_guard.evaluation.mc import choice_logprobs
-
     rows = arc.split_rows("test")
     if not rows or "choices" not in rows[0]:
         raise ValueError(f"{arc.root}: not a multiple-choice work directory (no 'choices')")
@@ -102,16 +126,10 @@ def _mc_section(
     hidden = torch.from_numpy(stats.layer(int(arc_ssd.layer)))
     t0 = time.perf_counter()
     ll = arc_ssd.score_answers(texts, choices, formatted=True, hidden=hidden)
-    c_max = max(len(c) for c in choices)
-    ssd_scores = np.full((len(rows), c_max), -np.inf)
-    for i, lst in enumerate(ll):
-        ssd_scores[i, : len(lst)] = lst
+    ssd_scores = _padded(ll, max(len(c) for c in choices))
     t_ssd = time.perf_counter() - t0
     log(f"MC: SSD ranked {len(rows)} questions in {t_ssd:.1f} s; base model log-probs ...")
-    t0 = time.perf_counter()
-    lp_sum, lp_mean = choice_logprobs(lm.model, lm.tokenizer, texts, choices)
-    t_base = time.perf_counter() - t0
-    idx = M.bootstrap_indices(len(rows), n_boot, idx_seed)
+    lp_sum, lp_mean, t_base, idx = _base_model_choices(lm, texts, choices, n_boot, idx_seed)
     n_choices = np.array([len(c) for c in choices])
     out: dict[str, Any] = {
         "workdir": str(arc.root),
@@ -142,7 +160,6 @@ def _mc_file_section(
 ) -> dict[str, Any]:
     """Multiple choice on rows ``skip .. skip + limit`` of an MC file (never trained on),
     scored with the main student's answer signals and the base model's log-probs."""
-    from ssd_guard.evaluation.mc import choice_logprobs
     from ssd_guard.training.distill.data import load_open_from_mc
 
     rows = load_open_from_mc(path, None)[skip:]
@@ -157,17 +174,9 @@ def _mc_file_section(
     sig = ssd.answer_signals(texts, choices, formatted=True)
     t_ssd = time.perf_counter() - t0
     c_max = max(len(c) for c in choices)
-    per_signal: dict[str, np.ndarray] = {}
-    for k, lists in sig.items():
-        arr = np.full((len(rows), c_max), -np.inf)
-        for i, lst in enumerate(lists):
-            arr[i, : len(lst)] = lst
-        per_signal[k] = arr
+    per_signal = {k: _padded(lists, c_max) for k, lists in sig.items()}
     log(f"MC: SSD ranked {len(rows)} questions in {t_ssd:.1f} s; base model log-probs ...")
-    t0 = time.perf_counter()
-    lp_sum, lp_mean = choice_logprobs(lm.model, lm.tokenizer, texts, choices)
-    t_base = time.perf_counter() - t0
-    idx = M.bootstrap_indices(len(rows), n_boot, idx_seed)
+    lp_sum, lp_mean, t_base, idx = _base_model_choices(lm, texts, choices, n_boot, idx_seed)
     n_choices = np.array([len(c) for c in choices])
     accuracy = {
         "SSD": _interval(M.mc_accuracy, per_signal[signal], gold, idx=idx),

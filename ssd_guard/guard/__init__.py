@@ -66,7 +66,7 @@ Every method has an ``async`` twin (``acheck_prompt``, ..., ``arun``). Each flow
 written once, as a generator that yields its effects (a cache read / write, a scorer
 pass, a retriever call, a ``generate`` call) as :class:`~ssd_guard.cache.Call` objects,
 the way httpx writes its auth flows once: the sync method drives it with
-:func:`~ssd_guard._flow.drive`, the async one with :func:`~ssd_guard._flow.adrive`, where
+:func:`~ssd_guard._flow.run`, the async one with :func:`~ssd_guard._flow.arun`, where
 scoring runs in a worker thread so the event loop is never blocked by the model.
 
 Nothing here imports LangChain; :mod:`ssd_guard.integrations.langchain` builds on this.

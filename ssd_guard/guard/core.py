@@ -1,6 +1,6 @@
 """The public :class:`Guard` (see :mod:`ssd_guard.guard`): each public method is a thin
-driver of a flow written once (sync: :func:`~ssd_guard._flow.drive`, async:
-:func:`~ssd_guard._flow.adrive`), taking the call's keyword arguments as one
+driver of a flow written once (sync: :func:`~ssd_guard._flow.run`, async:
+:func:`~ssd_guard._flow.arun`), taking the call's keyword arguments as one
 :class:`~ssd_guard.guard.inputs.CallOptions`."""
 
 from __future__ import annotations
@@ -8,16 +8,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Unpack
 
-from ssd_guard._flow import Flow, adrive, drive
+from ssd_guard import _flow as flow
+from ssd_guard._flow import Flow
 from ssd_guard.guard import runs
-from ssd_guard.guard.inputs import CallOptions, Check
+from ssd_guard.guard.inputs import (
+    CallOptions,
+    Check,
+    CheckKwargs,
+    CompleteKwargs,
+    DocumentsKwargs,
+    PrepareKwargs,
+    RunKwargs,
+)
 from ssd_guard.guard.regeneration import Regeneration
 from ssd_guard.guard.result import GuardResult, RetrievedContext
 from ssd_guard.guard.retrieval import Retrieval
 from ssd_guard.policy import Decision
-from ssd_guard.scoring.callstats import CallStats
 
 __all__ = ["Guard"]
 
@@ -79,233 +87,116 @@ class Guard(Retrieval, Regeneration):
         return runs.bind(run_id, parent_run_id)
 
     # ------------------------------------------------------------------ checks
-    def check_prompt(
-        self,
-        prompt: str,
-        *,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        stats: CallStats | None = None,
-    ) -> Decision:
+    # Each twin takes its keyword arguments as one TypedDict (see :mod:`.inputs`): the
+    # options of a call are listed once, in :class:`CallOptions`, not in every signature.
+    def check_prompt(self, prompt: str, **kw: Unpack[CheckKwargs]) -> Decision:
         """Pre-generation check: the prompt's entropy -> a prompt-scope decision.
 
-        *stats* (a :class:`CallStats`) carries what the call computed to its later checks
-        (pass the same one to :meth:`check_answer`: the prompt's hidden state is reused)."""
-        opts = CallOptions(tags=tags, run_name=run_name, stats=stats)
-        return drive(self._check_flow(Check("prompt", prompt, [None]), opts))[0]
+        Keywords: ``tags``, ``run_name``, ``stats`` (a :class:`CallStats` carrying what
+        the call computed to its later checks: pass the same one to :meth:`check_answer`
+        and the prompt's hidden state is reused)."""
+        return flow.run(self._check_flow(Check("prompt", prompt, [None]), CallOptions(**kw)))[0]
 
     def check_answer(
-        self,
-        prompt: str,
-        answer: str,
-        *,
-        entropy: float | None = None,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        stats: CallStats | None = None,
+        self, prompt: str, answer: str, *, entropy: float | None = None, **kw: Unpack[CheckKwargs]
     ) -> Decision:
         """Post-generation check: the answer's loglik (plus the prompt's entropy when a
         rule needs it, or when given as *entropy*) -> an answer-scope decision."""
-        flow = self._check_flow(
-            Check("answer", prompt, [answer], entropy=entropy),
-            CallOptions(tags=tags, run_name=run_name, stats=stats),
-        )
-        return drive(flow)[0]
+        check = Check("answer", prompt, [answer], entropy=entropy)
+        return flow.run(self._check_flow(check, CallOptions(**kw)))[0]
 
     def check_documents(
         self,
         prompt: str,
         docs: Sequence[str],
         *,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
         entropy: float | None = None,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        stats: CallStats | None = None,
+        **kw: Unpack[DocumentsKwargs],
     ) -> tuple[list[str], list[str], list[Decision]]:
-        """Document-scope check of *docs* (one batched cache lookup and scorer call).
+        """Document-scope check of *docs* (one batched cache lookup and scorer call);
+        ``source=`` says where they come from (default ``"retrieval"``).
 
         Returns ``(kept, flagged, decisions)``: flagged documents are those a
         ``flag_poisoned`` (or ``abstain``) rule matched; one decision per document.
         """
-        opts = CallOptions(source=source, tags=tags, run_name=run_name, stats=stats)
-        return drive(self._documents_flow(prompt, docs, opts, entropy))
+        return flow.run(self._documents_flow(prompt, docs, CallOptions(**kw), entropy))
 
-    async def acheck_prompt(
-        self,
-        prompt: str,
-        *,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        stats: CallStats | None = None,
-    ) -> Decision:
+    async def acheck_prompt(self, prompt: str, **kw: Unpack[CheckKwargs]) -> Decision:
         """Async :meth:`check_prompt`."""
-        opts = CallOptions(tags=tags, run_name=run_name, stats=stats)
-        return (await adrive(self._check_flow(Check("prompt", prompt, [None]), opts)))[0]
+        check = Check("prompt", prompt, [None])
+        return (await flow.arun(self._check_flow(check, CallOptions(**kw))))[0]
 
     async def acheck_answer(
-        self,
-        prompt: str,
-        answer: str,
-        *,
-        entropy: float | None = None,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        stats: CallStats | None = None,
+        self, prompt: str, answer: str, *, entropy: float | None = None, **kw: Unpack[CheckKwargs]
     ) -> Decision:
         """Async :meth:`check_answer`."""
-        flow = self._check_flow(
-            Check("answer", prompt, [answer], entropy=entropy),
-            CallOptions(tags=tags, run_name=run_name, stats=stats),
-        )
-        return (await adrive(flow))[0]
+        check = Check("answer", prompt, [answer], entropy=entropy)
+        return (await flow.arun(self._check_flow(check, CallOptions(**kw))))[0]
 
     async def acheck_documents(
         self,
         prompt: str,
         docs: Sequence[str],
         *,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
         entropy: float | None = None,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        stats: CallStats | None = None,
+        **kw: Unpack[DocumentsKwargs],
     ) -> tuple[list[str], list[str], list[Decision]]:
         """Async :meth:`check_documents`."""
-        opts = CallOptions(source=source, tags=tags, run_name=run_name, stats=stats)
-        return await adrive(self._documents_flow(prompt, docs, opts, entropy))
+        return await flow.arun(self._documents_flow(prompt, docs, CallOptions(**kw), entropy))
 
     # ------------------------------------------------------------------ retrieval
     def screen_documents(
-        self,
-        prompt: str,
-        docs: Sequence[str],
-        *,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        stats: CallStats | None = None,
+        self, prompt: str, docs: Sequence[str], **kw: Unpack[DocumentsKwargs]
     ) -> RetrievedContext:
         """:meth:`check_documents`, applying each ``flag_poisoned`` rule's ``mode``."""
-        opts = CallOptions(source=source, tags=tags, run_name=run_name, stats=stats)
-        return drive(self._screen_flow(prompt, docs, opts))
+        return flow.run(self._screen_flow(prompt, docs, CallOptions(**kw)))
 
     async def ascreen_documents(
-        self,
-        prompt: str,
-        docs: Sequence[str],
-        *,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        stats: CallStats | None = None,
+        self, prompt: str, docs: Sequence[str], **kw: Unpack[DocumentsKwargs]
     ) -> RetrievedContext:
         """Async :meth:`screen_documents`."""
-        opts = CallOptions(source=source, tags=tags, run_name=run_name, stats=stats)
-        return await adrive(self._screen_flow(prompt, docs, opts))
+        return await flow.arun(self._screen_flow(prompt, docs, CallOptions(**kw)))
 
     def retrieve(self, question: str, k: int | None = None) -> list[str]:
         """Call the retriever (no check); ``[]`` and a warning when there is none."""
-        return drive(self._retrieve_flow(question, k))
+        return flow.run(self._retrieve_flow(question, k))
 
     async def aretrieve(self, question: str, k: int | None = None) -> list[str]:
         """Async :meth:`retrieve` (a sync retriever runs in a worker thread)."""
-        return await adrive(self._retrieve_flow(question, k))
+        return await flow.arun(self._retrieve_flow(question, k))
 
     # ------------------------------------------------------------------ run
-    def prepare(
-        self,
-        prompt: str,
-        *,
-        documents: Sequence[str] | None = None,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
-        check_prompt: bool = True,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        run_id: str | None = None,
-        parent_run_id: str | None = None,
-        stats: CallStats | None = None,
-    ) -> GuardResult:
-        """The pre-generation half of :meth:`run`: check *documents*, the prompt, and act
-        on ``abstain`` / ``retrieve``. The result is either abstained or carries the
+    def prepare(self, prompt: str, **kw: Unpack[PrepareKwargs]) -> GuardResult:
+        """The pre-generation half of :meth:`run`: check the ``documents``, the prompt, and
+        act on ``abstain`` / ``retrieve``. The result is either abstained or carries the
         :attr:`~GuardResult.final_prompt` to generate from (pass it to :meth:`complete`).
 
         The question (*prompt*) is what is scored, never the prompt with documents (see
-        the module doc); *stats* (default: a new :class:`CallStats`) is kept on the result
-        for :meth:`complete`."""
-        opts = CallOptions(
-            documents=documents,
-            source=source,
-            check_prompt=check_prompt,
-            tags=tags,
-            run_name=run_name,
-            run_id=run_id,
-            parent_run_id=parent_run_id,
-            stats=stats,
-        )
-        return drive(self._prepare_flow(prompt, opts))
+        the module doc); ``stats`` (default: a new :class:`CallStats`) is kept on the
+        result for :meth:`complete`. Keywords: those of :meth:`run` but ``extract`` and
+        ``deterministic``."""
+        return flow.run(self._prepare_flow(prompt, CallOptions(**kw)))
 
-    async def aprepare(
-        self,
-        prompt: str,
-        *,
-        documents: Sequence[str] | None = None,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
-        check_prompt: bool = True,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        run_id: str | None = None,
-        parent_run_id: str | None = None,
-        stats: CallStats | None = None,
-    ) -> GuardResult:
+    async def aprepare(self, prompt: str, **kw: Unpack[PrepareKwargs]) -> GuardResult:
         """Async :meth:`prepare`."""
-        opts = CallOptions(
-            documents=documents,
-            source=source,
-            check_prompt=check_prompt,
-            tags=tags,
-            run_name=run_name,
-            run_id=run_id,
-            parent_run_id=parent_run_id,
-            stats=stats,
-        )
-        return await adrive(self._prepare_flow(prompt, opts))
+        return await flow.arun(self._prepare_flow(prompt, CallOptions(**kw)))
 
     def complete(
-        self,
-        res: GuardResult,
-        generate: Callable[..., Any],
-        *,
-        extract: Callable[[Any], str | None] | None = None,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        deterministic: bool | None = None,
+        self, res: GuardResult, generate: Callable[..., Any], **kw: Unpack[CompleteKwargs]
     ) -> GuardResult:
         """The generation half of :meth:`run`: ``generate(res.final_prompt)``, check the
         answer, regenerate on ``reject_answer`` (at most ``max_regenerations`` times; see
         the module doc for how), then accept or abstain. *res* (from :meth:`prepare`) is
         updated and returned; the answers are scored against its question with its
-        :attr:`~GuardResult.stats` (the question's hidden state is not computed again)."""
-        opts = CallOptions(
-            extract=extract, tags=tags, run_name=run_name, deterministic=deterministic
-        )
-        return drive(self._complete_flow(res, generate, opts))
+        :attr:`~GuardResult.stats` (the question's hidden state is not computed again).
+        Keywords: ``extract``, ``tags``, ``run_name``, ``deterministic`` (as in :meth:`run`)."""
+        return flow.run(self._complete_flow(res, generate, CallOptions(**kw)))
 
     async def acomplete(
-        self,
-        res: GuardResult,
-        generate: Callable[..., Any],
-        *,
-        extract: Callable[[Any], str | None] | None = None,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        deterministic: bool | None = None,
+        self, res: GuardResult, generate: Callable[..., Any], **kw: Unpack[CompleteKwargs]
     ) -> GuardResult:
         """Async :meth:`complete`; *generate* may be sync or return an awaitable."""
-        opts = CallOptions(
-            extract=extract, tags=tags, run_name=run_name, deterministic=deterministic
-        )
-        return await adrive(self._complete_flow(res, generate, opts))
+        return await flow.arun(self._complete_flow(res, generate, CallOptions(**kw)))
 
     def _run_flow(
         self, prompt: str, generate: Callable[..., Any], opts: CallOptions
@@ -317,75 +208,28 @@ class Guard(Retrieval, Regeneration):
             return (yield from self._complete_flow(res, generate, opts))
 
     def run(
-        self,
-        prompt: str,
-        generate: Callable[..., Any],
-        *,
-        extract: Callable[[Any], str | None] | None = None,
-        documents: Sequence[str] | None = None,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
-        check_prompt: bool = True,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        run_id: str | None = None,
-        parent_run_id: str | None = None,
-        deterministic: bool | None = None,
-        stats: CallStats | None = None,
+        self, prompt: str, generate: Callable[..., Any], **kw: Unpack[RunKwargs]
     ) -> GuardResult:
         """Guard one generation: check, act, generate, check, act (see the module doc).
 
-        ``generate(prompt) -> str`` produces the answer; for another return type give
+        ``generate(prompt) -> str`` produces the answer. The keywords (all optional, see
+        :class:`~ssd_guard.guard.inputs.RunKwargs`): for another return type give
         ``extract(raw) -> str | None`` (``None`` = nothing to check, e.g. a tool call: it is
-        accepted as is). *documents* (from a RAG chain, a tool...) are checked at document
-        scope and put in the prompt. ``check_prompt=False`` skips the prompt check (e.g.
-        a later step of the same turn). *run_id* defaults to the bound run, else a uuid.
+        accepted as is). ``documents`` (from a RAG chain, a tool...) are checked at document
+        scope (``source``: ``"retrieval"``, ``"tool"`` or ``"cache"``) and put in the
+        prompt. ``check_prompt=False`` skips the prompt check (e.g. a later step of the same
+        turn). ``tags`` / ``run_name`` select rules and are audited; ``run_id`` defaults to
+        the bound run, else a uuid (``parent_run_id`` is recorded with it).
         ``deterministic=True`` says *generate* always gives the same answer (it is then not
         called again after ``reject_answer``); a *generate* with a ``temperature=`` keyword
-        is called with ``temperature=regen_temperature`` to regenerate. *stats* (default:
+        is called with ``temperature=regen_temperature`` to regenerate. ``stats`` (default:
         a new :class:`CallStats`) holds what the call computes, e.g. the question's hidden
         state: computed once, by the first check that needs it.
         """
-        opts = CallOptions(
-            extract=extract,
-            documents=documents,
-            source=source,
-            check_prompt=check_prompt,
-            tags=tags,
-            run_name=run_name,
-            run_id=run_id,
-            parent_run_id=parent_run_id,
-            deterministic=deterministic,
-            stats=stats,
-        )
-        return drive(self._run_flow(prompt, generate, opts))
+        return flow.run(self._run_flow(prompt, generate, CallOptions(**kw)))
 
     async def arun(
-        self,
-        prompt: str,
-        generate: Callable[..., Any],
-        *,
-        extract: Callable[[Any], str | None] | None = None,
-        documents: Sequence[str] | None = None,
-        source: Literal["retrieval", "tool", "cache"] = "retrieval",
-        check_prompt: bool = True,
-        tags: Sequence[str] = (),
-        run_name: str | None = None,
-        run_id: str | None = None,
-        parent_run_id: str | None = None,
-        deterministic: bool | None = None,
-        stats: CallStats | None = None,
+        self, prompt: str, generate: Callable[..., Any], **kw: Unpack[RunKwargs]
     ) -> GuardResult:
         """Async :meth:`run`; *generate* may be sync or return an awaitable."""
-        opts = CallOptions(
-            extract=extract,
-            documents=documents,
-            source=source,
-            check_prompt=check_prompt,
-            tags=tags,
-            run_name=run_name,
-            run_id=run_id,
-            parent_run_id=parent_run_id,
-            deterministic=deterministic,
-            stats=stats,
-        )
-        return await adrive(self._run_flow(prompt, generate, opts))
+        return await flow.arun(self._run_flow(prompt, generate, CallOptions(**kw)))

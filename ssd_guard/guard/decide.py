@@ -21,6 +21,9 @@ from ssd_guard.policy.schema import DOCUMENT_SIGNALS
 
 __all__ = ["CACHE_BLOCK_RULE", "Deciding"]
 
+#: The fields of a :class:`Decision` every decision event carries.
+_DECISION_FIELDS = ("scope", "scores", "thresholds", "rule", "action")
+
 #: The ``rule`` recorded when a call is blocked because the cache is down in closed mode.
 CACHE_BLOCK_RULE = "cache-unavailable"
 
@@ -57,32 +60,25 @@ class Deciding(ScoreLookup):
         **extra: Any,
     ) -> None:
         run_id, parent = current_run()
-        fields: dict[str, Any] = {}
-        if tags:
-            fields["tags"] = list(tags)
-        if run_name is not None:
-            fields["run_name"] = run_name
-        if decision.missing_scores:
-            fields["missing_scores"] = list(decision.missing_scores)
-        if decision.params:
-            fields["params"] = dict(decision.params)
-        if self.guarded_model is not None:
-            fields["guarded_model"] = self.guarded_model
-        fields.update({k: v for k, v in extra.items() if v is not None})
+        # what was decided, then the optional fields: left out when empty / None
+        fields: dict[str, Any] = {k: getattr(decision, k) for k in _DECISION_FIELDS}
+        lists = {
+            "tags": list(tags),
+            "missing_scores": list(decision.missing_scores),
+            "params": dict(decision.params),
+        }
+        fields.update({k: v for k, v in lists.items() if v})
+        named = {"run_name": run_name, "guarded_model": self.guarded_model, **extra}
+        fields.update({k: v for k, v in named.items() if v is not None})
         emit_decision(
             run_id=run_id,
             parent_run_id=parent,
             step=self._steps.next(run_id),
-            scope=decision.scope,
             model_id=self.scorer.model_id,
             hidden_state_source=self.hidden_state_source,
             student_fingerprint=self.scorer.fingerprint,
             policy_name=self.policy.name,
             policy_sha256=self.policy.sha256,
-            scores=decision.scores,
-            thresholds=decision.thresholds,
-            rule=decision.rule,
-            action=decision.action,
             cache_hit=cache_hit,
             latency_ms=latency_ms,
             **fields,

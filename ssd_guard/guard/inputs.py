@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from ssd_guard.encoding import check_text, check_texts
 from ssd_guard.errors import GuardInputError
@@ -20,7 +20,12 @@ from ssd_guard.scoring.callstats import CallStats
 __all__ = [
     "CallOptions",
     "Check",
+    "CheckKwargs",
+    "CompleteKwargs",
+    "DocumentsKwargs",
     "OnReject",
+    "PrepareKwargs",
+    "RunKwargs",
     "Source",
     "check_call",
     "check_items",
@@ -37,6 +42,45 @@ OnReject = Callable[[Decision], tuple[Decision, Mapping[str, Any]]]
 # (the names the guard's checks had: the guard and the scorers share one validator)
 _check_text = check_text
 _check_texts = check_texts
+
+
+class CheckKwargs(TypedDict, total=False):
+    """The keywords of every check (``check_prompt``, ``check_answer``...)."""
+
+    tags: Sequence[str]
+    run_name: str | None
+    stats: CallStats | None
+
+
+class DocumentsKwargs(CheckKwargs, total=False):
+    """The keywords of a document check (``check_documents``, ``screen_documents``)."""
+
+    source: Source
+
+
+class PrepareKwargs(DocumentsKwargs, total=False):
+    """The keywords of ``prepare``: those of a document check, and the call's own."""
+
+    documents: Sequence[str] | None
+    check_prompt: bool
+    run_id: str | None
+    parent_run_id: str | None
+
+
+class CompleteKwargs(TypedDict, total=False):
+    """The keywords of ``complete``."""
+
+    extract: Callable[[Any], str | None] | None
+    tags: Sequence[str]
+    run_name: str | None
+    deterministic: bool | None
+
+
+class RunKwargs(PrepareKwargs, total=False):
+    """The keywords of ``run``: those of ``prepare`` and of ``complete``."""
+
+    extract: Callable[[Any], str | None] | None
+    deterministic: bool | None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +22,7 @@ from ssd_guard.guard.config import GuardBase
 from ssd_guard.guard.entries import cached_answer_scores, cached_prompt_scores
 from ssd_guard.guard.inputs import Check
 from ssd_guard.policy.schema import ANSWER_SIGNALS, DOCUMENT_SIGNALS, PAIR_SIGNALS
-from ssd_guard.scoring.callstats import CallStats
+from ssd_guard.scoring.callstats import CallStats, takes_stats
 
 __all__ = ["CacheBlocked", "Lookup", "ScoreLookup", "ms"]
 
@@ -111,23 +110,11 @@ def ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-@functools.lru_cache(maxsize=256)
-def _takes_stats_fn(fn: Callable[..., Any]) -> bool:
-    try:
-        param = inspect.signature(fn).parameters.get("stats")
-    except (TypeError, ValueError):
-        return False
-    return param is not None and param.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
-    )
-
-
 def _stats_kw(method: Callable[..., Any], stats: CallStats) -> dict[str, Any]:
     """``{"stats": stats}`` when the scorer *method* accepts the call's statistics."""
     fn = getattr(method, "__func__", method)
     try:
-        takes = _takes_stats_fn(fn)
+        takes = takes_stats(fn)
     except TypeError:  # unhashable callable
         takes = False
     return {"stats": stats} if takes else {}

@@ -9,8 +9,9 @@ from typing import Any
 
 from ssd_guard.errors import ConfigError
 from ssd_guard.policy import Policy
-from ssd_guard.policy.schema import ANSWER_SIGNALS, DOCUMENT_SIGNALS, PAIR_SIGNALS
+from ssd_guard.policy.schema import DOCUMENT_SIGNALS, PAIR_SIGNALS
 from ssd_guard.scoring.base import RiskScorer
+from ssd_guard.signals import signal
 
 __all__ = ["SignalNeeds", "check_provided", "unprovided"]
 
@@ -55,20 +56,22 @@ class SignalNeeds:
 def unprovided(
     scorer: RiskScorer, pair_scorers: Mapping[str, Any], scope: str, metric: str
 ) -> str | None:
-    """Why no scorer of a guard provides *metric* at *scope*, or ``None``: entropy and
-    loglik are every scorer's (``score_prompts`` / ``score_answers``), pmi and consensus
-    need ``answer_signals``, risk a risk model and ``prompt_signals`` (scope prompt) /
-    ``answer_signals``, a pair signal its pair scorer; the document screener is built on
+    """Why no scorer of a guard provides *metric* at *scope*, or ``None``, by what the
+    signal registry (:mod:`ssd_guard.signals`) says provides it: ``scorer`` signals
+    (entropy, loglik) are every scorer's; ``answer_signals`` ones (pmi, consensus) need
+    that method; ``risk_model`` (risk) a risk model and ``prompt_signals`` (scope prompt) /
+    ``answer_signals``; ``pair`` signals their pair scorer; the ``screener`` is built on
     demand."""
     kind = type(getattr(scorer, "scorer", scorer)).__name__
-    if metric in ANSWER_SIGNALS and metric != "loglik":
+    provider = signal(metric).provider
+    if provider == "answer_signals":
         if not callable(getattr(scorer, "answer_signals", None)):
             return (
                 f"the scorer ({kind}) has no answer_signals method, which computes "
                 "pmi and consensus: use a scorer that has one (SSDScorer, the SSD "
                 "student, does), or read loglik instead"
             )
-    elif metric == "risk":
+    elif provider == "risk_model":
         if getattr(scorer, "risk_model", None) is None:
             return (
                 f"the student ({kind}) has no risk model (risk.safetensors in its "
@@ -77,14 +80,14 @@ def unprovided(
         method = "prompt_signals" if scope == "prompt" else "answer_signals"
         if not callable(getattr(scorer, method, None)):
             return (
-                f"the scorer ({kind}) has no {method} method, which computes risk on "
+                f"the scorer ({kind}) has no {method} method, which computes {metric} on "
                 f"scope {scope}: use a scorer that has one (SSDScorer with a risk model)"
             )
-    elif metric in PAIR_SIGNALS and metric not in pair_scorers:
-        provider = {"draft_eu": "DraftEUScorer"}.get(metric, "SemGradScorer / HybridGradScorer")
+    elif provider == "pair" and metric not in pair_scorers:
+        name = {"draft_eu": "DraftEUScorer"}.get(metric, "SemGradScorer / HybridGradScorer")
         return (
             f"no scorer for it was given: pass Guard(pair_scorers=[...]) with a scorer "
-            f"whose signal is {metric!r} ({provider} in ssd_guard.scoring)"
+            f"whose signal is {metric!r} ({name} in ssd_guard.scoring)"
         )
     return None
 

@@ -15,8 +15,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from ssd_guard.integrations import langchain
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ssd_guard.integrations import langchain  # needs the [langchain] extra
 
-        return getattr(langchain, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(langchain, name)

@@ -6,9 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from ssd_guard.signals import SIGNALS, by_provider, signals_at
+
 Scope = Literal["prompt", "answer", "document"]
 ActionName = Literal["allow", "abstain", "retrieve", "reject_answer", "flag_poisoned", "log_only"]
 Source = Literal["retrieval", "tool", "cache"]
+#: The signals a condition can test, as a type; the same names, in the same order, as the
+#: signal registry (:data:`ssd_guard.signals.SIGNALS`, which says what each one is, where
+#: it exists, which way is risky and what computes it; a test pins the two together).
 Metric = Literal[
     "entropy",
     "risk",
@@ -22,57 +27,28 @@ Metric = Literal[
     "instruction",
 ]
 
-#: The scores a condition can test. ``entropy``: pre-generation risk of the prompt (higher is
-#: riskier). The answer signals (lower is more suspicious for each): ``loglik``:
-#: log-likelihood of an answer / document under the prompt's predicted answer distribution;
-#: ``pmi``: that minus its log-density under the student's *unconditional* answer
-#: distribution (pointwise mutual information: an answer that is likely for *any* question
-#: no longer passes); ``consensus``: minus the distance of the answer to the predicted
-#: mixture mean (the semantic consensus of the answers the model would give).
-#: ``risk`` (higher is riskier): the student's combined probability that the default
-#: answer is wrong (:mod:`ssd_guard.scoring.risk`; its pre-generation variant on scope
-#: ``prompt``, with the answer's signals on scope ``answer``). ``semgrad``, ``hybridgrad``
-#: (gradient uncertainty, :mod:`ssd_guard.scoring.semgrad`) and ``draft_eu`` (draft-model
-#: epistemic uncertainty, :mod:`ssd_guard.scoring.draft_eu`): post-generation scorers the
-#: guard runs beside the student (``Guard(pair_scorers=...)``), higher is riskier.
-#: Document screening (:mod:`ssd_guard.screening`, scope ``document`` only): ``relevance``
-#: (cosine similarity of the question and the document, lower is more suspicious: the
-#: document belongs to another question or to none) and ``instruction`` (in ``[0, 1]``,
-#: higher is riskier: the text reads as an instruction to the model, a prompt injection).
-METRICS: tuple[str, ...] = (
-    "entropy",
-    "risk",
-    "loglik",
-    "pmi",
-    "consensus",
-    "semgrad",
-    "hybridgrad",
-    "draft_eu",
-    "relevance",
-    "instruction",
-)
+#: The scores a condition can test (the registry's names).
+METRICS: tuple[str, ...] = tuple(SIGNALS)
 
-#: The answer-side signals one scorer pass gives.
-ANSWER_SIGNALS: tuple[str, ...] = ("loglik", "pmi", "consensus")
+#: The answer-side signals one scorer pass gives (the SSD student's).
+ANSWER_SIGNALS: tuple[str, ...] = ("loglik", *by_provider("answer_signals"))
 
 #: Answer-scope signals of the post-generation scorers that run beside the student.
-PAIR_SIGNALS: tuple[str, ...] = ("semgrad", "hybridgrad", "draft_eu")
+PAIR_SIGNALS: tuple[str, ...] = by_provider("pair")
 
 #: Document-scope screening signals (:class:`ssd_guard.screening.DocumentScreener`).
-DOCUMENT_SIGNALS: tuple[str, ...] = ("relevance", "instruction")
+DOCUMENT_SIGNALS: tuple[str, ...] = by_provider("screener")
 
 #: Signals the student's calibration set holds no values of: only raw bounds (``gt``,
 #: ``lt``...) apply to them, quantile and ``calibrated`` bounds are refused at load.
-UNCALIBRATED_SIGNALS: frozenset[str] = frozenset(DOCUMENT_SIGNALS)
+UNCALIBRATED_SIGNALS: frozenset[str] = frozenset(n for n, s in SIGNALS.items() if not s.calibrated)
 
 #: Signals for which a higher value is riskier (the others: lower is more suspicious).
-HIGHER_IS_RISKIER: frozenset[str] = frozenset({"entropy", "risk", *PAIR_SIGNALS, "instruction"})
+HIGHER_IS_RISKIER: frozenset[str] = frozenset(n for n, s in SIGNALS.items() if s.higher_is_riskier)
 
 #: Which scores exist at each scope.
 SCOPE_METRICS: Mapping[str, frozenset[str]] = {
-    "prompt": frozenset({"entropy", "risk"}),
-    "answer": frozenset({"entropy", "risk", *ANSWER_SIGNALS, *PAIR_SIGNALS}),
-    "document": frozenset({"entropy", *ANSWER_SIGNALS, *DOCUMENT_SIGNALS}),
+    scope: signals_at(scope) for scope in ("prompt", "answer", "document")
 }
 
 #: Which actions make sense at each scope.

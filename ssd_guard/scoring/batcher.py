@@ -20,19 +20,17 @@ already queued, and joins the worker.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import torch
 
-from ssd_guard.scoring.callstats import CallStats
+from ssd_guard.scoring.callstats import CallStats, takes_stats
 
 __all__ = ["BatcherClosedError", "BatcherStats", "BatchingScorer", "MicroBatcher"]
 
@@ -135,26 +133,16 @@ class MicroBatcher(Generic[T]):
         if not self._worker.is_alive():
             self._fail_pending()
 
-    def __enter__(self) -> MicroBatcher[T]:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> MicroBatcher[T]:
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
 
     def __repr__(self) -> str:
@@ -297,7 +285,7 @@ class BatchingScorer:
         self.name = str(getattr(scorer, "name", type(scorer).__name__))
         self.bucket_by_length = bucket_by_length
         #: the prefill is batched (an SSDScorer-like scorer), else whole score_prompts calls
-        self.batches_prefills = _encodes(scorer) and _takes_stats(scorer.score_prompts)
+        self.batches_prefills = _encodes(scorer) and takes_stats(scorer.score_prompts)
         name = f"ssd-guard-batcher-{self.name}"
         self.batcher: MicroBatcher[Any]
         if self.batches_prefills:
@@ -344,7 +332,7 @@ class BatchingScorer:
     ) -> list[float] | list[list[float]]:
         """The wrapped scorer's answer check (not queued; with the call's ``stats`` it
         reuses the prompt state the call already has)."""
-        if stats is not None and _takes_stats(self.scorer.score_answers):
+        if stats is not None and takes_stats(self.scorer.score_answers):
             kw["stats"] = stats
         return self.scorer.score_answers(prompts, answers, **kw)  # type: ignore[no-any-return]
 
@@ -420,15 +408,10 @@ class BatchingScorer:
         """Finish the queued requests and stop the worker (later calls run unbatched)."""
         self.batcher.close()
 
-    def __enter__(self) -> BatchingScorer:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -442,17 +425,6 @@ def _encodes(scorer: Any) -> bool:
         getattr(encoder, "tokenizer", None) is not None
         and callable(getattr(encoder, "encode", None))
         and callable(getattr(scorer, "format_prompt", None))
-    )
-
-
-def _takes_stats(method: Any) -> bool:
-    try:
-        param = inspect.signature(method).parameters.get("stats")
-    except (TypeError, ValueError):
-        return False
-    return param is not None and param.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
     )
 
 

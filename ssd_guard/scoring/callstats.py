@@ -19,11 +19,13 @@ its own at all.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["CallStats", "HiddenProvider"]
+__all__ = ["CallStats", "HiddenProvider", "takes_stats"]
 
 HiddenProvider = Callable[[list[str]], Any]
 """``formatted prompts -> [B, F] features``: the states of prompts the caller already ran
@@ -87,3 +89,18 @@ class CallStats:
             f"CallStats({len(self)} values, forwards={self.forwards}, "
             f"truncated={self.truncated}, provider={self.hidden_provider is not None})"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def takes_stats(fn: Callable[..., Any] | None) -> bool:
+    """Whether *fn* (a scorer method) takes a call's :class:`CallStats` as ``stats=``."""
+    if fn is None:
+        return False
+    try:
+        param = inspect.signature(fn).parameters.get("stats")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ssd_guard.artifact import file_in
 from ssd_guard.errors import ArtifactMismatchError, ConfigError
 from ssd_guard.scoring.token_stats import TOKEN_STAT_NAMES
 
@@ -207,9 +208,7 @@ class RiskModel:
         *fingerprint* (the student's) is not the one it was fitted for."""
         from safetensors import safe_open
 
-        p = Path(path)
-        if p.is_dir():
-            p = p / RISK_FILENAME
+        p = file_in(path, RISK_FILENAME)
         if not p.is_file():
             raise ConfigError(
                 f"no risk model at {p}: run `ssd-guard fit-risk` for this student first"

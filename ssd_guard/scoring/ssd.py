@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import torch
 
@@ -86,6 +86,23 @@ __all__ = [
 #: ``truncated`` on the audit events), or a :class:`~ssd_guard.errors.GuardInputError`.
 LONG_PROMPT_POLICIES = ("truncate", "error")
 LongPromptPolicy = Literal["truncate", "error"]
+
+
+class LoadKwargs(TypedDict, total=False):
+    """The keywords of :meth:`SSDScorer.load` (see there; defaults in brackets): ``lm``,
+    ``embedder`` (models already in memory), ``device``, ``dtype`` [``"auto"``],
+    ``base_model``, ``batch_size`` [16], ``embedder_dtype`` [``"auto"``],
+    ``max_prompt_tokens`` [the manifest's], ``on_long_prompt`` [``"truncate"``]."""
+
+    lm: Any
+    embedder: Any
+    device: str | None
+    dtype: str | None
+    base_model: str | None
+    batch_size: int
+    embedder_dtype: str | None
+    max_prompt_tokens: int | None
+    on_long_prompt: LongPromptPolicy
 
 
 def verify_artifact(
@@ -220,20 +237,7 @@ class SSDScorer(_AnswerSignals):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(
-        cls,
-        artifact: str | Path = "bundled",
-        *,
-        lm: Any = None,
-        embedder: Any = None,
-        device: str | None = None,
-        dtype: str | None = "auto",
-        base_model: str | None = None,
-        batch_size: int = 16,
-        embedder_dtype: str | None = "auto",
-        max_prompt_tokens: int | None = None,
-        on_long_prompt: LongPromptPolicy = "truncate",
-    ) -> SSDScorer:
+    def load(cls, artifact: str | Path = "bundled", **kw: Unpack[LoadKwargs]) -> SSDScorer:
         """Load an artifact with its base model and embedder (shared per process).
 
         ``lm`` (a :class:`ssd_guard.models.LoadedModel`) and ``embedder`` (a
@@ -256,18 +260,7 @@ class SSDScorer(_AnswerSignals):
         Every check runs before the models load (:func:`read_student`); the same checks
         back ``ssd-guard artifact`` (:func:`verify_artifact`).
         """
-        return cls._from_student(
-            read_student(artifact),
-            lm=lm,
-            embedder=embedder,
-            device=device,
-            dtype=dtype,
-            base_model=base_model,
-            batch_size=batch_size,
-            embedder_dtype=embedder_dtype,
-            max_prompt_tokens=max_prompt_tokens,
-            on_long_prompt=on_long_prompt,
-        )
+        return cls._from_student(read_student(artifact), **kw)
 
     @classmethod
     def _from_student(

@@ -16,10 +16,13 @@ from ssd_guard.mixture import GaussianMixture
 from ssd_guard.scoring.callstats import CallStats
 from ssd_guard.scoring.risk import RiskModel
 from ssd_guard.scoring.token_stats import CALLSTATS_KEY
+from ssd_guard.signals import by_provider
 from ssd_guard.student import SSDStudent
 
 #: Answer signals of one pass (higher = more plausible for each).
-ANSWER_SIGNALS = ("loglik", "pmi", "consensus")
+#: The answer signals one student pass gives (the registry's ``scorer`` answer signal and
+#: its ``answer_signals`` ones, :mod:`ssd_guard.signals`).
+ANSWER_SIGNALS: tuple[str, ...] = ("loglik", *by_provider("answer_signals"))
 
 
 class _AnswerSignals:

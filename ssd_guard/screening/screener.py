@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ssd_guard.embedding import encode_normalised
 from ssd_guard.screening.exemplars import SIM_HIGH, SIM_LOW, _bundled_exemplars, screening_version
 from ssd_guard.screening.matching import pattern_matches, pattern_score
 from ssd_guard.screening.units import _dedupe, _units
@@ -96,16 +97,8 @@ class DocumentScreener:
         """L2-normalised float32 embeddings (on the embedder's device), one row per text."""
         if not texts:
             return torch.zeros(0, 1)
-        with torch.inference_mode():
-            out = self.embedder.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-        emb = torch.as_tensor(out).float()
-        return torch.nn.functional.normalize(emb, dim=-1)
+        emb = encode_normalised(self.embedder, texts, self.batch_size)
+        return torch.nn.functional.normalize(emb, dim=-1)  # a stand-in embedder may not
 
     def _bank_embeddings(self) -> torch.Tensor:
         if self._bank is None:

@@ -90,11 +90,8 @@ class LinearProbe(Scorer):
         name: str | None = None,
         calculator: object | None = None,
     ) -> None:
-        self.layer = layer
-        self.candidate_layers = candidate_layers
-        self.C = C
-        self.max_iter = max_iter
-        self.seed = seed
+        self.layer, self.candidate_layers = layer, candidate_layers
+        self.C, self.max_iter, self.seed = C, max_iter, seed
         self.name = name or self.default_name
         self.calculator = calculator  # type: ignore[assignment]
 

@@ -85,21 +85,10 @@ __all__ = [
 LOSO_ROWS = ("validation", "train+validation")
 
 
-def fit_risk(
-    data: Any,
-    ssd: Any,
-    *,
-    token_stats: np.ndarray | None,
-    seed: int = 0,
-    folds: int = 5,
-    loso_rows: str = "validation",
-    log: Logger | None = None,
-) -> RiskModel:
-    """Fit the probes and the three variants on *data*'s training split (see the module
-    doc); *token_stats* ``[N, 3]`` for every row (``None``: no ``post_gen`` variant)."""
-    return fit_risk_with_report(
-        data, ssd, token_stats=token_stats, seed=seed, folds=folds, loso_rows=loso_rows, log=log
-    )[0]
+def fit_risk(data: Any, ssd: Any, **kwargs: Any) -> RiskModel:
+    """The risk model alone: :func:`fit_risk_with_report` (same arguments) without its
+    report."""
+    return fit_risk_with_report(data, ssd, **kwargs)[0]
 
 
 def fit_risk_with_report(

@@ -173,12 +173,8 @@ class NLIEquivalence(_Pairwise):
         max_length: int = 128,
         device: str | None = None,
     ) -> None:
-        self.model_ref = model
-        self.strict = strict
-        self.prefix = prefix
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.device = device
+        self.model_ref, self.strict, self.prefix = model, strict, prefix
+        self.batch_size, self.max_length, self.device = batch_size, max_length, device
         self._model: Any = None
         self._tokenizer: Any = None
         name = Path(model).name if isinstance(model, str | Path) else "custom"

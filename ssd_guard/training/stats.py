@@ -217,14 +217,9 @@ def embed_texts(embedder: Any, texts: Sequence[str], batch_size: int = 256) -> n
     if not texts:
         dim = getattr(embedder, "get_sentence_embedding_dimension", lambda: 0)() or 0
         return np.zeros((0, dim), dtype=np.float32)
-    emb = embedder.encode(
-        list(texts),
-        batch_size=batch_size,
-        convert_to_numpy=True,
-        normalize_embeddings=True,
-        show_progress_bar=False,
-    )
-    return np.asarray(emb, dtype=np.float32)
+    from ssd_guard.embedding import encode_normalised
+
+    return encode_normalised(embedder, texts, batch_size).cpu().numpy()
 
 
 class _StopForward(Exception):
@@ -268,14 +263,10 @@ class LiveStats:
         batch_size: int = 16,
         seed: int = 0,
     ) -> None:
-        self.lm = lm
-        self.embedder = embedder
-        self.n_samples = n_samples
-        self.temperature = temperature
-        self.default_temperature = default_temperature
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.seed = seed
+        self.lm, self.embedder = lm, embedder
+        self.n_samples, self.temperature = n_samples, temperature  # as the teacher's
+        self.default_temperature, self.max_new_tokens = default_temperature, max_new_tokens
+        self.batch_size, self.seed = batch_size, seed
         self._stop_table: torch.Tensor | None = None
 
     @property
@@ -319,7 +310,7 @@ class LiveStats:
         return stats
 
     def _generate(self, stats: Stats, with_hidden: bool) -> None:
-        from ssd_guard.generation import sample_answers, stop_token_table
+        from ssd_guard.generation import sample_answers, sampling_of, stop_token_table
 
         t0 = time.perf_counter()
         if self._stop_table is None:
@@ -333,10 +324,7 @@ class LiveStats:
                 self.lm.model,
                 self.lm.tokenizer,
                 stats.prompts[b : b + self.batch_size],
-                n_samples=self.n_samples,
-                temperature=self.temperature,
-                default_temperature=self.default_temperature,
-                max_new_tokens=self.max_new_tokens,
+                **sampling_of(self),
                 generator=gen,
                 return_hidden=with_hidden,
                 stop_table=self._stop_table,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 from langchain_core.messages import AIMessage, AIMessageChunk
@@ -14,21 +15,26 @@ from ssd_guard._flow import Flow
 from ssd_guard.integrations.langchain._common import RunInfo
 
 
+@dataclass(frozen=True)
+class RunArgs:
+    """What one run of a guard runnable's flow gets: the input, the run's config, its
+    :class:`RunInfo` and run manager, the caller's extra keyword arguments, and whether
+    the caller streams."""
+
+    input: Any
+    config: RunnableConfig
+    info: RunInfo
+    run_manager: Any
+    kwargs: dict[str, Any]
+    streaming: bool
+
+
 class _GuardRunnable(Runnable[Any, AIMessage]):
     """``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` over one :meth:`_flow`."""
 
     tags: tuple[str, ...] = ()
 
-    def _flow(
-        self,
-        input_: Any,
-        config: RunnableConfig,
-        info: RunInfo,
-        run_manager: Any,
-        kwargs: dict[str, Any],
-        *,
-        streaming: bool,
-    ) -> Flow[AIMessage]:
+    def _flow(self, run: RunArgs) -> Flow[AIMessage]:
         raise NotImplementedError
 
     def _start(
@@ -36,60 +42,37 @@ class _GuardRunnable(Runnable[Any, AIMessage]):
         input_: Any,
         run_manager: Any,
         config: RunnableConfig,
-        run_name: str | None,
         kwargs: dict[str, Any],
+        *,
         streaming: bool,
     ) -> Flow[AIMessage]:
+        run_name = kwargs.pop("_ssd_run_name", None)
         info = RunInfo.of_run(run_manager, extra_tags=self.tags, run_name=run_name)
-        return self._flow(input_, config, info, run_manager, kwargs, streaming=streaming)
+        return self._flow(RunArgs(input_, config, info, run_manager, kwargs, streaming))
 
-    # -- drivers (what LangChain's run wrappers call) --------------------------------------
+    # -- drivers (what LangChain's run wrappers call; ``_ssd_run_name`` rides in *kw*) ----
     def _invoke(
-        self,
-        input_: Any,
-        run_manager: Any,
-        config: RunnableConfig,
-        _ssd_run_name: str | None = None,
-        **kwargs: Any,
+        self, input_: Any, run_manager: Any, config: RunnableConfig, **kw: Any
     ) -> AIMessage:
-        return flow.run(self._start(input_, run_manager, config, _ssd_run_name, kwargs, False))
+        return flow.run(self._start(input_, run_manager, config, kw, streaming=False))
 
     async def _ainvoke(
-        self,
-        input_: Any,
-        run_manager: Any,
-        config: RunnableConfig,
-        _ssd_run_name: str | None = None,
-        **kwargs: Any,
+        self, input_: Any, run_manager: Any, config: RunnableConfig, **kw: Any
     ) -> AIMessage:
-        return await flow.arun(
-            self._start(input_, run_manager, config, _ssd_run_name, kwargs, False)
-        )
+        return await flow.arun(self._start(input_, run_manager, config, kw, streaming=False))
 
     def _transform(
-        self,
-        inputs: Iterator[Any],
-        run_manager: Any,
-        config: RunnableConfig,
-        _ssd_run_name: str | None = None,
-        **kwargs: Any,
+        self, inputs: Iterator[Any], run_manager: Any, config: RunnableConfig, **kw: Any
     ) -> Iterator[AIMessageChunk]:
         input_ = list(inputs)[-1]  # the last input is the one to run
-        yield from flow.iterate(
-            self._start(input_, run_manager, config, _ssd_run_name, kwargs, True)
-        )
+        yield from flow.iterate(self._start(input_, run_manager, config, kw, streaming=True))
 
     async def _atransform(
-        self,
-        inputs: AsyncIterator[Any],
-        run_manager: Any,
-        config: RunnableConfig,
-        _ssd_run_name: str | None = None,
-        **kwargs: Any,
+        self, inputs: AsyncIterator[Any], run_manager: Any, config: RunnableConfig, **kw: Any
     ) -> AsyncIterator[AIMessageChunk]:
         input_ = [i async for i in inputs][-1]
         async for chunk in flow.aiterate(
-            self._start(input_, run_manager, config, _ssd_run_name, kwargs, True)
+            self._start(input_, run_manager, config, kw, streaming=True)
         ):
             yield chunk
 

@@ -170,11 +170,13 @@ class SSDGuard(BaseCallbackHandler):
         serialized: dict[str, Any] | None,
         prompt: str | None,
         run_id: UUID,
-        parent_run_id: UUID | None,
-        tags: list[str] | None,
-        metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
     ) -> None:
+        """Both start hooks: *kwargs* holds the rest of what LangChain passed
+        (``parent_run_id``, ``tags``, ``metadata``, ``name``, the invocation params)."""
+        parent_run_id: UUID | None = kwargs.get("parent_run_id")
+        tags: list[str] | None = kwargs.get("tags")
+        metadata: dict[str, Any] | None = kwargs.get("metadata")
         if not prompt:
             return
         guard = self._guard_for(serialized, kwargs)
@@ -206,41 +208,14 @@ class SSDGuard(BaseCallbackHandler):
         messages: list[list[BaseMessage]],
         *,
         run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        self._on_start(
-            serialized,
-            self._prompt_from_messages(messages),
-            run_id,
-            parent_run_id,
-            tags,
-            metadata,
-            kwargs,
-        )
+        self._on_start(serialized, self._prompt_from_messages(messages), run_id, kwargs)
 
     def on_llm_start(
-        self,
-        serialized: dict[str, Any],
-        prompts: list[str],
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
+        self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any
     ) -> Any:
-        self._on_start(
-            serialized,
-            prompts[0] if prompts else None,
-            run_id,
-            parent_run_id,
-            tags,
-            metadata,
-            kwargs,
-        )
+        self._on_start(serialized, prompts[0] if prompts else None, run_id, kwargs)
 
     def on_llm_new_token(
         self,

@@ -19,10 +19,9 @@ from langchain_core.runnables.config import patch_config
 
 from ssd_guard._flow import Call, Emit, Flow
 from ssd_guard.guard import Guard, GuardResult
-from ssd_guard.integrations.langchain._base import _GuardRunnable
+from ssd_guard.integrations.langchain._base import RunArgs, _GuardRunnable
 from ssd_guard.integrations.langchain._common import (
     NOSTREAM_TAG,
-    RunInfo,
     WrapsModel,
     answer_can_block,
     answer_text,
@@ -149,16 +148,9 @@ class GuardedChatModel(WrapsModel, _GuardRunnable):
             return [*messages, HumanMessage(content=new_prompt)]
         return with_prompt(messages, index, new_prompt)
 
-    def _flow(
-        self,
-        input_: Any,
-        config: RunnableConfig,
-        info: RunInfo,
-        run_manager: Any,
-        kwargs: dict[str, Any],
-        *,
-        streaming: bool,
-    ) -> Flow[AIMessage]:
+    def _flow(self, run: RunArgs) -> Flow[AIMessage]:
+        input_, config, info, run_manager = run.input, run.config, run.info, run.run_manager
+        kwargs, streaming = run.kwargs, run.streaming
         messages = to_messages(input_)
         index = last_human(messages)
         prompt = text_of(messages[index if index is not None else -1]) if messages else ""
@@ -311,16 +303,8 @@ class LocalGuardedChatModel(_GuardRunnable):
             raise ValueError("LocalGuardedChatModel needs a human message to answer")
         return text_of(messages[index])
 
-    def _flow(
-        self,
-        input_: Any,
-        config: RunnableConfig,
-        info: RunInfo,
-        run_manager: Any,
-        kwargs: dict[str, Any],
-        *,
-        streaming: bool,
-    ) -> Flow[AIMessage]:
+    def _flow(self, run: RunArgs) -> Flow[AIMessage]:
+        input_, info, streaming = run.input, run.info, run.streaming
         question, local = self._question(input_), self.local
         res: GuardResult = yield info.call(
             lambda: local.invoke(question, **info.run_kw),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,6 +195,17 @@ def _strip_choices(query: str) -> tuple[str, dict[str, str]]:
     return " ".join(p for p in parts if p), lettered
 
 
+def _open_rows(path: str | Path) -> Iterator[tuple[MCExample, str, tuple[str, ...]]]:
+    """Each multiple-choice row of *path* with its question (the choice lines removed) and
+    its choice texts (letters resolved to the lettered lines)."""
+    p = Path(path)
+    for ex in load_mc_jsonl(p, None):
+        question, lettered = _strip_choices(ex.prompt)
+        if not question:
+            raise ConfigError(f"{p}: row {ex.id}: no question text left after removing choices")
+        yield ex, question, tuple(lettered.get(c, c) for c in ex.choices)
+
+
 def load_open_from_mc(path: str | Path, limit: int | None = None) -> list[QAExample]:
     """Multiple-choice rows as *open* questions: the choices are removed from the prompt.
 
@@ -202,13 +214,8 @@ def load_open_from_mc(path: str | Path, limit: int | None = None) -> list[QAExam
     letters) is the one accepted answer. SSD needs no labels to train; the answer only
     serves the evaluation's correctness labels and multiple-choice checks.
     """
-    p = Path(path)
     out: list[QAExample] = []
-    for ex in load_mc_jsonl(p, None):
-        question, lettered = _strip_choices(ex.prompt)
-        if not question:
-            raise ConfigError(f"{p}: row {ex.id}: no question text left after removing choices")
-        choices = tuple(lettered.get(c, c) for c in ex.choices)
+    for ex, question, choices in _open_rows(path):
         gold = choices[ex.gold]
         out.append(QAExample(ex.id, f"Question: {question}\nAnswer:", gold, (gold,), choices))
         if limit is not None and len(out) >= limit:
@@ -222,13 +229,8 @@ def load_mc_as_chat(path: str | Path, limit: int | None = None) -> list[QAExampl
     question. ``choices`` are the choice texts, ``answer`` the gold one; grade a free-text
     answer with :func:`ssd_guard.answers.grade_choice`.
     """
-    p = Path(path)
     out: list[QAExample] = []
-    for ex in load_mc_jsonl(p, None):
-        question, lettered = _strip_choices(ex.prompt)
-        if not question:
-            raise ConfigError(f"{p}: row {ex.id}: no question text left after removing choices")
-        choices = tuple(lettered.get(c, c) for c in ex.choices)
+    for ex, question, choices in _open_rows(path):
         if [c.lower() for c in choices] != ["yes", "no"]:
             letters = "ABCDEFGH"
             question += "".join(f"\n{letters[i]}. {c}" for i, c in enumerate(choices))

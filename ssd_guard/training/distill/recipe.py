@@ -218,19 +218,27 @@ class RecipeFile(_Strict):
         return alt if alt.exists() else p
 
 
-class Recipe(RecipeFile):
+class ModelRecipe(RecipeFile):
+    """What every recipe that trains on a base model says: its name, the model, how it
+    runs, the work directory and where the artifact goes."""
+
     name: str
     base_model: str
     #: ``auto``: bf16 on a GPU that supports it and on a CPU with native bf16
     #: (avx512_bf16 / amx_bf16), else fp32 (ssd_guard.models.auto_dtype); logged.
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str | None = None
+    workdir: str
+    #: Where the final artifact goes (default ``<workdir>/artifact``).
+    artifact: str | None = None
+
+
+class Recipe(ModelRecipe):
     #: torch CPU threads while distilling (``--threads`` overrides). Null: the
     #: ``OMP_NUM_THREADS`` environment variable when set, else min(physical cores, CPUs
     #: this process may use, cgroup CPU quota); logged. More threads than cores (or than
     #: a shared machine grants) slowed the teacher 4-5x.
     threads: int | None = Field(default=None, ge=1)
-    workdir: str
     data: DataConfig
     prompt: PromptConfig = PromptConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -238,8 +246,6 @@ class Recipe(RecipeFile):
     embedding: EmbeddingConfig = EmbeddingConfig()
     layers: LayerConfig = LayerConfig()
     student: StudentConfig = StudentConfig()
-    #: Where the final artifact goes (default ``<workdir>/artifact``).
-    artifact: str | None = None
 
     @model_validator(mode="after")
     def _chat_teacher(self) -> Recipe:

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from ssd_guard.training.distill.workdir import Context, Workdir
 
 
+#: The student recipe's training settings :class:`SSDStudent` takes as they are.
+_TRAINING_KEYS = {"dropout", "lr", "weight_decay", "max_epochs", "patience", "batch_size"}
+
+
 def feature_spec(ctx: Context, best_layer: int) -> FeatureSpec:
     """The student's input: the recipe's ``layers.last`` / ``layers.pooled``, else the
     probe-selected layer alone."""
@@ -131,12 +135,7 @@ def stage_student(wd: Workdir, ctx: Context, progress: bool = True) -> dict[str,
                 k,
                 h,
                 depth,
-                dropout=sc.dropout,
-                lr=sc.lr,
-                weight_decay=sc.weight_decay,
-                max_epochs=sc.max_epochs,
-                patience=sc.patience,
-                batch_size=sc.batch_size,
+                **sc.model_dump(include=_TRAINING_KEYS),
                 min_scale=floors[head],
                 rank_weight=rank,
                 seed=sc.seed,

@@ -22,7 +22,7 @@ def sample_shard(
     """Teacher shard *index*: K samples and the default answer of each prompt in *chunk*,
     with its per-shard seed (a resumed run, or another worker, draws exactly what an
     uninterrupted single process would). Returns the records and the tensors to save."""
-    from ssd_guard.generation import sample_answers, stop_token_table
+    from ssd_guard.generation import sample_answers, sampling_of, stop_token_table
 
     t = recipe.teacher
     key = (id(lm.tokenizer), str(lm.device))
@@ -40,10 +40,7 @@ def sample_shard(
             lm.model,
             lm.tokenizer,
             [row["text"] for row in batch],
-            n_samples=t.n_samples,
-            temperature=t.temperature,
-            default_temperature=t.default_temperature,
-            max_new_tokens=t.max_new_tokens,
+            **sampling_of(t),
             generator=gen,
             stop_table=table,
             pool_start=pool_start if t.pool else None,

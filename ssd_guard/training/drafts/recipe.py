@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ssd_guard.training.distill.recipe import RecipeFile, load_recipe_file
+from ssd_guard.training.distill.recipe import ModelRecipe, load_recipe_file
 
 __all__ = ["DraftRecipe", "load_draft_recipe"]
 
@@ -88,21 +88,14 @@ class AggregateConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
 
 
-class DraftRecipe(RecipeFile):
-    name: str
-    base_model: str
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    device: str | None = None
+class DraftRecipe(ModelRecipe):
     #: The ``ssd-guard distill`` work directory holding prompts, split, labels, teacher.
     data_dir: str
-    workdir: str
     data: DraftDataConfig = DraftDataConfig()
     draft: DraftConfig = DraftConfig()
     train: TrainConfig = TrainConfig()
     proxy: ProxyConfig = ProxyConfig()
     aggregate: AggregateConfig = AggregateConfig()
-    #: Where the final artifact goes (default ``<workdir>/artifact``).
-    artifact: str | None = None
 
     @model_validator(mode="after")
     def _layers(self) -> DraftRecipe:
