@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ssd_guard.policy.parsing import format_path
+from ssd_guard.policy.reporting import format_path
 from ssd_guard.policy.vocabulary import BLOCKING_ACTIONS, METRICS, ActionName, Scope
 
 if TYPE_CHECKING:

@@ -12,15 +12,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from ssd_guard.policy.parsing import (
-    MAX_POLICY_BYTES,
-    ROOT,
-    format_path,
-    parse_policy_yaml,
-    policy_error,
-    policy_errors,
-    too_large_reason,
-)
+from ssd_guard.policy.parsing import MAX_POLICY_BYTES, parse_policy_yaml, too_large_reason
+from ssd_guard.policy.reporting import ROOT, format_path, policy_error, policy_errors
 from ssd_guard.policy.schema import Policy
 
 __all__ = [

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, model_validator
 
 from ssd_guard.policy.fields import FiniteFloat, Name, NonEmptyStr, QuantileFloat, _Model
-from ssd_guard.policy.parsing import PathError
+from ssd_guard.policy.reporting import PathError
 from ssd_guard.policy.vocabulary import (
     _BOUNDS,
     ACTION_PARAMS,

@@ -36,15 +36,14 @@ from ssd_guard.policy.evaluation import Decision, _evaluate, _quantile, _sorted_
 from ssd_guard.policy.fields import FiniteFloat as FiniteFloat
 from ssd_guard.policy.fields import Name, NonEmptyStr, _Model
 from ssd_guard.policy.fields import QuantileFloat as QuantileFloat
-from ssd_guard.policy.parsing import (
+from ssd_guard.policy.parsing import parse_policy_yaml, top_level_reason
+from ssd_guard.policy.reporting import (
     ROOT,
     PathError,
     convert_validation_error,
     format_path,
-    parse_policy_yaml,
     policy_error,
     policy_errors,
-    top_level_reason,
 )
 from ssd_guard.policy.rules import CalibratedBound, Condition, Rule, Threshold
 from ssd_guard.policy.vocabulary import ACTION_PARAMS as ACTION_PARAMS
