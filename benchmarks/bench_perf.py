@@ -603,7 +603,7 @@ def _free_port() -> int:
 
 
 class ThrowawayRedis:
-    """A loopback redis-server that persists nothing (like tests/conftest_redis.py)."""
+    """A loopback redis-server that persists nothing (like tests/helpers/redis_server.py)."""
 
     def __init__(self) -> None:
         binary = os.environ.get("SSD_GUARD_REDIS_SERVER") or shutil.which("redis-server")

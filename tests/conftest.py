@@ -10,11 +10,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from tiny import build_tiny_lm  # noqa: E402
+from helpers.tiny import build_tiny_lm  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
-
-pytest_plugins = ["conftest_redis"]
+pytest_plugins = ["helpers.redis_server"]
 
 
 @pytest.fixture(scope="session")

@@ -210,7 +210,8 @@ def _why(results: dict[str, Any], below: list[str]) -> list[str]:
                 if best_tok
                 else ""
             )
-            + ". The maths is checked against finite differences (tests/test_semgrad.py) and "
+            + ". The maths is checked against finite differences "
+            "(tests/unit/scoring/test_semgrad.py) and "
             "every anchor position from -1 to -8 gives 0.45-0.53: the sensitivity of a 135M "
             "model's output to meaning-preserving changes of its input carries no correctness "
             "signal we can measure."
