@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ssd_guard._commands import add_command
 from ssd_guard.signals import SIGNALS
 
 __all__ = ["add_commands"]
@@ -34,6 +35,12 @@ def _workdir_of(args: argparse.Namespace) -> Path:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    """Choose a threshold guaranteeing the error rate among answered prompts.
+
+    Learn-then-Test (MAPIE) on the work directory's validation split: the threshold such
+    that among answered prompts at most ALPHA are wrong with probability at least 1 -
+    DELTA (prompts assumed exchangeable).
+    """
     from ssd_guard.errors import require_extra
 
     require_extra("mapie", "train", "ssd-guard calibrate")
@@ -140,15 +147,7 @@ def _add_workdir_args(parser: Any) -> None:
 
 
 def add_commands(sub: Any) -> None:
-    c = sub.add_parser(
-        "calibrate",
-        help="choose a threshold guaranteeing the error rate among answered prompts",
-        description=(
-            "Learn-then-Test (MAPIE) on the work directory's validation split: the "
-            "threshold such that among answered prompts at most ALPHA are wrong with "
-            "probability at least 1 - DELTA (prompts assumed exchangeable)."
-        ),
-    )
+    c = add_command(sub, "calibrate", _calibrate)
     _add_workdir_args(c)
     c.add_argument("--source", help="calibrate on this source's prompts only")
     c.add_argument("--artifact", default="bundled", help="student artifact (default: bundled)")
@@ -171,18 +170,8 @@ def add_commands(sub: Any) -> None:
     c.add_argument("--grid-size", type=int, default=50, help="candidate thresholds (50)")
     c.add_argument("--out", help="calibration file (default: beside the artifact)")
     c.add_argument("--device")
-    c.set_defaults(func=_calibrate)
 
-    f = sub.add_parser(
-        "fit-risk",
-        help="fit the student's combined risk signal (P(default answer wrong))",
-        description=(
-            "Fit the combined risk (logistic regression over SSD entropy, the SSD answer "
-            "signals, PCP and SEP probes on the student's features, and the generation's "
-            "token statistics) on the work directory's training split; write "
-            "risk.safetensors into the student's artifact directory."
-        ),
-    )
+    f = add_command(sub, "fit-risk", _fit_risk)
     _add_workdir_args(f)
     f.add_argument("--artifact", default="bundled", help="student artifact (default: bundled)")
     f.add_argument("--out", type=Path, help="directory to write to (default: the artifact)")
@@ -202,10 +191,16 @@ def add_commands(sub: Any) -> None:
         "and the test split's per-source AUROCs of the risk against each single input",
     )
     f.add_argument("--device")
-    f.set_defaults(func=_fit_risk)
 
 
 def _fit_risk(args: argparse.Namespace) -> int:
+    """Fit the student's combined risk signal (P(default answer wrong)).
+
+    Fit the combined risk (logistic regression over SSD entropy, the SSD answer signals,
+    PCP and SEP probes on the student's features, and the generation's token statistics)
+    on the work directory's training split; write risk.safetensors into the student's
+    artifact directory.
+    """
     from ssd_guard.errors import require_extra
 
     require_extra("sklearn", "train", "ssd-guard fit-risk")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ssd_guard._commands import add_command
 from ssd_guard.cli_demo_data import (
     DEMO_CORPUS,
     DEMO_QUESTIONS,
@@ -360,6 +361,11 @@ def _agent_asker(guard: Any, chat_model: Any) -> Callable[[str], Any]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """Run a guarded agent loop with the bundled SmolLM2 and student (offline).
+
+    Ask a few TriviaQA questions to SmolLM2-135M-Instruct through LangChain, guarded by
+    the bundled SSD student and a policy; print every decision.
+    """
     return run_demo(
         policy=args.policy,
         questions=args.questions,
@@ -371,14 +377,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any) -> None:
     """Add ``demo`` to the ``ssd-guard`` parser."""
-    p = subparsers.add_parser(
-        "demo",
-        help="run a guarded agent loop with the bundled SmolLM2 and student (offline)",
-        description=(
-            "Ask a few TriviaQA questions to SmolLM2-135M-Instruct through LangChain, guarded "
-            "by the bundled SSD student and a policy; print every decision."
-        ),
-    )
+    p = add_command(subparsers, "demo", _demo)
     p.add_argument("--policy", metavar="FILE", help="policy YAML (default: the shipped RAG policy)")
     p.add_argument(
         "--questions",
@@ -401,4 +400,3 @@ def add_commands(subparsers: Any) -> None:
             "generation's own prefill (zero extra forward pass)"
         ),
     )
-    p.set_defaults(func=_demo)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ssd_guard._commands import add_command
 from ssd_guard.cli_engine import add_pipeline_args, run_stage_pipeline
 
 
 def _distill_drafts(args: argparse.Namespace) -> int:
+    """Train Data-Diverse Drafts + an OSD proxy for the DraftEU scorer (resumable)."""
     from ssd_guard.training.drafts.recipe import load_draft_recipe
     from ssd_guard.training.drafts.train import run_draft_pipeline
 
@@ -16,9 +18,5 @@ def _distill_drafts(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    p = sub.add_parser(
-        "distill-drafts",
-        help="train Data-Diverse Drafts + an OSD proxy for the DraftEU scorer (resumable)",
-    )
+    p = add_command(sub, "distill-drafts", _distill_drafts)
     add_pipeline_args(p, "draft recipe YAML (see training/)")
-    p.set_defaults(func=_distill_drafts)

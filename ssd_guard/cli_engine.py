@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ssd_guard._commands import add_command
+
 #: Loggers whose INFO lines a pipeline command shows on stderr: why a stage reruns, the
 #: dtype ``auto`` chose, the thread count, the closing notes.
 _PIPELINE_LOGGERS = ("ssd_guard.training.distill", "ssd_guard.drafts", "ssd_guard.models")
@@ -86,6 +88,12 @@ def add_pipeline_args(parser: Any, config_help: str, stages: Sequence[str] | Non
 
 
 def _distill(args: argparse.Namespace) -> int:
+    """Train an SSD student from a recipe (resumable).
+
+    Run the recipe's stages in order, each skipped while what it depends on (its recipe
+    fields, the data files' content, the outputs of the stages before it) is unchanged
+    since it completed; a killed run resumes where it stopped.
+    """
     from ssd_guard.errors import require_extra
 
     require_extra("sklearn", "train", "ssd-guard distill")
@@ -187,6 +195,7 @@ def score_report(
 
 
 def _score(args: argparse.Namespace) -> int:
+    """Score prompts (and answers) with a student, and show what a policy decides."""
     from ssd_guard.policy import default_policy_path, load_policy
     from ssd_guard.scoring.ssd import SSDScorer
 
@@ -202,8 +211,12 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _artifact(args: argparse.Namespace) -> int:
-    """Run the checks ``SSDScorer.load`` runs (one shared function), then print the
-    manifest; a refused artifact exits 1 with load's own message (``main``)."""
+    """Verify an artifact as SSDScorer.load does (weights sha256, tensors and head shapes,
+    risk model, base model and embedder) and print its manifest.
+
+    Run the checks ``SSDScorer.load`` runs (one shared function), then print the
+    manifest; a refused artifact exits 1 with load's own message (the CLI).
+    """
     from ssd_guard.scoring.ssd import verify_artifact
 
     student = verify_artifact(args.path, models=not args.no_models, device=args.device)
@@ -222,13 +235,7 @@ def _artifact(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     from ssd_guard.training.distill import STAGES
 
-    p = sub.add_parser(
-        "distill",
-        help="train an SSD student from a recipe (resumable)",
-        description="Run the recipe's stages in order, each skipped while what it depends "
-        "on (its recipe fields, the data files' content, the outputs of the stages before "
-        "it) is unchanged since it completed; a killed run resumes where it stopped.",
-    )
+    p = add_command(sub, "distill", _distill)
     add_pipeline_args(p, "recipe YAML (see training/)", stages=STAGES)
     p.add_argument(
         "--threads",
@@ -238,12 +245,8 @@ def add_commands(sub: Any) -> None:
         "set, else min(physical cores, CPUs this process may use, cgroup CPU quota)); "
         "oversubscribing a shared machine slowed the teacher 4-5x",
     )
-    p.set_defaults(func=_distill)
 
-    s = sub.add_parser(
-        "score",
-        help="score prompts (and answers) with a student, and show what a policy decides",
-    )
+    s = add_command(sub, "score", _score)
     s.add_argument("prompts", nargs="+", help="prompt texts (questions)")
     s.add_argument("--answer", action="append", help="an answer per prompt (repeatable)")
     s.add_argument("--artifact", default="bundled", help="artifact directory (default: bundled)")
@@ -254,13 +257,8 @@ def add_commands(sub: Any) -> None:
         "(default: the default policy)",
     )
     s.add_argument("--device")
-    s.set_defaults(func=_score)
 
-    a = sub.add_parser(
-        "artifact",
-        help="verify an artifact as SSDScorer.load does (weights sha256, tensors and head "
-        "shapes, risk model, base model and embedder) and print its manifest",
-    )
+    a = add_command(sub, "artifact", _artifact)
     a.add_argument("path", nargs="?", default="bundled")
     a.add_argument(
         "--no-models",
@@ -268,4 +266,3 @@ def add_commands(sub: Any) -> None:
         help="skip loading the base model and embedder (no base-model match check)",
     )
     a.add_argument("--device", default="cpu", help="where to load the models (default: cpu)")
-    a.set_defaults(func=_artifact)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from ssd_guard._commands import add_command
+
 if TYPE_CHECKING:
     from ssd_guard.audit import EventScan
 
@@ -20,34 +22,15 @@ __all__ = ["add_commands", "load_calibration"]
 
 def add_commands(subparsers: Any) -> None:
     """Add ``check-policy`` and ``audit`` to the ``ssd-guard`` parser."""
-    p = subparsers.add_parser(
-        "check-policy",
-        help="validate YAML policies and describe their rules in plain words",
-        description=(
-            "Validate YAML policies, including that the student directory and proxy model "
-            "they name exist. Valid: print what each rule does. Invalid: print "
-            "FILE: KEY.PATH: reason to stderr. Exit 1 if any file is invalid, else 0."
-        ),
-    )
+    p = add_command(subparsers, "check-policy", _check_policy)
     p.add_argument("files", nargs="+", metavar="FILE", help="policy YAML file(s)")
     p.add_argument(
         "--calibration",
         metavar="PATH",
         help="student artifact dir or calibration JSON; shows quantile thresholds as raw values",
     )
-    p.set_defaults(func=_check_policy)
 
-    a = subparsers.add_parser(
-        "audit",
-        help="summarise an audit log, or replay it under another policy",
-        description=(
-            "Summarise the guard.decision events of a JSON-lines audit log: decisions per "
-            "action and rule, score histograms, latency, slowest steps. With --replay, "
-            "re-decide every logged step from its logged scores under another policy (no "
-            "model is loaded) and report what changes. Unreadable or malformed lines are "
-            "skipped and counted on stderr (and as skipped_lines with --json)."
-        ),
-    )
+    a = add_command(subparsers, "audit", _audit)
     a.add_argument("file", metavar="FILE", help="JSON-lines audit log")
     a.add_argument("--run", metavar="R", help="only run R (matches run_id or parent_run_id)")
     a.add_argument("--action", metavar="A", help="only decisions with action A")
@@ -63,7 +46,6 @@ def add_commands(subparsers: Any) -> None:
         ),
     )
     a.add_argument("--json", action="store_true", help="print JSON instead of text")
-    a.set_defaults(func=_audit)
 
 
 def load_calibration(path: str | Path) -> dict[str, list[float]]:
@@ -134,6 +116,12 @@ def _pipe_safe(command: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 @_pipe_safe
 def _check_policy(args: argparse.Namespace) -> int:
+    """Validate YAML policies and describe their rules in plain words.
+
+    Validate YAML policies, including that the student directory and proxy model they
+    name exist. Valid: print what each rule does. Invalid: print FILE: KEY.PATH: reason
+    to stderr. Exit 1 if any file is invalid, else 0.
+    """
     from ssd_guard.errors import SSDGuardError
     from ssd_guard.policy import check_policy_file, describe_policy
 
@@ -170,6 +158,14 @@ def _skipped_note(scan: EventScan) -> str:
 
 @_pipe_safe
 def _audit(args: argparse.Namespace) -> int:
+    """Summarise an audit log, or replay it under another policy.
+
+    Summarise the guard.decision events of a JSON-lines audit log: decisions per action
+    and rule, score histograms, latency, slowest steps. With --replay, re-decide every
+    logged step from its logged scores under another policy (no model is loaded) and
+    report what changes. Unreadable or malformed lines are skipped and counted on stderr
+    (and as skipped_lines with --json).
+    """
     from ssd_guard.audit import (
         DECISION_EVENT,
         filter_events,

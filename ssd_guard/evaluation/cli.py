@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ssd_guard._commands import add_command
 from ssd_guard.scoring.ssd_answers import ANSWER_SIGNALS
 
 __all__ = ["add_commands", "summary_lines"]
@@ -69,6 +70,11 @@ def _pair_scorers(args: argparse.Namespace, log: Any) -> list[Any]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate SSD and the baselines (TD, SE, SEP, PCP) on a work dir's test split.
+
+    Score the test split of a distillation work directory with every scorer and write
+    report.md, results.json, roc.png and risk_coverage.png.
+    """
     from ssd_guard.errors import require_extra
 
     require_extra("matplotlib", "eval", "ssd-guard evaluate")
@@ -134,14 +140,7 @@ def summary_lines(results: dict[str, Any]) -> str:
 
 
 def add_commands(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "evaluate",
-        help="evaluate SSD and the baselines (TD, SE, SEP, PCP) on a work dir's test split",
-        description=(
-            "Score the test split of a distillation work directory with every scorer and "
-            "write report.md, results.json, roc.png and risk_coverage.png."
-        ),
-    )
+    p = add_command(subparsers, "evaluate", _cmd_evaluate)
     src = p.add_argument_group("inputs")
     src.add_argument("--workdir", help="work directory of `ssd-guard distill` (open QA)")
     src.add_argument("--config", help="the recipe instead of --workdir (its workdir is used)")
@@ -178,4 +177,3 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
-    p.set_defaults(func=_cmd_evaluate)
