@@ -19,9 +19,11 @@ __all__ = [
     "SAMPLING_KEYS",
     "SampledAnswers",
     "decode_loop",
+    "first_line",
     "left_pad_positions",
     "pool_hidden_states",
     "pool_weights",
+    "prefill_states",
     "sample_answers",
     "sample_token_ids",
     "sampling_of",
@@ -143,7 +145,37 @@ def decode_loop(
 
 
 def _clean(text: str) -> str:
+    return first_line(text)
+
+
+def first_line(text: str) -> str:
+    """An answer as the teacher keeps it: its first line, stripped."""
     return text.split("\n", 1)[0].strip()
+
+
+@torch.inference_mode()
+def prefill_states(
+    model: Any, tokenizer: Any, prompts: list[str], *, pool_start: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One prefill of *prompts* (left-padded batch), no generation: the last-token states
+    ``[B, L+1, H]`` at every layer and, with *pool_start*, the states mean-pooled over the
+    prompt tokens from that position on (as :func:`sample_answers` returns them). What a
+    proxy model reads of prompts another model answers."""
+    if tokenizer.padding_side != "left":
+        raise ValueError("prefill_states needs a left-padding tokenizer")
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=left_pad_positions(attn),
+        use_cache=False,
+        output_hidden_states=True,
+    )
+    hidden = torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1)
+    pooled = None if pool_start is None else pool_hidden_states(out.hidden_states, attn, pool_start)
+    return hidden, pooled
 
 
 @torch.inference_mode()

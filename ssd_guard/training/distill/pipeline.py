@@ -202,6 +202,12 @@ def stage_teacher(
         from ssd_guard.training.distill.teacher_ray import sample_shards_on_ray
 
         results = sample_shards_on_ray(ctx.recipe, chunks)
+    elif t.backend == "chat" and todo:
+        from ssd_guard.training.distill.teacher_chat import load_answer_source, sample_shard_chat
+
+        assert t.chat is not None
+        source, proxy = load_answer_source(t.chat), ctx.lm
+        results = ((s, *sample_shard_chat(source, proxy, ctx.recipe, s, chunks[s])) for s in todo)
     else:
         lm = ctx.lm if todo else None
         results = ((s, *sample_shard(lm, ctx.recipe, s, chunks[s])) for s in todo if lm is not None)
@@ -219,6 +225,7 @@ def stage_teacher(
         "n_shards": n_shards,
         "resampled": len(todo),
         "backend": t.backend,
+        **({"answers_from": t.chat.model_id} if t.chat is not None else {}),
         "model_id": model.model_id,
         "fingerprint": model.fingerprint,
         "dtype": str(next(model.model.parameters()).dtype).removeprefix("torch."),

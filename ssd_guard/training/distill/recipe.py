@@ -78,6 +78,24 @@ class PromptConfig(_Strict):
         return v
 
 
+class ChatTeacherConfig(_Strict):
+    """A chat model (an API model) that answers in place of the base model: the teacher's
+    K samples and default answer come from it, asked with the bare question as the user
+    message (after ``prompt.system``), while the hidden states the student reads come
+    from the recipe's ``base_model``, a local *proxy* reading the same prompt. The student
+    then predicts the chat model's answer distribution from the proxy's representation."""
+
+    #: ``module:function`` called with ``options`` as keywords; it returns the answer
+    #: source (:class:`~ssd_guard.training.distill.teacher_chat.AnswerSource`), e.g.
+    #: ``ssd_guard.integrations.langchain.teacher:openai_teacher`` (any OpenAI-compatible
+    #: endpoint through langchain-openai) or ``...:chat_model_teacher`` (a factory
+    #: naming any LangChain chat model).
+    factory: str
+    options: dict[str, Any] = {}
+    #: The answering model, as recorded in the student's manifest (e.g. ``gemma-3-270m``).
+    model_id: str
+
+
 class TeacherConfig(_Strict):
     n_samples: int = Field(default=10, ge=1, le=256)
     temperature: float = Field(default=1.0, gt=0)
@@ -93,12 +111,24 @@ class TeacherConfig(_Strict):
     #: spread over Ray Data actors, one model each; the same shards, seeds and results).
     #: Execution settings: they do not enter the stage's dependency digest, so a work dir
     #: can switch backend without resampling.
-    backend: Literal["hf", "ray"] = "hf"
+    #: ``chat``: the answers come from the chat model of ``chat`` (an API model), the
+    #: hidden states from ``base_model`` (the proxy) in this process.
+    backend: Literal["hf", "ray", "chat"] = "hf"
     #: Ray actors (each loads the model once); each gets ``threads_per_worker`` CPU threads.
+    #: With ``backend: chat``: the chat requests in flight at once.
     workers: int = Field(default=2, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
     #: ``ray.init(address=...)``: null starts a local Ray with ``workers`` CPUs.
     ray_address: str | None = None
+    #: The answering chat model of ``backend: chat`` (part of what is sampled: a change
+    #: resamples every shard).
+    chat: ChatTeacherConfig | None = None
+
+    @model_validator(mode="after")
+    def _chat_backend(self) -> TeacherConfig:
+        if (self.backend == "chat") != (self.chat is not None):
+            raise ValueError("teacher.backend: chat and a teacher.chat section go together")
+        return self
 
 
 #: TeacherConfig keys that say how the teacher runs, not what it samples.
