@@ -112,9 +112,8 @@ def ms(t0: float) -> float:
 
 def _stats_kw(method: Callable[..., Any], stats: CallStats) -> dict[str, Any]:
     """``{"stats": stats}`` when the scorer *method* accepts the call's statistics."""
-    fn = getattr(method, "__func__", method)
     try:
-        takes = takes_stats(fn)
+        takes = takes_stats(method)
     except TypeError:  # unhashable callable
         takes = False
     return {"stats": stats} if takes else {}

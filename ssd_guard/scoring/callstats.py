@@ -91,9 +91,16 @@ class CallStats:
         )
 
 
-@functools.lru_cache(maxsize=256)
 def takes_stats(fn: Callable[..., Any] | None) -> bool:
-    """Whether *fn* (a scorer method) takes a call's :class:`CallStats` as ``stats=``."""
+    """Whether *fn* (a scorer method) takes a call's :class:`CallStats` as ``stats=``.
+
+    A bound method is looked up by its function, so the answer is cached per scorer
+    class and no scorer is kept alive by the cache."""
+    return _takes_stats(getattr(fn, "__func__", fn))
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_stats(fn: Callable[..., Any] | None) -> bool:
     if fn is None:
         return False
     try:

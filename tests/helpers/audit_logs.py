@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from helpers.policy_cli import _run  # noqa: F401  (the runtime CLI, shared)
 from ssd_guard.audit import (
     DECISION_EVENT,
 )
-from ssd_guard.cli_runtime import add_commands
-from ssd_guard.errors import SSDGuardError
 
 
 def _event(step: int, **over: Any) -> dict[str, Any]:
@@ -48,14 +45,3 @@ def _line(ev: dict[str, Any]) -> bytes:
 def _write_log(path: Path, lines: list[bytes], *, newline_at_end: bool = True) -> Path:
     path.write_bytes(b"\n".join(lines) + (b"\n" if newline_at_end else b""))
     return path
-
-
-def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ssd-guard")
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except SSDGuardError as exc:  # what ssd_guard.cli.main does
-        print(f"ssd-guard: error: {exc}", file=sys.stderr)
-        return 1
