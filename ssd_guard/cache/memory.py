@@ -10,6 +10,7 @@ from typing import Any
 
 from ssd_guard.cache.base import InProcessAsync
 from ssd_guard.cache.keys import make_key
+from ssd_guard.cache.leases import Poll
 from ssd_guard.cache.values import Items, _check_ttl, _Codec, _secret
 
 
@@ -17,7 +18,10 @@ class MemoryCache(InProcessAsync):
     """Thread-safe in-process LRU with optional TTL (monotonic clock, injectable).
 
     Values are validated like :class:`RedisCache`'s; they are signed only when *hmac_key*
-    is given (an in-process cache is not shared, so the environment key is not read)."""
+    is given (an in-process cache is not shared, so the environment key is not read).
+
+    Leases (:mod:`ssd_guard.cache.leases`) let the threads of one process that share this
+    cache score each prompt once."""
 
     backend = "memory"
 
@@ -40,6 +44,7 @@ class MemoryCache(InProcessAsync):
         self._lock = threading.Lock()
         self._data: OrderedDict[str, tuple[float | None, str]] = OrderedDict()
         self._codec = _Codec(self.backend, _secret(hmac_key))
+        self._leases: dict[str, float] = {}  # key -> when its lease expires
 
     @property
     def healthy(self) -> bool:
@@ -99,6 +104,49 @@ class MemoryCache(InProcessAsync):
         for key, raw in self._codec.items(items):
             self._set_raw(key, raw, ttl_s)
 
+    # -- leases ----------------------------------------------------------------------------
+    def _leased(self, key: str, now: float) -> bool:
+        expires = self._leases.get(key)
+        if expires is None:
+            return False
+        if expires <= now:
+            del self._leases[key]
+            return False
+        return True
+
+    def claim_many(self, keys: Sequence[str], ttl_s: float) -> list[bool]:
+        if not ttl_s > 0:
+            raise ValueError(f"a lease needs ttl_s > 0, got {ttl_s!r}")
+        out: list[bool] = []
+        with self._lock:
+            now = self._clock()
+            for key in keys:
+                won = not self._leased(key, now)
+                if won:
+                    self._leases[key] = now + ttl_s
+                out.append(won)
+        return out
+
+    def release_many(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._leases.pop(key, None)
+
+    def poll_many(self, keys: Sequence[str]) -> list[Poll]:
+        with self._lock:
+            now = self._clock()
+            raws = [(self._get_raw(k, now), self._leased(k, now)) for k in keys]
+        return [(self._codec.decode(r, k), held) for k, (r, held) in zip(keys, raws, strict=True)]
+
+    async def aclaim_many(self, keys: Sequence[str], ttl_s: float) -> list[bool]:
+        return self.claim_many(keys, ttl_s)
+
+    async def arelease_many(self, keys: Sequence[str]) -> None:
+        self.release_many(keys)
+
+    async def apoll_many(self, keys: Sequence[str]) -> list[Poll]:
+        return self.poll_many(keys)
+
     def delete(self, key: str) -> None:
         with self._lock:
             self._data.pop(key, None)
@@ -106,6 +154,7 @@ class MemoryCache(InProcessAsync):
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._leases.clear()
 
     def close(self) -> None:
         """Nothing to release; the entries stay usable."""

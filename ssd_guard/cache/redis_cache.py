@@ -19,8 +19,10 @@ from redis.backoff import NoBackoff
 from ssd_guard import _flow as flow
 from ssd_guard._flow import Flow
 from ssd_guard.cache.keys import make_key
+from ssd_guard.cache.leases import lease_token
 from ssd_guard.cache.redis_commands import _RedisCommands
 from ssd_guard.cache.redis_io import _ERRORS, _IO_DEADLINE, _connection_class, _redact
+from ssd_guard.cache.redis_leases import _RedisLeases
 from ssd_guard.cache.values import (
     DEFAULT_MAX_ENTRY_BYTES,
     HMAC_KEY_ENV,
@@ -36,7 +38,7 @@ from ssd_guard.errors import ConfigError
 _log = structlog.get_logger("ssd_guard.cache")
 
 
-class RedisCache(_RedisCommands):
+class RedisCache(_RedisLeases, _RedisCommands):
     """Score cache in Redis (plain string commands: ``SET key json EX ttl``, ``MGET``,
     pipelined ``SET`` for batches), with sync (``redis.Redis``) and async
     (``redis.asyncio.Redis``, one client per event loop) connection pools.
@@ -68,6 +70,9 @@ class RedisCache(_RedisCommands):
     (:class:`UnsignedCacheWarning`); with ``fail_mode="closed"`` it raises
     :class:`~ssd_guard.errors.ConfigError` instead, unless *allow_unsigned* is true
     (which also turns the warning into an ``info`` event).
+
+    Leases (``claim_many`` / ``poll_many`` / ``release_many``, see
+    :mod:`ssd_guard.cache.leases`) let many workers score each prompt once.
     """
 
     backend = "redis"
@@ -138,6 +143,7 @@ class RedisCache(_RedisCommands):
         self._down_since = 0.0
         self._probe_at = 0.0
         self._closed = False
+        self._lease_token = lease_token()
 
     @staticmethod
     def _unsigned(url: str, fail_mode: str, allow_unsigned: bool) -> None:

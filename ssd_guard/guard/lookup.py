@@ -17,6 +17,7 @@ import structlog
 
 from ssd_guard._flow import Call, Flow
 from ssd_guard.cache import collect_errors, make_key
+from ssd_guard.cache.leases import LeasingCache, Poll
 from ssd_guard.errors import CacheUnavailableError
 from ssd_guard.guard.config import GuardBase
 from ssd_guard.guard.entries import cached_answer_scores, cached_prompt_scores
@@ -69,6 +70,8 @@ class Lookup:
     entropy_key: str | None = None
     stats: CallStats = field(default_factory=CallStats)
     """The call's statistics (the prompt's hidden state, computed once per call)."""
+    shared: int = 0
+    """Entries another worker scored while this one waited on its lease."""
 
     @property
     def all_keys(self) -> list[str]:
@@ -83,20 +86,43 @@ class Lookup:
 
     def apply_cached(self, cached: Sequence[Mapping[str, Any] | None]) -> None:
         """Take the valid cached entries (a prompt entry first when looked up)."""
-        values = list(cached)
-        if self.entropy_key:
-            got = cached_prompt_scores(values.pop(0), self.entropy_key)
-            if got is not None and (not self.want_risk or "risk" in got):
-                self.entropy, self.entropy_hit = got["entropy"], True
-                self.risk = got.get("risk")
         self.logliks = [float("nan")] * len(self.keys)
         self.loglik_hits = [False] * len(self.keys)
         self.answer_scores = [{} for _ in self.keys]
-        for i, hit in enumerate(values):
-            got = cached_answer_scores(hit, self.keys[i])
+        self.take(dict(zip(self.all_keys, cached, strict=True)))
+
+    def take(self, found: Mapping[str, Mapping[str, Any] | None]) -> None:
+        """Take the valid entries among *found* (key -> cached value)."""
+        if self.entropy_key and self.entropy_key in found:
+            got = cached_prompt_scores(found[self.entropy_key], self.entropy_key)
+            if got is not None and (not self.want_risk or "risk" in got):
+                self.entropy, self.entropy_hit = got["entropy"], True
+                self.risk = got.get("risk")
+        for i, key in enumerate(self.keys):
+            if key not in found:
+                continue
+            got = cached_answer_scores(found[key], key)
             if got is not None and self.answer_needs <= set(got):
                 self.logliks[i], self.loglik_hits[i] = got["loglik"], True
                 self.answer_scores[i] = got
+
+    def miss_keys(self) -> list[str]:
+        """The keys still to be scored (each once, in order)."""
+        need_entropy, missing = self.misses()
+        keys = ([self.entropy_key] if need_entropy and self.entropy_key else []) + [
+            self.keys[i] for i in missing
+        ]
+        return list(dict.fromkeys(keys))
+
+    def defer(self, keys: Sequence[str], deferred: bool = True) -> None:
+        """Leave *keys* out of the next scoring (another worker holds their lease), or
+        (*deferred* false) put them back."""
+        wanted = set(keys)
+        if self.entropy_key in wanted:
+            self.entropy_hit = True if deferred else None
+        for i, key in enumerate(self.keys):
+            if key in wanted:
+                self.loglik_hits[i] = deferred
 
     def degraded(self, kind: str, detail: str | None = None) -> None:
         """Record a cache failure absorbed in fail-open mode (first one wins)."""
@@ -235,40 +261,135 @@ class ScoreLookup(GuardBase):
         return new
 
     def _lookup_flow(self, plan: Lookup) -> Flow[Lookup]:
-        """A check's cache lookup, written once: read the entries, score the misses (in a
-        worker thread under the async driver, so the event loop is never blocked by the
-        model), write the new entries."""
+        """A check's cache lookup, written once: read the entries, claim the misses when
+        the cache has leases (single flight), score the ones this worker got (in a worker
+        thread under the async driver, so the event loop is never blocked by the model)
+        and write them, then wait for the others' and score what never came."""
         keys = plan.all_keys
         if not keys:  # every score was given (e.g. a decision made again): nothing to do
             plan.apply_cached([])
             return plan
         cache = self.cache
+        cached: Sequence[Mapping[str, Any] | None] = yield from self._cache_op(
+            plan, lambda: cache.get_many(keys), lambda: cache.aget_many(keys), [None] * len(keys)
+        )
+        plan.apply_cached(cached)
+        won, lost = yield from self._claim(plan)
+        try:
+            yield from self._score_and_store(plan)
+        except Exception:
+            if won:  # let the waiters score it rather than wait for the lease to expire
+                yield from self._release(plan, won)
+            raise
+        if won:
+            yield from self._release(plan, won)
+        if lost:
+            plan.defer(lost, deferred=False)
+            yield from self._await_leased(plan, lost)
+            yield from self._score_and_store(plan)
+        return plan
+
+    def _cache_op(
+        self,
+        plan: Lookup,
+        sync: Callable[[], Any],
+        async_: Callable[[], Any],
+        fallback: Any,
+    ) -> Flow[Any]:
+        """One cache operation: a failure is absorbed (fail open: *fallback*, recorded on
+        the plan) or blocks the check (fail closed)."""
         t0 = time.perf_counter()
+        out = fallback
         with collect_errors() as absorbed:
             try:
-                cached: Sequence[Mapping[str, Any] | None] = yield Call(
-                    lambda: cache.get_many(keys), lambda: cache.aget_many(keys)
-                )
+                out = yield Call(sync, async_)
             except CacheUnavailableError as exc:
                 self._cache_failed(exc, t0, plan)
-                cached = [None] * len(keys)
         if absorbed:
             plan.degraded(absorbed[0])
         plan.cache_ms += ms(t0)
-        plan.apply_cached(cached)
+        return out
+
+    def _score_and_store(self, plan: Lookup) -> Flow[None]:
+        """Score the plan's misses and write the new entries (not after a cache failure)."""
         need_entropy, missing = plan.misses()
-        new: dict[str, dict[str, float]] = {}
-        if need_entropy or missing:
-            compute = functools.partial(self._compute, plan)
-            new = yield Call(compute, functools.partial(asyncio.to_thread, compute))
+        if not (need_entropy or missing):
+            return
+        compute = functools.partial(self._compute, plan)
+        new: dict[str, dict[str, float]] = yield Call(
+            compute, functools.partial(asyncio.to_thread, compute)
+        )
         if new and plan.cache_error is None:
-            t1 = time.perf_counter()
-            with collect_errors() as absorbed:
-                try:
-                    yield Call(lambda: cache.set_many(new), lambda: cache.aset_many(new))
-                except CacheUnavailableError as exc:
-                    self._cache_failed(exc, t1, plan)
-            if absorbed:
-                plan.degraded(absorbed[0])
-            plan.cache_ms += ms(t1)
-        return plan
+            cache = self.cache
+            yield from self._cache_op(
+                plan, lambda: cache.set_many(new), lambda: cache.aset_many(new), None
+            )
+
+    # -- single flight (see ssd_guard.cache.leases) --------------------------------------
+    def _leases(self) -> LeasingCache | None:
+        cache = self.cache
+        if self.policy.cache.single_flight and isinstance(cache, LeasingCache):
+            return cache
+        return None
+
+    def _claim(self, plan: Lookup) -> Flow[tuple[list[str], list[str]]]:
+        """Claim the plan's misses: ``(won, lost)``; the lost ones are deferred."""
+        cache = self._leases()
+        misses = plan.miss_keys() if cache is not None and plan.cache_error is None else []
+        if not misses:
+            return [], []
+        assert cache is not None
+        ttl = self.policy.cache.lease_ttl_s
+        got: list[bool] = yield from self._cache_op(
+            plan,
+            lambda: cache.claim_many(misses, ttl),
+            lambda: cache.aclaim_many(misses, ttl),
+            [True] * len(misses),
+        )
+        won = [k for k, g in zip(misses, got, strict=True) if g]
+        lost = [k for k, g in zip(misses, got, strict=True) if not g]
+        plan.defer(lost)
+        return won, lost
+
+    def _release(self, plan: Lookup, keys: list[str]) -> Flow[None]:
+        cache = self._leases()
+        if cache is not None:
+            yield from self._cache_op(
+                plan, lambda: cache.release_many(keys), lambda: cache.arelease_many(keys), None
+            )
+
+    def _await_leased(self, plan: Lookup, keys: list[str]) -> Flow[None]:
+        """Poll the keys another worker holds until each has its entry, is released
+        without one, or ``lease_wait_s`` has passed; take the entries that came."""
+        cache = self._leases()
+        assert cache is not None
+        t0 = time.perf_counter()
+        deadline, pause, pending = t0 + self.policy.cache.lease_wait_s, 0.002, keys
+        while pending and plan.cache_error is None:
+            polled: list[Poll] = yield from self._cache_op(
+                plan,
+                functools.partial(cache.poll_many, pending),
+                functools.partial(cache.apoll_many, pending),
+                [(None, False)] * len(pending),
+            )
+            found = {k: v for k, (v, _) in zip(pending, polled, strict=True) if v is not None}
+            plan.take(found)
+            plan.shared += len(found)
+            pending = [
+                k for k, (v, held) in zip(pending, polled, strict=True) if v is None and held
+            ]
+            left = deadline - time.perf_counter()
+            if pending and left <= 0:
+                _log.warning(
+                    "guard.cache.lease_timeout",
+                    keys=len(pending),
+                    lease_wait_s=self.policy.cache.lease_wait_s,
+                )
+                break
+            if pending:
+                nap = min(pause, left)
+                yield Call(
+                    functools.partial(time.sleep, nap), functools.partial(asyncio.sleep, nap)
+                )
+                pause = min(2 * pause, 0.05)
+        plan.cache_ms += ms(t0)

@@ -67,3 +67,11 @@ class CacheConfig(_Model):
     allow_unsigned: bool = False
     """Run a Redis cache without ``SSD_GUARD_CACHE_HMAC_KEY``: it warns when open and is
     refused under ``fail_mode: closed`` unless this is true."""
+    single_flight: bool = True
+    """When a cache with leases (Redis, memory) is shared by many workers, a key they all
+    miss is scored by one of them; the others wait for its entry (see
+    :mod:`ssd_guard.cache.leases`)."""
+    lease_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    """How long a claim lasts if its holder never releases it (it crashed)."""
+    lease_wait_s: float = Field(default=5.0, ge=0, le=600)
+    """The longest a worker waits for another's score before scoring it itself."""
