@@ -1,7 +1,7 @@
 """One Redis for many workers: N processes guarding the same prompts through one
 redis-server (signed entries, single flight).
 
-Each worker is its own process with its own :class:`~ssd_guard.SSDGuard` (the bundled
+Each worker is its own process with its own :class:`~ssd_guard.Guard` (the bundled
 SmolLM2 student, the default policy) and its own :class:`~ssd_guard.cache.RedisCache` on
 one shared redis-server, every entry signed with one HMAC key. All workers check the same
 prompts (``check_prompt``), started together after their models are loaded. Measured per
@@ -84,7 +84,7 @@ def _worker(
         raise structlog.DropEvent
 
     structlog.configure(processors=[collect])
-    from ssd_guard import SSDGuard, SSDScorer, load_default_policy
+    from ssd_guard import Guard, SSDScorer, load_default_policy
     from ssd_guard.audit import configure_audit
     from ssd_guard.cache import RedisCache
 
@@ -98,7 +98,7 @@ def _worker(
     cache = RedisCache(url, hmac_key=HMAC_KEY, namespace=namespace, timeout_s=0.5)
     scorer = SSDScorer.load("bundled")
     scorer.score_prompts(["A warm-up question, not cached?"])  # first-call costs: not timed
-    guard = SSDGuard(scorer, policy, cache=cache)
+    guard = Guard(scorer, policy, cache=cache)
     order = prompts[offset:] + prompts[:offset]
     ready.put(idx)
     go.wait()
