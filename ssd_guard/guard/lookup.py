@@ -70,8 +70,6 @@ class Lookup:
     entropy_key: str | None = None
     stats: CallStats = field(default_factory=CallStats)
     """The call's statistics (the prompt's hidden state, computed once per call)."""
-    shared: int = 0
-    """Entries another worker scored while this one waited on its lease."""
 
     @property
     def all_keys(self) -> list[str]:
@@ -274,18 +272,22 @@ class ScoreLookup(GuardBase):
             plan, lambda: cache.get_many(keys), lambda: cache.aget_many(keys), [None] * len(keys)
         )
         plan.apply_cached(cached)
-        won, lost = yield from self._claim(plan)
+        leases, misses = self._leases(plan)
+        if leases is None:
+            yield from self._score_and_store(plan)
+            return plan
+        won, lost = yield from self._claim(plan, leases, misses)
         try:
             yield from self._score_and_store(plan)
         except Exception:
             if won:  # let the waiters score it rather than wait for the lease to expire
-                yield from self._release(plan, won)
+                yield from self._release(plan, leases, won)
             raise
         if won:
-            yield from self._release(plan, won)
+            yield from self._release(plan, leases, won)
         if lost:
             plan.defer(lost, deferred=False)
-            yield from self._await_leased(plan, lost)
+            yield from self._await_leased(plan, leases, lost)
             yield from self._score_and_store(plan)
         return plan
 
@@ -326,19 +328,22 @@ class ScoreLookup(GuardBase):
             )
 
     # -- single flight (see ssd_guard.cache.leases) --------------------------------------
-    def _leases(self) -> LeasingCache | None:
+    def _leases(self, plan: Lookup) -> tuple[LeasingCache | None, list[str]]:
+        """The cache's leases and the plan's misses, when single flight applies (the
+        policy's ``cache.single_flight``, a cache with leases, no cache failure yet, and
+        something to score); ``(None, [])`` otherwise."""
+        if not self.policy.cache.single_flight or plan.cache_error is not None:
+            return None, []
+        misses = plan.miss_keys()
         cache = self.cache
-        if self.policy.cache.single_flight and isinstance(cache, LeasingCache):
-            return cache
-        return None
+        if not misses or not isinstance(cache, LeasingCache):
+            return None, []
+        return cache, misses
 
-    def _claim(self, plan: Lookup) -> Flow[tuple[list[str], list[str]]]:
+    def _claim(
+        self, plan: Lookup, cache: LeasingCache, misses: list[str]
+    ) -> Flow[tuple[list[str], list[str]]]:
         """Claim the plan's misses: ``(won, lost)``; the lost ones are deferred."""
-        cache = self._leases()
-        misses = plan.miss_keys() if cache is not None and plan.cache_error is None else []
-        if not misses:
-            return [], []
-        assert cache is not None
         ttl = self.policy.cache.lease_ttl_s
         got: list[bool] = yield from self._cache_op(
             plan,
@@ -351,20 +356,17 @@ class ScoreLookup(GuardBase):
         plan.defer(lost)
         return won, lost
 
-    def _release(self, plan: Lookup, keys: list[str]) -> Flow[None]:
-        cache = self._leases()
-        if cache is not None:
-            yield from self._cache_op(
-                plan, lambda: cache.release_many(keys), lambda: cache.arelease_many(keys), None
-            )
+    def _release(self, plan: Lookup, cache: LeasingCache, keys: list[str]) -> Flow[None]:
+        yield from self._cache_op(
+            plan, lambda: cache.release_many(keys), lambda: cache.arelease_many(keys), None
+        )
 
-    def _await_leased(self, plan: Lookup, keys: list[str]) -> Flow[None]:
+    def _await_leased(self, plan: Lookup, cache: LeasingCache, keys: list[str]) -> Flow[None]:
         """Poll the keys another worker holds until each has its entry, is released
-        without one, or ``lease_wait_s`` has passed; take the entries that came."""
-        cache = self._leases()
-        assert cache is not None
-        t0 = time.perf_counter()
-        deadline, pause, pending = t0 + self.policy.cache.lease_wait_s, 0.002, keys
+        without one, or ``lease_wait_s`` has passed; take the entries that came (the
+        polls and the pauses between them count as cache time)."""
+        deadline = time.perf_counter() + self.policy.cache.lease_wait_s
+        pause, pending = 0.002, keys
         while pending and plan.cache_error is None:
             polled: list[Poll] = yield from self._cache_op(
                 plan,
@@ -374,7 +376,6 @@ class ScoreLookup(GuardBase):
             )
             found = {k: v for k, (v, _) in zip(pending, polled, strict=True) if v is not None}
             plan.take(found)
-            plan.shared += len(found)
             pending = [
                 k for k, (v, held) in zip(pending, polled, strict=True) if v is None and held
             ]
@@ -391,5 +392,5 @@ class ScoreLookup(GuardBase):
                 yield Call(
                     functools.partial(time.sleep, nap), functools.partial(asyncio.sleep, nap)
                 )
+                plan.cache_ms += nap * 1000.0
                 pause = min(2 * pause, 0.05)
-        plan.cache_ms += ms(t0)
