@@ -43,6 +43,7 @@ __all__ = [
     "load_causal_lm",
     "load_embedder",
     "model_fingerprint",
+    "model_path",
     "resolve_dtype",
     "resolve_threads",
     "shared_causal_lm",
@@ -202,6 +203,18 @@ def model_fingerprint(model: Any) -> str:
     emb = model.get_input_embeddings().weight.detach()[:256]
     h.update(emb.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def model_path(name_or_path: str) -> str:
+    """Where the weights of *name_or_path* lie as a Hugging Face directory: a bundled short
+    name (or alias) is materialised from its GGUF once (the directory :func:`load_causal_lm`
+    loads); anything else (a local directory or a cached hub id) passes through. What
+    another engine (vLLM) is given to load the same model."""
+    canonical = canonical_model_name(name_or_path)
+    if canonical in _GGUF:
+        _check_transformers()
+        return str(_materialise_bundled(canonical))
+    return name_or_path
 
 
 def load_causal_lm(

@@ -116,7 +116,10 @@ def _sampling(teacher: dict[str, Any]) -> dict[str, Any]:
 
 def _teacher_settings(recipe: Recipe) -> str:
     d = recipe.model_dump(mode="json")
-    return stage_hash([d["base_model"], d["dtype"], _sampling(d["teacher"])])
+    sampling = _sampling(d["teacher"])
+    if recipe.teacher.backend == "vllm":  # vLLM draws other random numbers than transformers
+        sampling["sampler"] = "vllm"
+    return stage_hash([d["base_model"], d["dtype"], sampling])
 
 
 def shard_digest(settings: str, index: int, rows: list[dict[str, Any]]) -> str:
@@ -208,6 +211,10 @@ def stage_teacher(
         assert t.chat is not None
         source, proxy = load_answer_source(t.chat), ctx.lm
         results = ((s, *sample_shard_chat(source, proxy, ctx.recipe, s, chunks[s])) for s in todo)
+    elif t.backend == "vllm" and todo:
+        from ssd_guard.training.distill.teacher_vllm import sample_shards_vllm
+
+        results = sample_shards_vllm(ctx.recipe, ctx.lm, chunks)
     else:
         lm = ctx.lm if todo else None
         results = ((s, *sample_shard(lm, ctx.recipe, s, chunks[s])) for s in todo if lm is not None)

@@ -96,6 +96,17 @@ class ChatTeacherConfig(_Strict):
     model_id: str
 
 
+class VLLMTeacherConfig(_Strict):
+    """The vLLM engine of ``teacher.backend: vllm`` (the ``[vllm]`` extra)."""
+
+    #: Keywords for ``vllm.LLM(...)`` besides the model, tokenizer, dtype and seed, e.g.
+    #: ``gpu_memory_utilization`` (on vLLM's CPU build: the share of RAM it reserves),
+    #: ``max_model_len``, ``enforce_eager``, ``tensor_parallel_size``.
+    options: dict[str, Any] = {}
+    #: Prompts handed to one ``LLM.generate`` call (vLLM batches them itself).
+    batch_size: int = Field(default=256, ge=1)
+
+
 class TeacherConfig(_Strict):
     n_samples: int = Field(default=10, ge=1, le=256)
     temperature: float = Field(default=1.0, gt=0)
@@ -113,7 +124,11 @@ class TeacherConfig(_Strict):
     #: can switch backend without resampling.
     #: ``chat``: the answers come from the chat model of ``chat`` (an API model), the
     #: hidden states from ``base_model`` (the proxy) in this process.
-    backend: Literal["hf", "ray", "chat"] = "hf"
+    #: ``vllm``: the answers are sampled by vLLM from ``base_model`` (``vllm`` section),
+    #: the hidden states come from one transformers prefill of each prompt. vLLM draws
+    #: other random numbers than transformers, so switching to or from ``vllm``
+    #: resamples every shard.
+    backend: Literal["hf", "ray", "chat", "vllm"] = "hf"
     #: Ray actors (each loads the model once); each gets ``threads_per_worker`` CPU threads.
     #: With ``backend: chat``: the chat requests in flight at once.
     workers: int = Field(default=2, ge=1)
@@ -123,16 +138,22 @@ class TeacherConfig(_Strict):
     #: The answering chat model of ``backend: chat`` (part of what is sampled: a change
     #: resamples every shard).
     chat: ChatTeacherConfig | None = None
+    #: The engine settings of ``backend: vllm`` (how it runs, not what it samples).
+    vllm: VLLMTeacherConfig | None = None
 
     @model_validator(mode="after")
     def _chat_backend(self) -> TeacherConfig:
         if (self.backend == "chat") != (self.chat is not None):
             raise ValueError("teacher.backend: chat and a teacher.chat section go together")
+        if self.vllm is not None and self.backend != "vllm":
+            raise ValueError("a teacher.vllm section needs teacher.backend: vllm")
         return self
 
 
 #: TeacherConfig keys that say how the teacher runs, not what it samples.
-TEACHER_EXECUTION_KEYS = frozenset({"backend", "workers", "threads_per_worker", "ray_address"})
+TEACHER_EXECUTION_KEYS = frozenset(
+    {"backend", "workers", "threads_per_worker", "ray_address", "vllm"}
+)
 
 
 class LabelConfig(_Strict):

@@ -11,7 +11,7 @@ import torch
 from ssd_guard.encoding import prefix_length
 from ssd_guard.training.distill.recipe import Recipe
 
-__all__ = ["sample_shard"]
+__all__ = ["prefill_shard", "sample_shard"]
 
 _STOP_TABLES: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -55,3 +55,24 @@ def sample_shard(
     if pooled:
         shard["pooled"] = torch.cat(pooled)
     return records, shard
+
+
+def prefill_shard(lm: Any, recipe: Recipe, chunk: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The tensors of a shard whose answers came from elsewhere (an API model, vLLM): one
+    prefill of each prompt text by *lm*, stored as :func:`sample_shard` stores them."""
+    from ssd_guard.generation import prefill_states
+
+    t = recipe.teacher
+    pool_start = prefix_length(lm.tokenizer, recipe.prompt.few_shot) if t.pool else None
+    hidden: list[torch.Tensor] = []
+    pooled: list[torch.Tensor] = []
+    for b in range(0, len(chunk), t.batch_size):
+        texts = [str(row["text"]) for row in chunk[b : b + t.batch_size]]
+        h, p = prefill_states(lm.model, lm.tokenizer, texts, pool_start=pool_start)
+        hidden.append(h.to("cpu", torch.bfloat16))
+        if p is not None:
+            pooled.append(p.to("cpu", torch.bfloat16))
+    shard = {"hidden": torch.cat(hidden)}
+    if pooled:
+        shard["pooled"] = torch.cat(pooled)
+    return shard

@@ -24,10 +24,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ssd_guard.answers import question_of
-from ssd_guard.encoding import prefix_length
 from ssd_guard.errors import ConfigError
-from ssd_guard.generation import first_line, prefill_states
+from ssd_guard.generation import first_line
 from ssd_guard.training.distill.recipe import ChatTeacherConfig, Recipe
+from ssd_guard.training.distill.teacher import prefill_shard
 
 __all__ = ["AnswerSource", "load_answer_source", "sample_shard_chat"]
 
@@ -90,16 +90,4 @@ def sample_shard_chat(
         {"id": row["id"], "default": first_line(d), "samples": [first_line(x) for x in smp]}
         for row, (d, smp) in zip(chunk, answers, strict=True)
     ]
-    pool_start = prefix_length(lm.tokenizer, recipe.prompt.few_shot) if t.pool else None
-    hidden: list[torch.Tensor] = []
-    pooled: list[torch.Tensor] = []
-    for b in range(0, len(chunk), t.batch_size):
-        texts = [str(row["text"]) for row in chunk[b : b + t.batch_size]]
-        h, p = prefill_states(lm.model, lm.tokenizer, texts, pool_start=pool_start)
-        hidden.append(h.to("cpu", torch.bfloat16))
-        if p is not None:
-            pooled.append(p.to("cpu", torch.bfloat16))
-    shard = {"hidden": torch.cat(hidden)}
-    if pooled:
-        shard["pooled"] = torch.cat(pooled)
-    return records, shard
+    return records, prefill_shard(lm, recipe, chunk)
