@@ -28,3 +28,31 @@ def tiny_recipe(model: Path, workdir: Path, **over) -> Recipe:
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return Recipe.model_validate(raw)
+
+
+def smollm2_teacher_recipe(workdir: Path, *, n_samples: int = 3, **teacher: object) -> Recipe:
+    """A teacher-stage recipe on the real SmolLM2 (8 TriviaQA prompts, 4 shards of 2, fp32
+    on one CPU thread), for comparing teacher backends; *teacher* adds teacher keys."""
+    return Recipe.model_validate(
+        {
+            "name": "teacher-backend",
+            "base_model": "smollm2-135m-instruct",
+            "dtype": "fp32",
+            "device": "cpu",
+            "threads": 1,
+            "workdir": str(workdir),
+            "data": {
+                "path": str(DATA / "triviaqa_40.jsonl"),
+                "limit": 8,
+                "split": [0.5, 0.25, 0.25],
+            },
+            "prompt": {"few_shot": "Question: What is the capital of France?\nAnswer: Paris\n\n"},
+            "teacher": {
+                "n_samples": n_samples,
+                "max_new_tokens": 6,
+                "batch_size": 2,
+                "shard_size": 2,
+                **teacher,
+            },
+        }
+    )

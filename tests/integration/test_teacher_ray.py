@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.paths import DATA
+from helpers.recipes import smollm2_teacher_recipe
 
 from ssd_guard.training.distill import pipeline
 from ssd_guard.training.distill.recipe import Recipe
@@ -20,29 +20,7 @@ import ray  # noqa: E402  (the ray extra: installed by scripts/install.sh, so ne
 
 
 def _recipe(workdir: Path, **teacher: object) -> Recipe:
-    return Recipe.model_validate(
-        {
-            "name": "ray-teacher",
-            "base_model": "smollm2-135m-instruct",
-            "dtype": "fp32",
-            "device": "cpu",
-            "threads": 1,
-            "workdir": str(workdir),
-            "data": {
-                "path": str(DATA / "triviaqa_40.jsonl"),
-                "limit": 8,
-                "split": [0.5, 0.25, 0.25],
-            },
-            "prompt": {"few_shot": "Question: What is the capital of France?\nAnswer: Paris\n\n"},
-            "teacher": {
-                "n_samples": 3,
-                "max_new_tokens": 6,
-                "batch_size": 2,
-                "shard_size": 2,
-                **teacher,
-            },
-        }
-    )
+    return smollm2_teacher_recipe(workdir, n_samples=3, **teacher)
 
 
 def _teacher(recipe: Recipe) -> tuple[list[dict[str, object]], torch.Tensor, torch.Tensor | None]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.paths import DATA
+from helpers.recipes import smollm2_teacher_recipe
 
 from ssd_guard.training.distill import pipeline
 from ssd_guard.training.distill.recipe import Recipe
@@ -29,29 +29,7 @@ ENGINE = {"gpu_memory_utilization": 0.3, "max_model_len": 512, "enforce_eager": 
 
 
 def _recipe(workdir: Path, **teacher: object) -> Recipe:
-    return Recipe.model_validate(
-        {
-            "name": "vllm-teacher",
-            "base_model": "smollm2-135m-instruct",
-            "dtype": "fp32",
-            "device": "cpu",
-            "threads": 1,
-            "workdir": str(workdir),
-            "data": {
-                "path": str(DATA / "triviaqa_40.jsonl"),
-                "limit": 8,
-                "split": [0.5, 0.25, 0.25],
-            },
-            "prompt": {"few_shot": "Question: What is the capital of France?\nAnswer: Paris\n\n"},
-            "teacher": {
-                "n_samples": 4,
-                "max_new_tokens": 6,
-                "batch_size": 2,
-                "shard_size": 2,
-                **teacher,
-            },
-        }
-    )
+    return smollm2_teacher_recipe(workdir, n_samples=4, **teacher)
 
 
 def _teacher(recipe: Recipe) -> tuple[list[dict[str, object]], torch.Tensor, torch.Tensor | None]:
